@@ -1,0 +1,159 @@
+"""``malaria-ray train|score|synth``: flags map one-to-one onto the config dataclasses.
+
+Defaults live only in ``malaria_ray.config``; flags left unset are not passed, so the dataclass
+default applies (and ``--help`` shows it). Errors a user can fix print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, Callable, Sequence
+
+from malaria_ray.config import SMOKE_TRAIN, SPLITS, ConfigError, ScoreConfig, TrainConfig
+
+# Each kind of error a user can act on; anything else is a bug and keeps its traceback.
+EXIT_USAGE = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from malaria_ray.corpus import CorpusError
+    from malaria_ray.model import ModelError
+    from malaria_ray.storage import StorageError
+
+    return (ConfigError, CorpusError, ModelError, StorageError, FileExistsError)
+
+
+def _default(cls, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _flag(p: argparse.ArgumentParser, cls, name: str, help_: str, **kw) -> None:
+    default = _default(cls, name)
+    shown = "" if default is dataclasses.MISSING else f" (default: {default})"
+    p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_ + shown, **kw)
+
+
+def _switch(p: argparse.ArgumentParser, name: str, help_: str) -> None:
+    p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None, help=help_)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    T = TrainConfig
+    _flag(p, T, "data", "corpus URI: local path, file:// or s3:// with Parasitized/ and Uninfected/ folders", required=True)
+    _flag(p, T, "output", "run directory URI (local or s3://)", required=True)
+    _flag(p, T, "image_size", "input size in pixels (square)", type=int)
+    _flag(p, T, "epochs", "training epochs", type=int)
+    _flag(p, T, "batch_size", "global batch size, split across workers", type=int)
+    _flag(p, T, "learning_rate", "Adam learning rate", type=float)
+    _flag(p, T, "num_workers", "Ray Train workers (one per GPU on a GPU cluster)", type=int)
+    _switch(p, "use_gpu", "one GPU per worker")
+    _flag(p, T, "cpus_per_worker", "CPUs reserved per Train worker", type=float)
+    _flag(p, T, "split", "validation split: by patient (honest) or by image (the notebook's)", choices=SPLITS)
+    _flag(p, T, "val_fraction", "share of images held out for validation", type=float)
+    _flag(p, T, "weights", "initial ResNet50V2 weights: none, imagenet, or a URI of a notop .h5 file")
+    _flag(p, T, "seed", "seed for split, init and augmentation", type=int)
+    _flag(p, T, "max_images", "use a class-balanced subset of this many images", type=int)
+    _flag(p, T, "max_failures", "worker failures to recover from (resume from the last checkpoint)", type=int)
+    _switch(p, "overwrite", "replace a finished run in --output")
+    _switch(p, "export_h5", "also write model.h5 (legacy format, as the notebook)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="train without the notebook's augmentation")
+    p.add_argument("--smoke", action="store_true", help=f"tiny preset for a quick check: {SMOKE_TRAIN}")
+
+
+def add_score_args(p: argparse.ArgumentParser) -> None:
+    S = ScoreConfig
+    _flag(p, S, "input", "images to score: folder/prefix of images, tar, zip or Parquet (local or s3://)", required=True)
+    _flag(p, S, "model", "trained model: a run directory or a model.keras URI", required=True)
+    _flag(p, S, "output", "output root shared by nightly runs (local or s3://)", required=True)
+    _flag(p, S, "batch_size", "images per model call", type=int)
+    _flag(p, S, "actors", "model actors in the pool", type=int)
+    _flag(p, S, "gpus_per_actor", "GPUs per model actor (0 on CPU-only clusters)", type=float)
+    _flag(p, S, "cpus_per_actor", "CPUs per model actor", type=float)
+    _flag(p, S, "threshold", "P(Parasitized) at or above which a cell is called Parasitized", type=float)
+    _switch(p, "skip_scored", "skip images this model already scored under --output (nightly)")
+    _flag(p, S, "run_id", "run identifier (default: UTC time + random suffix)")
+
+
+def config_from_args(cls, args: argparse.Namespace, preset: dict[str, Any] | None = None):
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = dict(preset or {})
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    return cls(**values)
+
+
+def train_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(prog="malaria-ray train", description="Train the ResNet50V2 classifier with Ray Train.")
+    add_train_args(p)
+    args = p.parse_args(argv)
+    return config_from_args(TrainConfig, args, SMOKE_TRAIN if args.smoke else None)
+
+
+def score_config(argv: Sequence[str] | None = None) -> ScoreConfig:
+    p = argparse.ArgumentParser(prog="malaria-ray score", description="Bulk-score cell images with Ray Data.")
+    add_score_args(p)
+    return config_from_args(ScoreConfig, p.parse_args(argv))
+
+
+def run_guarded(fn: Callable[[], int]) -> int:
+    """Run ``fn``; a user-fixable error becomes one line on stderr and exit code 2."""
+    try:
+        return fn()
+    except _user_errors() as exc:
+        print(f"malaria-ray: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": _train, "score": _score, "synth": _synth}
+    if not argv or argv[0] not in commands:
+        print("usage: malaria-ray {train,score,synth} [--help]\n\n"
+              "  train   train the classifier with Ray Train (writes a run directory)\n"
+              "  score   bulk-score images with Ray Data (writes Parquet predictions, metrics, slides)\n"
+              "  synth   write a small synthetic corpus (offline demos)", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else EXIT_USAGE
+    return commands[argv[0]](argv[1:])
+
+
+def _train(argv: list[str]) -> int:
+    def go() -> int:
+        from malaria_ray import train
+
+        train.fit(train_config(argv))
+        return 0
+
+    return run_guarded(go)
+
+
+def _score(argv: list[str]) -> int:
+    def go() -> int:
+        from malaria_ray import score
+
+        return score.main(score_config(argv))
+
+    return run_guarded(go)
+
+
+def _synth(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="malaria-ray synth", description="Write a deterministic SYNTHETIC cell corpus.")
+    p.add_argument("dest", help="folder to create (Parasitized/ and Uninfected/ inside)")
+    p.add_argument("--n", type=int, default=200, help="images in total (default: 200)")
+    p.add_argument("--size", type=int, default=96, help="image size in pixels (default: 96)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        from malaria_ray import synth
+
+        n = synth.write_corpus(args.dest, args.n, size=args.size, seed=args.seed)
+        print(f"wrote {n} SYNTHETIC cell images to {args.dest} (not NIH data)")
+        return 0
+
+    return run_guarded(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Typed run configuration: the only place defaults live.
+
+The CLI maps flags one-to-one onto these fields; the resolved config is saved as
+``config.json`` beside every model and every output. Crossing into a Ray worker,
+pass ``dataclasses.asdict(cfg)`` and rebuild with ``TrainConfig.from_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+CLASS_NAMES = ("Parasitized", "Uninfected")  # index 0 is the positive class
+POSITIVE_CLASS = "Parasitized"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+SPLITS = ("patient", "random")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message is shown to the user as is."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    output: str
+    image_size: int = 128
+    epochs: int = 30
+    batch_size: int = 32  # global: split across workers
+    learning_rate: float = 1e-3  # Keras Adam default, as the notebook
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    split: str = "patient"
+    val_fraction: float = 0.3
+    weights: str = "none"
+    seed: int = 0
+    max_images: int | None = None
+    max_failures: int = 2
+    overwrite: bool = False
+    export_h5: bool = False
+    augment: bool = True
+    synthetic: bool = False  # set when the corpus came from `malaria-ray synth`
+    fail_at_epoch: int | None = None  # fault injection for tests: a worker dies once at this epoch
+
+    def __post_init__(self) -> None:
+        validate_train(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    if not cfg.data:
+        raise ConfigError("--data is required")
+    if not cfg.output:
+        raise ConfigError("--output is required")
+    if cfg.image_size < 32:
+        raise ConfigError(f"--image-size must be >= 32 (ResNet50V2 downsamples 32x), got {cfg.image_size}")
+    if cfg.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if cfg.num_workers < 1:
+        raise ConfigError(f"--num-workers must be >= 1, got {cfg.num_workers}")
+    if cfg.batch_size < cfg.num_workers or cfg.batch_size % cfg.num_workers:
+        raise ConfigError(
+            f"--batch-size ({cfg.batch_size}) is the global batch and must be a multiple of "
+            f"--num-workers ({cfg.num_workers})"
+        )
+    if cfg.split not in SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.max_images is not None and cfg.max_images < 4:
+        raise ConfigError(f"--max-images must be >= 4, got {cfg.max_images}")
+
+
+# Presets a developer can run in a minute on a laptop; the CLI's --smoke applies SMOKE_TRAIN.
+SMOKE_TRAIN: dict[str, Any] = {
+    "image_size": 64,
+    "epochs": 2,
+    "batch_size": 16,
+    "max_images": 256,
+}
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    input: str
+    model: str
+    output: str
+    batch_size: int = 64
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    threshold: float = 0.5
+    skip_scored: bool = False
+    run_id: str | None = None  # default: UTC timestamp + short random suffix
+
+    def __post_init__(self) -> None:
+        for name in ("input", "model", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.actors < 1:
+            raise ConfigError(f"--actors must be >= 1, got {self.actors}")
+        if self.gpus_per_actor < 0:
+            raise ConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"--threshold must be in [0, 1], got {self.threshold}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ScoreConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -1,0 +1,188 @@
+"""The cell-image corpus: listing, class from folder, patient/slide identity, splits.
+
+NIH filenames start with a slide key followed by ``_IMG_`` (``C33P1thinF_IMG_..._cell_179.png``).
+The patient is the ``P<n>`` token after the ``C<n>[letter]`` slide number (``C37BP2``,
+``C51AP12``); patient P8 has two slide keys. Control slides have no ``P<n>`` token
+(``C1_thinF``, ``C2NThinF``, ``C201ThinF``): each is its own identity, named by its C number.
+Pure: imports neither Ray nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import posixpath
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from malaria_ray import storage
+from malaria_ray.config import CLASS_NAMES, IMAGE_EXTENSIONS
+
+_SLIDE_RE = re.compile(r"^(C\d+.*?)_IMG_", re.IGNORECASE)
+_PATIENT_RE = re.compile(r"^C\d+[A-Z]?P(\d+)", re.IGNORECASE)
+_CONTROL_RE = re.compile(r"^C(\d+)", re.IGNORECASE)
+
+# Columns of the listing and of split.parquet; shared by writer, reader and tests.
+COL_URI = "uri"
+COL_LABEL = "label"
+COL_SLIDE = "slide_id"
+COL_PATIENT = "patient_id"
+COL_SPLIT = "split"
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be trained on; the message is shown to the user as is."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    slide_id: str | None
+    patient_id: str | None
+
+
+def parse_identity(name: str) -> Identity:
+    """Slide and patient of an NIH cell filename (a bare name or a path); unknown -> None."""
+    base = posixpath.basename(name.replace("\\", "/"))
+    m = _SLIDE_RE.match(base)
+    if not m:
+        return Identity(None, None)
+    slide = m.group(1)
+    p = _PATIENT_RE.match(slide)
+    if p:
+        return Identity(slide, f"P{int(p.group(1))}")
+    c = _CONTROL_RE.match(slide)
+    return Identity(slide, f"C{int(c.group(1))}")
+
+
+def label_of(path: str) -> str | None:
+    """The class named by the nearest ``Parasitized``/``Uninfected`` folder in ``path``."""
+    parts = path.replace("\\", "/").split("/")[:-1]
+    for part in reversed(parts):
+        if part in CLASS_NAMES:
+            return part
+    return None
+
+
+def is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class Listing:
+    uris: list[str]
+    labels: list[str]
+    slide_ids: list[str | None]
+    patient_ids: list[str | None]
+    skipped: list[str]  # files under class folders that are not images
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def subset(self, idx: np.ndarray | list[int]) -> "Listing":
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return dataclasses.replace(
+            self, uris=pick(self.uris), labels=pick(self.labels),
+            slide_ids=pick(self.slide_ids), patient_ids=pick(self.patient_ids),
+        )
+
+
+def list_corpus(data_uri: str) -> Listing:
+    """Every image under ``Parasitized/`` and ``Uninfected/`` folders below ``data_uri``, sorted."""
+    fs, root = storage.filesystem(data_uri)
+    try:
+        if not fs.exists(root):
+            raise CorpusError(f"data path {data_uri} does not exist")
+        found = fs.find(root)
+    except CorpusError:
+        raise
+    except Exception as exc:  # missing bucket, no credentials, ...
+        raise CorpusError(f"cannot list {data_uri}: {type(exc).__name__}: {exc}") from exc
+    prefix = storage.protocol_prefix(data_uri)
+    rows, skipped = [], []
+    for path in sorted(found):
+        label = label_of(path)
+        if label is None:
+            continue
+        if not is_image(path):
+            skipped.append(prefix + path)
+            continue
+        ident = parse_identity(path)
+        rows.append((prefix + path, label, ident.slide_id, ident.patient_id))
+    missing = [c for c in CLASS_NAMES if not any(r[1] == c for r in rows)]
+    if missing:
+        raise CorpusError(
+            f"{data_uri} has no images under {' or '.join(m + '/' for m in missing)}: "
+            f"a corpus needs both class folders ({', '.join(CLASS_NAMES)})"
+        )
+    return Listing(
+        uris=[r[0] for r in rows], labels=[r[1] for r in rows],
+        slide_ids=[r[2] for r in rows], patient_ids=[r[3] for r in rows], skipped=skipped,
+    )
+
+
+def stable_subsample(listing: Listing, n: int, seed: int) -> Listing:
+    """A class-balanced, deterministic subset of ``n`` images (for --max-images)."""
+    if n >= len(listing):
+        return listing
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(listing.labels)
+    keep: list[int] = []
+    for i, cls in enumerate(CLASS_NAMES):
+        idx = np.flatnonzero(labels == cls)
+        take = n // 2 + (n % 2 if i == 0 else 0)
+        keep.extend(rng.permutation(idx)[: min(take, len(idx))].tolist())
+    return listing.subset(sorted(keep))
+
+
+def group_keys(listing: Listing) -> list[str]:
+    """Patient id, or the file's own uri where the name carries no identity."""
+    return [p if p is not None else f"uri:{u}" for p, u in zip(listing.patient_ids, listing.uris)]
+
+
+def split_patient(listing: Listing, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation images: whole patients, stratified, deterministic for ``seed``.
+
+    Patients are stratified by whether they contribute Parasitized cells (infected patients
+    vs. uninfected controls) and, within each stratum, assigned to validation in a seeded
+    order until the stratum's image share reaches ``val_fraction``.
+    """
+    groups = np.asarray(group_keys(listing))
+    labels = np.asarray(listing.labels)
+    uniq = sorted(set(groups.tolist()))
+    infected = {g for g in uniq if np.any(labels[groups == g] == CLASS_NAMES[0])}
+    val_groups: set[str] = set()
+    for stratum in (sorted(infected), sorted(set(uniq) - infected)):
+        if not stratum:
+            continue
+        order = sorted(stratum, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+        sizes = {g: int(np.sum(groups == g)) for g in stratum}
+        total = sum(sizes.values())
+        taken = 0
+        for g in order:
+            if taken >= val_fraction * total:
+                break
+            # Take the group if it brings the share closer to the target than skipping it.
+            if abs(taken + sizes[g] - val_fraction * total) <= abs(taken - val_fraction * total) or not taken:
+                val_groups.add(g)
+                taken += sizes[g]
+    mask = np.isin(groups, list(val_groups))
+    train_groups, val_set = set(groups[~mask].tolist()), set(groups[mask].tolist())
+    assert not (train_groups & val_set), "a patient is on both sides of the split"
+    if mask.all() or not mask.any():
+        raise CorpusError("too few patients to split: need at least two identities per side")
+    return mask
+
+
+def split_random(listing: Listing, val_fraction: float, seed: int) -> np.ndarray:
+    """The notebook's image-level split (patients leak across sides; kept for comparison)."""
+    n = len(listing)
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(n, dtype=bool)
+    mask[rng.permutation(n)[: int(round(val_fraction * n))]] = True
+    return mask
+
+
+def make_split(listing: Listing, how: str, val_fraction: float, seed: int) -> np.ndarray:
+    return (split_patient if how == "patient" else split_random)(listing, val_fraction, seed)

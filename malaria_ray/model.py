@@ -1,0 +1,152 @@
+"""The notebook's ResNet50V2 classifier; save/load with the preprocessing contract.
+
+The contract travels inside the artifact: the input shape fixes the image size and the first
+layer rescales 0..255 -> 0..1, so scoring code feeds raw uint8 pixels resized by
+``preprocess.decode_image`` and never re-types a constant. TensorFlow is imported inside the
+functions that need it, so importing this module keeps the driver light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+from malaria_ray import storage
+
+SCALE = 1.0 / 255.0
+IMAGENET_FILE = "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
+IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + IMAGENET_FILE
+MODEL_FILE = "model.keras"
+CONTRACT_FILE = "model.json"
+
+
+class ModelError(RuntimeError):
+    """A model or weights file that cannot be used; the message is shown to the user as is."""
+
+
+def build_model(image_size: int = 128, weights: str = "none", seed: int | None = None):
+    """ResNet50V2(include_top=False) -> AveragePooling2D(4) -> Flatten -> Dense(128, relu)
+    -> Dropout(0.5) -> Dense(2, softmax), behind a Rescaling(1/255) input layer."""
+    import keras
+
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="pixels")
+    x = keras.layers.Rescaling(SCALE, name="rescale")(inputs)
+    base = keras.applications.ResNet50V2(
+        include_top=False, weights=None, input_shape=(image_size, image_size, 3)
+    )
+    x = base(x)
+    # AveragePooling2D(4) needs a 4x4 feature map (128 px); smaller inputs pool what there is.
+    pool = min(4, image_size // 32)
+    x = keras.layers.AveragePooling2D(pool_size=(pool, pool), name="avg_pool_head")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(128, activation="relu", name="dense_head")(x)
+    x = keras.layers.Dropout(0.5, name="dropout_head")(x)
+    outputs = keras.layers.Dense(2, activation="softmax", name="probs")(x)
+    model = keras.Model(inputs, outputs, name="malaria_resnet50v2")
+    if weights != "none":
+        load_base_weights(base, weights)
+    return model
+
+
+def load_base_weights(base, weights: str) -> None:
+    """``imagenet`` (Keras cache or download) or a URI of a ResNet50V2 notop weights .h5 file."""
+    if weights == "imagenet":
+        path = _imagenet_path()
+    else:
+        path = _fetch(weights)
+    try:
+        base.load_weights(path)
+    except Exception as exc:
+        raise ModelError(f"weights {weights} do not fit ResNet50V2(include_top=False): {exc}") from exc
+
+
+def _imagenet_path() -> str:
+    import keras
+
+    cache_dir = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
+    cached = os.path.join(cache_dir, IMAGENET_FILE)
+    if os.path.exists(cached):
+        return cached
+    try:
+        return keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models")
+    except Exception as exc:
+        raise ModelError(
+            f"ImageNet weights are not in the Keras cache ({cached}) and could not be downloaded "
+            f"from {IMAGENET_URL} ({type(exc).__name__}). Copy that file into the cache, pass "
+            "--weights URI of a copy, or train from scratch with --weights none."
+        ) from exc
+
+
+def _fetch(uri: str) -> str:
+    """A local path for ``uri`` (local, file://, s3://, http(s)://); remote files land in a temp dir."""
+    if not storage.is_remote(uri):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        if not os.path.exists(path):
+            raise ModelError(f"weights file {uri} does not exist")
+        return path
+    suffix = os.path.splitext(uri.split("?")[0])[1] or ".h5"
+    fd, path = tempfile.mkstemp(suffix=suffix, prefix="malaria-ray-")
+    os.close(fd)
+    try:
+        import fsspec
+
+        opts = storage.s3_options() if uri.startswith("s3") else {}
+        with fsspec.open(uri, "rb", **opts) as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except Exception as exc:
+        raise ModelError(f"cannot download {uri}: {type(exc).__name__}: {exc}") from exc
+    return path
+
+
+def file_id(path: str) -> str:
+    """Content hash of a model artifact: the ``model_id`` stamped on every prediction row."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def contract(model) -> dict:
+    size = int(model.input_shape[1])
+    return {"image_size": size, "scale": SCALE, "resize": "bilinear", "channels": "RGB",
+            "classes": ["Parasitized", "Uninfected"], "positive_index": 0}
+
+
+def save_model(model, uri: str, h5: bool = False) -> str:
+    """Write ``model.keras`` (+ ``model.json`` contract, optional ``model.h5``) under ``uri``."""
+    with tempfile.TemporaryDirectory(prefix="malaria-ray-model-") as tmp:
+        model.save(os.path.join(tmp, MODEL_FILE))
+        with open(os.path.join(tmp, CONTRACT_FILE), "w") as f:
+            json.dump({**contract(model), "model_id": file_id(os.path.join(tmp, MODEL_FILE))}, f, indent=2)
+        if h5:
+            model.save(os.path.join(tmp, "model.h5"))
+        storage.upload_dir(tmp, uri)
+    return storage.join(uri, MODEL_FILE)
+
+
+def load_model(uri: str):
+    """(keras.Model, model_id) from a ``.keras`` file or a run directory holding ``model.keras``.
+
+    Loads with ``safe_mode=True``: a model carrying a Lambda layer (arbitrary code) is refused.
+    """
+    import keras
+
+    if not uri.endswith((".keras", ".h5")):
+        uri = storage.join(uri, MODEL_FILE)
+    path = _fetch(uri) if storage.is_remote(uri) else (uri[7:] if uri.startswith("file://") else uri)
+    if not os.path.exists(path):
+        raise ModelError(f"model {uri} does not exist")
+    try:
+        model = keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as exc:
+        raise ModelError(f"{uri} is not a loadable Keras model: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    shape = model.input_shape
+    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or model.output_shape[-1] != 2:
+        raise ModelError(f"{uri} is not a malaria-ray classifier (input {shape}, output {model.output_shape})")
+    return model, file_id(path)

@@ -1,0 +1,103 @@
+"""URIs -> filesystems: local paths, ``file://`` and ``s3://`` (any S3-compatible store).
+
+Object-store settings come from the standard AWS environment, the way users' other tools are
+configured: the credentials chain (env vars, profile, instance/pod role) and ``AWS_ENDPOINT_URL``
+(or ``AWS_ENDPOINT_URL_S3``) for S3-compatible stores. Nothing here reads credentials from files
+in the repo or writes them anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any
+
+import fsspec
+
+
+class StorageError(RuntimeError):
+    """A URI that cannot be read or written; the message is shown to the user as is."""
+
+
+def s3_options() -> dict[str, Any]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    opts: dict[str, Any] = {}
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    return opts
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it (no protocol)."""
+    if uri.startswith("s3://") or uri.startswith("s3a://"):
+        fs, path = fsspec.core.url_to_fs(uri.replace("s3a://", "s3://", 1), **s3_options())
+    else:
+        fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def protocol_prefix(uri: str) -> str:
+    """``s3://`` for object-store URIs, ``""`` for local paths (``file://`` is stripped)."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri.split("://", 1)[0] + "://"
+    return ""
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_remote(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    base = uri[len("file://"):] if uri.startswith("file://") else uri
+    return os.path.join(base, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def upload_file(local_path: str, uri: str) -> None:
+    with open(local_path, "rb") as f:
+        write_bytes(uri, f.read())
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local directory tree to ``uri`` (a local path or an object-store prefix)."""
+    for root, _dirs, files in os.walk(local_dir):
+        for name in files:
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            upload_file(src, join(uri, *rel.split("/")))
+
+
+def check_writable(uri: str) -> None:
+    """Fail early, with the reason, when ``uri`` cannot take outputs."""
+    probe = join(uri, ".malaria-ray-write-probe")
+    try:
+        write_bytes(probe, b"ok")
+        fs, path = filesystem(probe)
+        fs.rm(path)
+    except Exception as exc:  # the backend's own error type varies (OSError, botocore, PermissionError)
+        raise StorageError(f"output {uri} is not writable: {type(exc).__name__}: {exc}") from exc
