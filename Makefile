@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make demo` (main job end to end on a local Ray) and `make test`.
+# Each creates or refreshes its own virtualenv (.venv) from pyproject.toml.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SAMPLE ?= $(abspath ../shared/data/nih_malaria)
+DATA ?=
+OUT ?= demo-out
+DEMO_FLAGS ?= --image-size 64 --epochs 3 --batch-size 32 --num-workers 1
+
+export MALARIA_SAMPLE_DIR ?= $(SAMPLE)
+# TensorFlow logs its CPU feature banner at import; keep the demo and test output readable.
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: venv demo test test-fast bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	@if [ -z "$(DATA)" ]; then \
+	  echo "== no DATA= given: writing a SYNTHETIC corpus to $(OUT)/synthetic-corpus (not NIH data)"; \
+	  $(BIN)/malaria-ray synth $(OUT)/synthetic-corpus --n 400; \
+	fi
+	$(BIN)/python jobs/train.py --data $(if $(DATA),$(DATA),$(OUT)/synthetic-corpus) --output $(OUT)/train-run --overwrite $(DEMO_FLAGS)
+	$(BIN)/python jobs/score.py --input $(if $(DATA),$(DATA),$(OUT)/synthetic-corpus) --model $(OUT)/train-run --output $(OUT)/scores --skip-scored
+	@echo "== demo outputs under $(OUT)/: train-run/ (model, history, plots) and scores/ (predictions/, metrics.parquet, slides.parquet)"
+
+# Two pytest runs: the job-submission tests start their own Ray head, and one machine must never
+# hold two Ray instances at once (Train V2 breaks), so they run after the in-process suite ends.
+test: venv
+	$(BIN)/python -m pytest -m "not cluster" -ra
+	$(BIN)/python -m pytest -m cluster -ra
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not ray and not tf and not cluster" -ra
+
+bench: venv
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/score_throughput.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache
