@@ -1,0 +1,32 @@
+"""Ray job entrypoint: bulk-score an archive of cell images (same flags as `malaria-ray score`).
+
+    ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+        python jobs/score.py --input s3://slides/archive/ --model s3://models/run-1 \
+        --output s3://slides/scores --actors 4 --gpus-per-actor 1 --skip-scored
+
+Prints Ray Data progress bars while it runs, then a one-screen summary: images scored, error rows,
+already-scored and non-image inputs skipped, the confusion matrix where labels are known,
+images/s, and where predictions/, metrics.parquet, slides.parquet and runs/<run_id>/ were written.
+Exit 0 when the run committed (error rows included); 2 with a one-line reason when it could not.
+Submitted, ray.init() joins the job's cluster (RAY_ADDRESS); run directly, it starts a local Ray.
+"""
+
+import sys
+
+from malaria_ray import cli
+
+
+def run(argv: list[str]) -> int:
+    def go() -> int:
+        from malaria_ray import score
+
+        return score.main(cli.score_config(argv))
+
+    return cli.run_guarded(go)
+
+
+if __name__ == "__main__":
+    import ray
+
+    ray.init()
+    sys.exit(run(sys.argv[1:]))

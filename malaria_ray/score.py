@@ -1,0 +1,303 @@
+"""Bulk scoring with Ray Data: read -> decode/resize (CPU tasks) -> model (actor pool) -> Parquet.
+
+``score_archive(cfg)`` runs one scoring run and commits it under ``cfg.output`` (layout and commit
+protocol in ``malaria_ray.outputs``); ``main(cfg)`` adds the one-screen summary and the exit code.
+The image size comes from the model artifact (inspected in a Ray task, so the driver never imports
+TensorFlow); ``Scorer`` loads the model once per actor and feeds it raw 0..255 pixels, because the
+model's first layer rescales.
+
+Fault injection for tests: with ``MALARIA_RAY_FAIL_AT_BATCH=N`` and ``MALARIA_RAY_FAIL_MARKER=path``
+in the driver's environment, the first Scorer to reach its N-th batch kills its own process
+(once: the marker file records it) and Ray Data must restart the actor and retry the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import os
+import re
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from malaria_ray import outputs, sources, storage
+from malaria_ray.config import CLASS_NAMES, POSITIVE_CLASS, ScoreConfig
+from malaria_ray.corpus import CorpusError, label_of, parse_identity
+
+FAIL_AT_ENV, FAIL_MARKER_ENV = "MALARIA_RAY_FAIL_AT_BATCH", "MALARIA_RAY_FAIL_MARKER"
+STATUS_ALREADY = "already_scored"
+# Passed on to read tasks and model actors: workers of a Ray started before these were set (a
+# long-lived local Ray, a test session) would not see them, and the S3 endpoint is part of what
+# the input/output URIs mean. On a cluster they are usually equal on every node anyway.
+FORWARDED_ENV = (FAIL_AT_ENV, FAIL_MARKER_ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+                 "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+COL_PIXELS = "pixels"
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
+
+
+def new_run_id() -> str:
+    """UTC time first, so run ids sort in run order (slide roll-ups take the newest row)."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def image_id_of(data: bytes | None, uri: str) -> str:
+    """sha256 of the bytes; an input with no bytes (unreadable member) hashes its uri instead."""
+    return hashlib.sha256(data).hexdigest() if data is not None else hashlib.sha256(b"uri:" + uri.encode()).hexdigest()
+
+
+def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Raw rows -> ids, identity, label and ``image_size`` pixels; bad bytes become error rows."""
+    from malaria_ray.preprocess import DecodeError, decode_image
+
+    n = len(batch[sources.COL_URI])
+    pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    cols = {k: np.empty(n, dtype=object) for k in (outputs.COL_IMAGE_ID, outputs.COL_SLIDE, outputs.COL_PATIENT,
+                                                    outputs.COL_LABEL, outputs.COL_ERROR)}
+    status = np.asarray(batch[sources.COL_STATUS], dtype=object).copy()
+    for i in range(n):
+        uri, data, err = batch[sources.COL_URI][i], batch[sources.COL_DATA][i], batch[sources.COL_ERROR][i]
+        if status[i] not in (sources.STATUS_OK, sources.STATUS_ERROR):
+            continue  # non-images and empty archives travel on only to be counted
+        path = uri.split("#", 1)[1] if "#" in uri else uri
+        ident = parse_identity(path)
+        hint = batch[sources.COL_LABEL_HINT][i]
+        cols[outputs.COL_IMAGE_ID][i] = image_id_of(data if status[i] == sources.STATUS_OK else None, uri)
+        cols[outputs.COL_SLIDE][i], cols[outputs.COL_PATIENT][i] = ident.slide_id, ident.patient_id
+        cols[outputs.COL_LABEL][i] = hint if hint in CLASS_NAMES else label_of(path)
+        if _in_sorted(skip_ids, cols[outputs.COL_IMAGE_ID][i]):
+            status[i] = STATUS_ALREADY
+            continue
+        if status[i] == sources.STATUS_ERROR:
+            cols[outputs.COL_ERROR][i] = err
+            continue
+        try:
+            pixels[i] = decode_image(bytes(data), image_size)
+        except DecodeError as exc:
+            status[i], cols[outputs.COL_ERROR][i] = sources.STATUS_ERROR, str(exc)
+    return {sources.COL_URI: np.asarray(batch[sources.COL_URI], dtype=object), sources.COL_STATUS: status,
+            COL_PIXELS: pixels, **cols}
+
+
+def _in_sorted(sorted_ids: np.ndarray, key: str) -> bool:
+    i = int(np.searchsorted(sorted_ids, key))
+    return i < len(sorted_ids) and sorted_ids[i] == key
+
+
+class Scorer:
+    """Ray Data callable class: the model is loaded once per actor; ``__call__`` scores a batch."""
+
+    def __init__(self, model_uri: str, model_id: str, threshold: float, run_id: str) -> None:
+        import tensorflow as tf
+
+        # Without memory growth TF grabs the whole GPU and a second actor on it cannot start.
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+        from malaria_ray.model import ModelError, load_model
+
+        self.model, loaded_id = load_model(model_uri)
+        if loaded_id != model_id:
+            raise ModelError(f"model {model_uri} changed during the run ({model_id} -> {loaded_id})")
+        self.model_id, self.threshold, self.run_id = model_id, float(threshold), run_id
+        self.calls = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls += 1
+        _maybe_die(self.calls)
+        status = np.asarray(batch[sources.COL_STATUS], dtype=object)
+        n = len(status)
+        ok = status == sources.STATUS_OK
+        prob = np.full(n, np.nan, dtype=np.float32)
+        if ok.any():
+            prob[ok] = np.asarray(self.model.predict_on_batch(batch[COL_PIXELS][ok]))[:, 0]
+        pred = np.where(prob >= self.threshold, POSITIVE_CLASS, CLASS_NAMES[1]).astype(object)
+        pred[~ok] = None
+        now = np.datetime64(dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), "us")
+        out = {k: batch[k] for k in (outputs.COL_IMAGE_ID, outputs.COL_URI, outputs.COL_SLIDE,
+                                     outputs.COL_PATIENT, outputs.COL_LABEL, outputs.COL_ERROR, sources.COL_STATUS)}
+        return {**out, outputs.COL_PROB: prob, outputs.COL_PRED: pred,
+                outputs.COL_THRESHOLD: np.full(n, self.threshold), outputs.COL_MODEL_ID: np.full(n, self.model_id, dtype=object),
+                outputs.COL_RUN_ID: np.full(n, self.run_id, dtype=object), outputs.COL_SCORED_AT: np.full(n, now)}
+
+
+def _maybe_die(calls: int) -> None:
+    at, marker = os.environ.get(FAIL_AT_ENV), os.environ.get(FAIL_MARKER_ENV)
+    if at and marker and calls == int(at) and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        os._exit(137)  # as the OOM killer would: no cleanup, no exception for Ray to catch
+
+
+def inspect_model(model_uri: str) -> dict:
+    """Image size and model_id of the artifact, loaded once with safe_mode (raises ModelError)."""
+    from malaria_ray.model import load_model
+
+    model, model_id = load_model(model_uri)
+    return {"image_size": int(model.input_shape[1]), "model_id": model_id}
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    model_id: str
+    output: str
+    predictions_uri: str
+    seconds: float
+    counts: dict[str, int] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    confusion: np.ndarray | None = None
+    error_examples: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return self.counts.get("scored", 0) + self.counts.get("errors", 0)
+
+
+def score_archive(cfg: ScoreConfig) -> RunResult:
+    """Score every image under ``cfg.input`` and commit the run under ``cfg.output``.
+
+    Raises CorpusError (input missing/unreadable/no images), ModelError, StorageError.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    run_id = cfg.run_id or new_run_id()
+    if not _RUN_ID_RE.match(run_id):
+        raise CorpusError(f"--run-id {run_id!r} must be letters, digits, '_', '.', '-' (not starting with '_' or '.')")
+    listing = sources.list_units(cfg.input)
+    if not listing.units:
+        raise CorpusError(f"no images found in {cfg.input} ({len(listing.skipped)} non-image files skipped)")
+    storage.check_writable(cfg.output)
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    remote_env = {"runtime_env": {"env_vars": env}} if env else {}
+    try:  # in a throwaway worker: the driver never imports TensorFlow
+        info = ray.get(ray.remote(max_calls=1)(inspect_model).options(**remote_env).remote(cfg.model))
+    except ray.exceptions.RayTaskError as exc:
+        raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
+    model_id, size = info["model_id"], info["image_size"]
+    skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else np.array([], dtype=object)
+
+    ds = ray.data.from_items(listing.units, override_num_blocks=max(1, min(len(listing.units), 64)))
+    ds = ds.flat_map(sources.expand_unit, **remote_env)
+    ds = ds.map_batches(prepare_batch, batch_size=cfg.batch_size, batch_format="numpy",
+                        fn_kwargs={"image_size": size, "skip_ids": skip_ids}, num_cpus=1, **remote_env)
+    ds = ds.map_batches(
+        Scorer, batch_size=cfg.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        fn_constructor_kwargs={"model_uri": cfg.model, "model_id": model_id, "threshold": cfg.threshold, "run_id": run_id},
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
+        max_restarts=-1, max_task_retries=-1,  # a killed actor restarts and its batch is retried
+        **remote_env,
+    )
+
+    counts = {"scored": 0, "errors": 0, sources.STATUS_NON_IMAGE: len(listing.skipped),
+              sources.STATUS_EMPTY: 0, STATUS_ALREADY: 0}
+    acc = outputs.MetricsAccumulator(cfg.threshold)
+    examples: list[str] = []
+    writer = outputs.PredictionWriter(cfg.output, run_id)
+    started = time.perf_counter()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            status = batch.column(sources.COL_STATUS)
+            for name, n in zip(*np.unique(status.to_numpy(zero_copy_only=False).astype(str), return_counts=True)):
+                key = {sources.STATUS_OK: "scored", sources.STATUS_ERROR: "errors"}.get(name, name)
+                counts[key] = counts.get(key, 0) + int(n)
+            rows = batch.filter(pc.is_in(status, pa.array([sources.STATUS_OK, sources.STATUS_ERROR])))
+            if not rows.num_rows:
+                continue
+            rows = outputs.normalize(rows)
+            acc.update(rows.column(outputs.COL_LABEL).to_pylist(),
+                       rows.column(outputs.COL_PROB).to_numpy(zero_copy_only=False),
+                       rows.column(outputs.COL_ERROR).to_pylist())
+            if len(examples) < 3:
+                errs = rows.filter(pc.is_valid(rows.column(outputs.COL_ERROR)))
+                examples += [f"{u}: {e}" for u, e in zip(errs.column(outputs.COL_URI).to_pylist()[:3],
+                                                        errs.column(outputs.COL_ERROR).to_pylist()[:3])]
+            writer.write(rows)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    seconds = time.perf_counter() - started
+    if writer.rows == 0 and counts[STATUS_ALREADY] == 0:
+        writer.abort()
+        raise CorpusError(f"no images found in {cfg.input} ({counts[sources.STATUS_NON_IMAGE]} non-image files, "
+                          f"{counts[sources.STATUS_EMPTY]} empty archives)")
+
+    result = RunResult(run_id, model_id, cfg.output, writer.final_uri, seconds, counts,
+                       acc.row(run_id, model_id), acc.confusion() if acc.metrics_known else None, examples[:3])
+    _write_run_files(cfg, result, listing, size)
+    writer.commit()
+    outputs.rebuild_metrics(cfg.output)
+    outputs.rebuild_slides(cfg.output, model_id)
+    return result
+
+
+def _write_run_files(cfg: ScoreConfig, result: RunResult, listing: sources.Listing, size: int) -> None:
+    """runs/<run_id>/: config, manifest, metrics row, plot. Written before the commit point."""
+    import ray
+
+    base = outputs.run_uri(cfg.output, result.run_id)
+    resolved = dataclasses.replace(cfg, run_id=result.run_id)
+    storage.write_text(storage.join(base, "config.json"), resolved.to_json())
+    outputs.write_run_metrics(cfg.output, result.run_id, result.metrics)
+    if result.confusion is not None:
+        from malaria_ray.report import confusion_png
+
+        storage.write_bytes(storage.join(base, "plots", "confusion_matrix.png"),
+                            confusion_png(result.confusion, f"Confusion matrix, run {result.run_id}"))
+    outputs.write_json(storage.join(base, "manifest.json"), {
+        "run_id": result.run_id, "model_id": result.model_id, "model": cfg.model, "input": cfg.input,
+        "image_size": size, "predictions": result.predictions_uri, "rows": result.rows,
+        "counts": result.counts, "units": {k: listing.count(k) for k in (sources.KIND_IMAGE, sources.KIND_TAR,
+                                                                        sources.KIND_ZIP, sources.KIND_PARQUET)},
+        "seconds": round(result.seconds, 3), "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "ray_version": ray.__version__, "commit": "the run is committed when `predictions` exists",
+    })
+
+
+def summary(result: RunResult) -> str:
+    """The one-screen end-of-run summary."""
+    c, m = result.counts, result.metrics
+    rate = result.rows / result.seconds if result.seconds > 0 else float("nan")
+    lines = [
+        f"malaria-ray score: run {result.run_id} committed (model {result.model_id})",
+        f"  images scored     {c.get('scored', 0):>10,}",
+        f"  error rows        {c.get('errors', 0):>10,}",
+        f"  already scored    {c.get(STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored)",
+        f"  non-images        {c.get(sources.STATUS_NON_IMAGE, 0):>10,}  (skipped and counted)",
+        f"  empty archives    {c.get(sources.STATUS_EMPTY, 0):>10,}",
+        f"  throughput        {rate:>10,.1f} images/s over {result.seconds:.1f} s",
+    ]
+    lines += [f"    error: {e}" for e in result.error_examples]
+    if result.confusion is not None:
+        cm = result.confusion
+        lines += [
+            f"  labelled images   {m['n_labelled']:>10,}   (threshold {m['threshold']})",
+            "                      pred Parasitized  pred Uninfected",
+            f"    true Parasitized  {cm[0, 0]:>16,}  {cm[0, 1]:>15,}",
+            f"    true Uninfected   {cm[1, 0]:>16,}  {cm[1, 1]:>15,}",
+            f"  accuracy {m['accuracy']:.4f}  sensitivity {m['sensitivity']:.4f}  specificity {m['specificity']:.4f}"
+            f"  precision {m['precision']:.4f}  f1 {m['f1']:.4f}  roc_auc {m['roc_auc']:.4f}",
+        ]
+    else:
+        lines.append("  labels            none known (no Parasitized/Uninfected folders): no confusion matrix")
+    lines += [
+        f"  predictions       {result.predictions_uri}",
+        f"  metrics, slides   {storage.join(result.output, outputs.METRICS_FILE)}, "
+        f"{storage.join(result.output, outputs.SLIDES_FILE)}",
+        f"  run files         {outputs.run_uri(result.output, result.run_id)}/",
+    ]
+    return "\n".join(lines)
+
+
+def main(cfg: ScoreConfig) -> int:
+    """Run, print the summary, return 0 when the run committed (error rows included)."""
+    result = score_archive(cfg)
+    print(summary(result), file=sys.stdout, flush=True)
+    return 0
