@@ -51,3 +51,55 @@ def ray_session():
              log_to_driver=True, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def score_model(tmp_path_factory) -> pathlib.Path:
+    """A randomly initialised classifier at 32 px saved with the model module (cheap to score)."""
+    from malaria_ray.model import build_model, save_model
+
+    dest = tmp_path_factory.mktemp("score_model")
+    save_model(build_model(image_size=32, seed=0), str(dest))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A real S3-protocol server (moto standalone) on 127.0.0.1 for this session; yields its URL.
+
+    Sets the standard AWS environment (endpoint override, dummy credentials) for the session's
+    processes so fsspec/s3fs, Ray workers and pyarrow reach it the way users' tools reach S3.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = pathlib.Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except Exception:
+            if proc.poll() is not None:
+                pytest.fail("moto_server exited at start")
+            time.sleep(0.1)
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield url
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(timeout=10)

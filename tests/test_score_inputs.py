@@ -1,0 +1,214 @@
+"""Scoring inputs and output contract without Ray or TensorFlow: listing, archive streaming,
+bad images as error rows, streaming metrics, and the commit protocol seen by three readers."""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import tarfile
+import zipfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from malaria_ray import outputs, sources
+from malaria_ray.metrics import binary_metrics
+from malaria_ray.score import STATUS_ALREADY, image_id_of, prepare_batch
+
+
+def real_pngs(sample_dir: pathlib.Path, cls: str, n: int) -> list[pathlib.Path]:
+    return sorted((sample_dir / cls).glob("*.png"))[:n]
+
+
+def png_bytes(im: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def bad_inputs(sample_dir: pathlib.Path) -> dict[str, tuple[bytes, bool]]:
+    """name -> (bytes, decodes): the issue's bad-input list as real files."""
+    good = real_pngs(sample_dir, "Parasitized", 1)[0].read_bytes()
+    rgb = Image.open(io.BytesIO(good)).convert("RGB")
+    gray16 = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)  # 16-bit PNG on save
+    bomb = Image.new("1", (10_000, 10_000))  # 100 Mpx, a few KB as PNG
+    return {
+        "corrupt.png": (good[:40] + os.urandom(200), False),
+        "truncated.png": (good[: len(good) // 2], False),
+        "zero.png": (b"", False),
+        "text.png": (b"this is not an image\n", False),
+        "bomb.png": (png_bytes(bomb), False),
+        "gray.png": (png_bytes(rgb.convert("L")), True),
+        "rgba.png": (png_bytes(rgb.convert("RGBA")), True),
+        "sixteen.png": (png_bytes(gray16), True),
+        "cmyk.jpg": (png_bytes(rgb.convert("CMYK"), "JPEG"), True),
+        "ünïcode name with spaces.png": (good, True),
+    }
+
+
+def raw_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    keys = (sources.COL_URI, sources.COL_DATA, sources.COL_STATUS, sources.COL_ERROR, sources.COL_LABEL_HINT)
+    return {k: np.array([r[k] for r in rows], dtype=object) for k in keys}
+
+
+def test_bad_images_become_error_rows_or_decode(sample_dir):
+    cases = bad_inputs(sample_dir)
+    rows = [sources._row(f"/x/Uninfected/{name}", sources.STATUS_OK, data=data) for name, (data, _) in cases.items()]
+    out = prepare_batch(raw_batch(rows), image_size=32, skip_ids=np.array([], dtype=object))
+    assert out["pixels"].shape == (len(cases), 32, 32, 3) and out["pixels"].dtype == np.uint8
+    for i, (name, (data, decodes)) in enumerate(cases.items()):
+        assert out[outputs.COL_IMAGE_ID][i] == image_id_of(data, "")  # content hash, even for bad bytes
+        assert out[outputs.COL_LABEL][i] == "Uninfected"
+        if decodes:
+            assert out[sources.COL_STATUS][i] == sources.STATUS_OK, name
+            assert out[outputs.COL_ERROR][i] is None and out["pixels"][i].max() > 0, name
+        else:
+            assert out[sources.COL_STATUS][i] == sources.STATUS_ERROR, name
+            assert out[outputs.COL_ERROR][i], name
+    assert "decompression bomb" in out[outputs.COL_ERROR][list(cases).index("bomb.png")]
+    assert "empty" in out[outputs.COL_ERROR][list(cases).index("zero.png")]
+
+
+def test_prepare_batch_identity_and_skip(sample_dir):
+    path = real_pngs(sample_dir, "Parasitized", 1)[0]
+    data = path.read_bytes()
+    rows = [sources._row(str(path), sources.STATUS_OK, data=data),
+            sources._row("/x/Thumbs.db", sources.STATUS_NON_IMAGE)]
+    out = prepare_batch(raw_batch(rows), 32, skip_ids=np.array([image_id_of(data, "")], dtype=object))
+    assert out[sources.COL_STATUS].tolist() == [STATUS_ALREADY, sources.STATUS_NON_IMAGE]
+    assert out[outputs.COL_SLIDE][0] == path.name.split("_IMG_")[0]
+    assert out[outputs.COL_PATIENT][0].startswith("P") and out[outputs.COL_LABEL][0] == "Parasitized"
+
+
+def make_mixed_input(sample_dir: pathlib.Path, root: pathlib.Path) -> dict[str, int]:
+    """Loose images, a tar and a zip with a corrupt member each, a Parquet of bytes, empty
+    archives and non-images in one tree. Returns the expected counts."""
+    para, unin = real_pngs(sample_dir, "Parasitized", 12), real_pngs(sample_dir, "Uninfected", 12)
+    (root / "loose" / "Parasitized").mkdir(parents=True)
+    for p in para[:4]:
+        (root / "loose" / "Parasitized" / p.name).write_bytes(p.read_bytes())
+    (root / "loose" / "Thumbs.db").write_bytes(b"\x00" * 64)
+    (root / "loose" / "notes.txt").write_text("not an image")
+    (root / "_staging").mkdir()
+    (root / "_staging" / "ignored.png").write_bytes(b"ignored: hidden folder")
+    with tarfile.open(root / "shard-0.tar", "w") as tar:
+        for p in para[4:8] + unin[:4]:
+            tar.add(p, arcname=f"cells/{'Parasitized' if p in para else 'Uninfected'}/{p.name}")
+        info = tarfile.TarInfo("cells/Uninfected/corrupt member.png")
+        info.size = 10
+        tar.addfile(info, io.BytesIO(b"\x89PNG\r\n\x1a\nxx"))
+        info = tarfile.TarInfo("cells/readme.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    with zipfile.ZipFile(root / "cell_images.zip", "w") as zf:
+        for p in para[8:12] + unin[4:8]:
+            zf.write(p, f"cell_images/{'Parasitized' if p in para else 'Uninfected'}/{p.name}")
+        zf.writestr("cell_images/Uninfected/broken.png", b"GIF89a-but-not-really")
+        zf.writestr("cell_images/Uninfected/Thumbs.db", b"\x00\x01")
+    tarfile.open(root / "empty.tar", "w").close()
+    zipfile.ZipFile(root / "empty.zip", "w").close()
+    table = pa.table({"path": [f"Uninfected/{p.name}" for p in unin[8:12]],
+                      "image": [p.read_bytes() for p in unin[8:12]]})
+    (root / "pq").mkdir()
+    pq.write_table(table, root / "pq" / "part-0.parquet")
+    # images: 4 loose + 9 tar + 9 zip + 4 parquet = 26, of which 2 corrupt members
+    return {"images": 26, "errors": 2, "non_image_loose": 2, "non_image_members": 2, "empty": 2}
+
+
+def test_list_and_expand_mixed_input(sample_dir, tmp_path):
+    expected = make_mixed_input(sample_dir, tmp_path)
+    listing = sources.list_units(str(tmp_path))
+    assert listing.count("image") == 4 and listing.count("tar") == 2 and listing.count("zip") == 2
+    assert listing.count("parquet") == 1
+    assert sorted(os.path.basename(p) for p in listing.skipped) == ["Thumbs.db", "notes.txt"]
+    rows = [r for u in listing.units for r in sources.expand_unit(u)]
+    by = lambda s: [r for r in rows if r[sources.COL_STATUS] == s]  # noqa: E731
+    assert len(by("ok")) + len(by("error")) == expected["images"]
+    assert len(by("non_image")) == expected["non_image_members"]
+    assert len(by("empty_archive")) == expected["empty"]
+    assert len(rows) == len({r[sources.COL_URI] for r in rows})  # every member has its own uri
+    out = prepare_batch(raw_batch(rows), 32, np.array([], dtype=object))
+    errors = [u for u, s in zip(out[sources.COL_URI], out[sources.COL_STATUS]) if s == "error"]
+    assert sorted(e.rsplit("/", 1)[1] for e in errors) == ["broken.png", "corrupt member.png"]
+    labels = [lab for lab, s in zip(out[outputs.COL_LABEL], out[sources.COL_STATUS]) if s == "ok"]
+    assert labels.count("Parasitized") == 12 and labels.count("Uninfected") == 12
+
+
+def test_truncated_tar_keeps_read_members_and_reports(sample_dir, tmp_path):
+    pngs = real_pngs(sample_dir, "Uninfected", 3)
+    with tarfile.open(tmp_path / "t.tar", "w", format=tarfile.USTAR_FORMAT) as tar:  # no PAX headers
+        for p in pngs:
+            tar.add(p, arcname=p.name)
+    data = (tmp_path / "t.tar").read_bytes()
+    (tmp_path / "t.tar").write_bytes(data[: 512 + pngs[0].stat().st_size + 1000])  # cut inside member 2
+    rows = list(sources.expand_unit({"kind": "tar", "uri": str(tmp_path / "t.tar")}))
+    statuses = [r[sources.COL_STATUS] for r in rows]
+    assert statuses[0] == "ok" and statuses[-1] == "error" and len(rows) <= 3
+    assert list(sources.expand_unit({"kind": "zip", "uri": str(tmp_path / "t.tar")}))[0][sources.COL_STATUS] == "error"
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    from malaria_ray.corpus import CorpusError
+
+    with pytest.raises(CorpusError, match="does not exist"):
+        sources.list_units(str(tmp_path / "nope"))
+
+
+def test_metrics_accumulator_matches_exact_metrics():
+    rng = np.random.default_rng(0)
+    n = 5000
+    y = rng.random(n) < 0.4
+    prob = np.clip(y * 0.3 + rng.random(n) * 0.7, 0, 1).astype(np.float32)
+    acc = outputs.MetricsAccumulator(0.5)
+    labels = np.where(y, "Parasitized", "Uninfected").astype(object)
+    labels[:100] = None  # unknown labels: counted as images, not in the confusion matrix
+    errors = np.array([None] * n, dtype=object)
+    errors[100:110] = "bad bytes"
+    for a in range(0, n, 700):
+        acc.update(labels[a:a + 700], prob[a:a + 700], errors[a:a + 700])
+    keep = np.arange(n) >= 110
+    exact = binary_metrics(y[keep], prob[keep], 0.5)
+    row = acc.row("r", "m")
+    assert {k: row[k] for k in ("tp", "fp", "fn", "tn")} == {k: exact[k] for k in ("tp", "fp", "fn", "tn")}
+    assert row["n_images"] == n and row["n_errors"] == 10 and row["n_labelled"] == n - 110
+    assert abs(row["roc_auc"] - exact["roc_auc"]) < 1e-3
+    assert acc.confusion().sum() == n - 110
+
+
+def prediction_table(run_id: str, n: int) -> pa.Table:
+    return pa.table({
+        outputs.COL_IMAGE_ID: [f"id{i}" for i in range(n)], outputs.COL_URI: [f"/x/{i}.png" for i in range(n)],
+        outputs.COL_SLIDE: ["C1P1thinF"] * n, outputs.COL_PATIENT: ["P1"] * n, outputs.COL_LABEL: [None] * n,
+        outputs.COL_PROB: np.linspace(0, 1, n).astype(np.float32), outputs.COL_PRED: ["Uninfected"] * n,
+        outputs.COL_THRESHOLD: [0.5] * n, outputs.COL_MODEL_ID: ["m"] * n, outputs.COL_RUN_ID: [run_id] * n,
+        outputs.COL_SCORED_AT: np.full(n, np.datetime64("2025-01-01T00:00:00", "us")), outputs.COL_ERROR: [None] * n,
+    })
+
+
+def test_uncommitted_run_is_invisible_to_every_reader(tmp_path):
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    root = str(tmp_path)
+    done = outputs.PredictionWriter(root, "20250101T000000Z-aaaaaa")
+    done.write(prediction_table("20250101T000000Z-aaaaaa", 5))
+    done.close()
+    done.commit()
+    crashed = outputs.PredictionWriter(root, "20250102T000000Z-bbbbbb")  # a crash: closed, never committed
+    crashed.write(prediction_table("20250102T000000Z-bbbbbb", 7))
+    crashed.close()
+    pred = os.path.join(root, "predictions")
+    assert os.path.exists(crashed.staging_uri)
+    assert len(pd.read_parquet(pred)) == 5
+    assert pads.dataset(pred, format="parquet").count_rows() == 5
+    assert duckdb.connect().execute(f"select count(*) from read_parquet('{pred}/*.parquet')").fetchall() == [(5,)]
+    assert outputs.committed_runs(root) == ["20250101T000000Z-aaaaaa"]
+    assert outputs.scored_ids(root, "m").tolist() == [f"id{i}" for i in range(5)]
+    assert pd.read_parquet(pred).dtypes[outputs.COL_PROB] == np.float32
+    slides = outputs.rebuild_slides(root, "m").to_pylist()
+    assert [(s["level"], s["n_cells"]) for s in slides] == [("patient", 5), ("slide", 5)]
