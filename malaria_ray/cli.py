@@ -120,9 +120,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _train(argv: list[str]) -> int:
     def go() -> int:
+        cfg = train_config(argv)  # before ray.init: bad flags need no cluster
+        import ray
+
         from malaria_ray import train
 
-        train.fit(train_config(argv))
+        plan = train.plan_run(cfg)  # bad data/output paths fail here, before any start-up cost
+        ray.init()  # joins the cluster when RAY_ADDRESS is set (ray job submit), else starts a local one
+        try:
+            train.fit(cfg, plan)
+        finally:
+            ray.shutdown()  # one Ray instance per run, gone when the run ends
         return 0
 
     return run_guarded(go)

@@ -89,13 +89,14 @@ def _fetch(uri: str) -> str:
         if not os.path.exists(path):
             raise ModelError(f"weights file {uri} does not exist")
         return path
-    suffix = os.path.splitext(uri.split("?")[0])[1] or ".h5"
-    fd, path = tempfile.mkstemp(suffix=suffix, prefix="malaria-ray-")
-    os.close(fd)
+    # Keep the file name: Keras picks the loader from it (.weights.h5 vs legacy .h5 vs .keras).
+    name = os.path.basename(uri.split("?")[0]) or "weights.h5"
+    path = os.path.join(tempfile.mkdtemp(prefix="malaria-ray-"), name)
     try:
         import fsspec
 
-        opts = storage.s3_options() if uri.startswith("s3") else {}
+        # Plain HTTP servers (mirrors, artifact stores) need not support range requests: stream.
+        opts = storage.s3_options() if uri.startswith("s3") else {"block_size": 0} if uri.startswith("http") else {}
         with fsspec.open(uri, "rb", **opts) as src, open(path, "wb") as dst:
             shutil.copyfileobj(src, dst)
     except Exception as exc:

@@ -1,0 +1,129 @@
+"""The training run directory: best model, history, split, validation predictions/metrics, plots.
+
+Written by the driver after Ray Train finishes. ``history.parquet`` is written last, so its
+presence marks a finished run (``train.FINISHED_MARKER``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from malaria_ray import corpus, metrics, report, schema, storage
+from malaria_ray.config import CLASS_NAMES, TrainConfig
+
+THRESHOLD = 0.5  # argmax of a 2-way softmax, as the notebook
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def predict_dataset(model, ds, batch_size: int = 64) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(uris, image_ids, labels, P(Parasitized)) over a decoded Ray dataset, streamed in batches."""
+    uris, ids, labels, probs = [], [], [], []
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        p = model.predict_on_batch(batch["image"].astype(np.float32))
+        probs.append(np.asarray(p)[:, 0])
+        uris.extend(batch[corpus.COL_URI].tolist())
+        ids.extend(batch["image_id"].tolist())
+        labels.append(batch["label"])
+    return uris, ids, np.concatenate(labels), np.concatenate(probs).astype(np.float32)
+
+
+def predictions_table(uris, ids, labels, probs, errors: list[dict], model_id: str, run_id: str) -> pa.Table:
+    now = dt.datetime.now(dt.timezone.utc)
+    all_uris = list(uris) + [e[corpus.COL_URI] for e in errors]
+    idents = [corpus.parse_identity(u) for u in all_uris]
+    names = [CLASS_NAMES[int(i)] for i in labels] + [corpus.label_of(e[corpus.COL_URI]) for e in errors]
+    preds = [CLASS_NAMES[0] if p >= THRESHOLD else CLASS_NAMES[1] for p in probs] + [None] * len(errors)
+    n = len(all_uris)
+    return pa.Table.from_pydict({
+        schema.IMAGE_ID: list(ids) + [e["image_id"] or None for e in errors],
+        schema.URI: all_uris,
+        schema.SLIDE_ID: [i.slide_id for i in idents],
+        schema.PATIENT_ID: [i.patient_id for i in idents],
+        schema.LABEL: names,
+        schema.PROB: list(probs) + [None] * len(errors),
+        schema.PRED: preds,
+        schema.THRESHOLD: [THRESHOLD] * n,
+        schema.MODEL_ID: [model_id] * n,
+        schema.RUN_ID: [run_id] * n,
+        schema.SCORED_AT: [now] * n,
+        schema.ERROR: [None] * len(uris) + [e["error"] for e in errors],
+    }, schema=schema.PREDICTIONS)
+
+
+def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, best_ckpt, history: list[dict],
+              val_ds, unreadable: list[dict], extra: dict[str, Any]) -> dict[str, Any]:
+    from malaria_ray import model as model_mod
+
+    out = cfg.output
+    run_id = os.path.basename(out.rstrip("/")) or "train"
+    with best_ckpt.as_directory() as d:
+        best, _ = model_mod.load_model(os.path.join(d, "model.keras"))
+        best_state = json.load(open(os.path.join(d, "state.json")))
+    model_mod.save_model(best, out, h5=cfg.export_h5)
+    with tempfile.TemporaryDirectory() as tmp:  # model_id is the hash of the artifact as written
+        local = os.path.join(tmp, "model.keras")
+        with open(local, "wb") as f:
+            f.write(storage.read_bytes(storage.join(out, "model.keras")))
+        model_id = model_mod.file_id(local)
+
+    uris, ids, labels, probs = predict_dataset(best, val_ds)
+    val_uris = set(np.asarray(listing.uris)[val_mask].tolist())
+    val_errors = [e for e in unreadable if e[corpus.COL_URI] in val_uris]
+    preds = predictions_table(uris, ids, labels, probs, val_errors, model_id, run_id)
+    y = labels == CLASS_NAMES.index("Parasitized")
+    m = metrics.binary_metrics(y, probs, THRESHOLD)
+    metrics_row = {**m, schema.N_IMAGES: len(uris) + len(val_errors), schema.N_ERRORS: len(val_errors),
+                   schema.THRESHOLD: THRESHOLD, schema.MODEL_ID: model_id, schema.RUN_ID: run_id,
+                   schema.SPLIT: "val", "split_kind": cfg.split, "best_epoch": best_state["epoch"],
+                   "synthetic": cfg.synthetic}
+
+    bad = {e[corpus.COL_URI] for e in unreadable}
+    split_tbl = pa.Table.from_pydict({
+        corpus.COL_URI: listing.uris, corpus.COL_LABEL: listing.labels,
+        corpus.COL_SLIDE: listing.slide_ids, corpus.COL_PATIENT: listing.patient_ids,
+        corpus.COL_SPLIT: ["val" if v else "train" for v in val_mask],
+        "readable": [u not in bad for u in listing.uris],
+    })
+    hist_tbl = pa.Table.from_pylist(history)
+    cm = metrics.confusion_matrix(y, probs, THRESHOLD)
+    title = f"Validation ({cfg.split} split, best epoch {best_state['epoch']})" + (" - SYNTHETIC data" if cfg.synthetic else "")
+    resolved = {**dataclasses.asdict(cfg), **extra, "model_id": model_id, "best_epoch": best_state["epoch"]}
+
+    storage.write_text(storage.join(out, "config.json"), json.dumps(resolved, indent=2, sort_keys=True))
+    storage.write_bytes(storage.join(out, "split.parquet"), _parquet_bytes(split_tbl))
+    storage.write_bytes(storage.join(out, "predictions.parquet"), _parquet_bytes(preds))
+    storage.write_bytes(storage.join(out, "metrics.parquet"), _parquet_bytes(pa.Table.from_pylist([metrics_row])))
+    storage.write_bytes(storage.join(out, "plots", "curves.png"), report.curves_png(
+        {k: [h[k] for h in history] for k in ("loss", "val_loss", "accuracy", "val_accuracy")}))
+    storage.write_bytes(storage.join(out, "plots", "confusion_matrix.png"), report.confusion_png(cm, title))
+    storage.write_bytes(storage.join(out, "history.parquet"), _parquet_bytes(hist_tbl))  # last: marks finished
+    return {"output": out, "model_id": model_id, "best_epoch": best_state["epoch"], "epochs": len(history),
+            "n_val": len(uris), "n_unreadable": len(unreadable), "synthetic": cfg.synthetic,
+            "split": cfg.split, **{k: metrics_row[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")},
+            "tp": m["tp"], "fp": m["fp"], "fn": m["fn"], "tn": m["tn"]}
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    tag = " (SYNTHETIC data)" if s["synthetic"] else ""
+    print(f"\n== malaria-ray train: done in {s['seconds']}s{tag}\n"
+          f"   run directory   {s['output']}\n"
+          f"   model_id        {s['model_id']} (best epoch {s['best_epoch']} of {s['epochs']}, by val_loss)\n"
+          f"   validation      {s['n_val']} images, {s['split']} split; unreadable images: {s['n_unreadable']}\n"
+          f"   accuracy {s['accuracy']:.4f}  sensitivity {s['sensitivity']:.4f}  "
+          f"specificity {s['specificity']:.4f}  ROC AUC {s['roc_auc']:.4f}\n"
+          f"   confusion (rows true P/U, cols pred P/U): [[{s['tp']} {s['fn']}] [{s['fp']} {s['tn']}]]", flush=True)

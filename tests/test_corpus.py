@@ -1,0 +1,103 @@
+"""Identity parsing against NIH's own mapping CSVs, corpus listing and splits (pure: no Ray/TF)."""
+
+import ast
+import csv
+
+import numpy as np
+import pytest
+
+from malaria_ray import corpus
+
+
+def _csv_rows(sample_dir):
+    for name in ("patientid_cellmapping_parasitized.csv", "patientid_cellmapping_uninfected.csv"):
+        with open(sample_dir / name, newline="") as f:
+            for row in csv.reader(f):
+                files = ast.literal_eval(",".join(row[1:]).rstrip(","))
+                for fn in files:
+                    yield row[0], fn
+
+
+def test_every_nih_mapping_row_resolves(sample_dir):
+    rows = list(_csv_rows(sample_dir))
+    assert len(rows) == 27_558
+    patients = set()
+    for key, fn in rows:
+        ident = corpus.parse_identity(fn)
+        assert ident.slide_id == key, fn
+        assert ident.patient_id is not None, fn
+        patients.add(ident.patient_id)
+    # 150 infected patients + 50 control slides; P8's two slide keys are one patient.
+    assert len(patients) == 200
+    assert len({k for k, _ in rows}) == 201
+    assert sum(p.startswith("P") for p in patients) == 150
+
+
+@pytest.mark.parametrize("name, slide, patient", [
+    ("C37BP2_thinF_IMG_20150620_133111a_cell_87.png", "C37BP2_thinF", "P2"),
+    ("C51AP12thinF_IMG_20150724_152258_cell_30.png", "C51AP12thinF", "P12"),
+    ("C47P8thinOriginalOlympusCX21_IMG_x_cell_1.png", "C47P8thinOriginalOlympusCX21", "P8"),
+    ("C47P8thin_Original_Motic_IMG_x_cell_1.png", "C47P8thin_Original_Motic", "P8"),
+    ("C1_thinF_IMG_20150604_104722_cell_60.png", "C1_thinF", "C1"),
+    ("C2NThinF_IMG_20150604_114631_cell_1.png", "C2NThinF", "C2"),
+    ("C3thin_original_IMG_20150608_162922_cell_1.png", "C3thin_original", "C3"),
+    ("C167P128ReThinF_IMG_20151201_110114_cell_1.png", "C167P128ReThinF", "P128"),
+    ("s3://bucket/x/Parasitized/C33P1thinF_IMG_20150619_114756a_cell_179.png", "C33P1thinF", "P1"),
+    ("photo 01.png", None, None),
+    ("Thumbs.db", None, None),
+])
+def test_parse_identity_irregular_names(name, slide, patient):
+    ident = corpus.parse_identity(name)
+    assert (ident.slide_id, ident.patient_id) == (slide, patient)
+
+
+def test_list_sample(sample_dir):
+    listing = corpus.list_corpus(str(sample_dir))
+    assert len(listing) == 6000
+    assert listing.labels.count("Parasitized") == 3000
+    assert len(set(listing.patient_ids)) == 160
+    assert None not in listing.patient_ids
+
+
+def test_patient_split_is_disjoint_stratified_and_deterministic(sample_dir):
+    listing = corpus.list_corpus(str(sample_dir))
+    a = corpus.split_patient(listing, 0.3, seed=0)
+    b = corpus.split_patient(listing, 0.3, seed=0)
+    c = corpus.split_patient(listing, 0.3, seed=1)
+    assert (a == b).all() and not (a == c).all()
+    pids = np.asarray(listing.patient_ids)
+    assert not set(pids[a]) & set(pids[~a])
+    assert 0.25 < a.mean() < 0.35
+    labels = np.asarray(listing.labels)
+    for side in (a, ~a):  # both sides hold both classes, infected patients and controls
+        assert {"Parasitized", "Uninfected"} <= set(labels[side])
+        assert any(p.startswith("C") for p in pids[side]) and any(p.startswith("P") for p in pids[side])
+
+
+def test_random_split_matches_fraction(sample_dir):
+    listing = corpus.list_corpus(str(sample_dir))
+    m = corpus.split_random(listing, 0.3, seed=0)
+    assert m.sum() == 1800
+    pids = np.asarray(listing.patient_ids)
+    assert set(pids[m]) & set(pids[~m]), "an image-level split leaks patients (that is why it is not the default)"
+
+
+def test_listing_skips_non_images_and_needs_both_classes(tmp_path):
+    (tmp_path / "deep" / "Parasitized").mkdir(parents=True)
+    (tmp_path / "deep" / "Parasitized" / "a.png").write_bytes(b"x")
+    (tmp_path / "deep" / "Parasitized" / "Thumbs.db").write_bytes(b"x")
+    with pytest.raises(corpus.CorpusError, match="Uninfected"):
+        corpus.list_corpus(str(tmp_path))
+    (tmp_path / "Uninfected").mkdir()
+    (tmp_path / "Uninfected" / "b.JPG").write_bytes(b"x")
+    listing = corpus.list_corpus(str(tmp_path))
+    assert len(listing) == 2 and len(listing.skipped) == 1
+    with pytest.raises(corpus.CorpusError, match="does not exist"):
+        corpus.list_corpus(str(tmp_path / "nope"))
+
+
+def test_subsample_is_balanced_and_stable(sample_dir):
+    listing = corpus.list_corpus(str(sample_dir))
+    a = corpus.stable_subsample(listing, 101, seed=3)
+    assert len(a) == 101 and a.uris == corpus.stable_subsample(listing, 101, seed=3).uris
+    assert a.labels.count("Parasitized") == 51

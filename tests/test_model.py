@@ -1,0 +1,65 @@
+"""The notebook's model: parameter count, artifact contract, weight loading from a real HTTP server."""
+
+import functools
+import http.server
+import threading
+
+import numpy as np
+import pytest
+
+from malaria_ray import model as model_mod
+
+pytestmark = pytest.mark.tf
+
+
+def test_parameter_count_matches_notebook():
+    m = model_mod.build_model(128)
+    assert m.count_params() == 23_827_330
+    assert m.input_shape == (None, 128, 128, 3) and m.output_shape == (None, 2)
+
+
+def test_save_load_keeps_contract_and_outputs(tmp_path):
+    m = model_mod.build_model(32, seed=0)
+    uri = model_mod.save_model(m, str(tmp_path / "run"), h5=True)
+    loaded, model_id = model_mod.load_model(str(tmp_path / "run"))
+    assert uri.endswith("model.keras") and (tmp_path / "run" / "model.h5").exists()
+    x = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    assert np.allclose(m.predict_on_batch(x), loaded.predict_on_batch(x), atol=1e-5)
+    assert loaded.get_layer("rescale").scale == pytest.approx(1 / 255)  # scaling travels with the model
+    contract = (tmp_path / "run" / "model.json").read_text()
+    assert model_id in contract and '"image_size": 32' in contract
+    assert model_id == model_mod.load_model(str(tmp_path / "run" / "model.keras"))[1]
+
+
+def test_weights_downloaded_from_local_http_server(tmp_path):
+    src = model_mod.build_model(32, seed=1).get_layer("resnet50v2")
+    src.save_weights(str(tmp_path / "notop.weights.h5"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/notop.weights.h5"
+        got = model_mod.build_model(32, weights=url, seed=2).get_layer("resnet50v2")
+        for a, b in zip(src.get_weights(), got.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(model_mod.ModelError, match="cannot download"):
+            model_mod.build_model(32, weights=url.replace("notop", "missing"))
+    finally:
+        server.shutdown()
+
+
+def test_imagenet_offline_says_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(model_mod, "IMAGENET_URL", "http://127.0.0.1:9/" + model_mod.IMAGENET_FILE)
+    with pytest.raises(model_mod.ModelError) as err:
+        model_mod.build_model(32, weights="imagenet")
+    msg = str(err.value)
+    assert model_mod.IMAGENET_FILE in msg and "--weights none" in msg
+
+
+def test_not_a_model_is_refused(tmp_path):
+    (tmp_path / "model.keras").write_bytes(b"not a zip")
+    with pytest.raises(model_mod.ModelError, match="not a loadable Keras model"):
+        model_mod.load_model(str(tmp_path))
+    with pytest.raises(model_mod.ModelError, match="does not exist"):
+        model_mod.load_model(str(tmp_path / "missing"))
