@@ -29,7 +29,8 @@ from malaria_ray import corpus, storage
 from malaria_ray.config import CLASS_NAMES, TrainConfig
 
 # Columns of history.parquet.
-HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds", "train_seconds",
+                   "train_images")
 FINISHED_MARKER = "history.parquet"  # written last: its presence means the run finished
 DECODE_BATCH = 64
 
@@ -166,6 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             y = tf.one_hot(batch["label"], 2)
             ls, h = train_step(x, y)
             loss_sum, hits, seen = loss_sum + float(ls), hits + float(h), seen + cfg.batch_size
+        train_seconds = time.perf_counter() - t0
         v = np.zeros(3, np.float32)  # val loss sum, hits, count on this worker
         for batch in val_shard.iter_batches(batch_size=local_batch, batch_format="numpy"):
             ls, h = eval_step(tf.convert_to_tensor(batch["image"], tf.float32), tf.one_hot(batch["label"], 2))
@@ -173,7 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         v = all_sum(tf.constant(v)).numpy()
         row = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "accuracy": hits / max(seen, 1),
                "val_loss": float(v[0] / max(v[2], 1)), "val_accuracy": float(v[1] / max(v[2], 1)),
-               "seconds": time.perf_counter() - t0}
+               "seconds": time.perf_counter() - t0, "train_seconds": train_seconds, "train_images": seen}
         history.append(row)
         _log(rank, "epoch {epoch}/{n}: loss {loss:.4f} acc {accuracy:.4f} val_loss {val_loss:.4f} "
                    "val_acc {val_accuracy:.4f} ({seconds:.0f}s)".format(n=cfg.epochs, **row))
