@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from malaria_ray import corpus, metrics, report, schema, storage
+from malaria_ray import corpus, metrics, outputs, report, storage
 from malaria_ray.config import CLASS_NAMES, TrainConfig
 
 THRESHOLD = 0.5  # argmax of a 2-way softmax, as the notebook
@@ -50,19 +50,19 @@ def predictions_table(uris, ids, labels, probs, errors: list[dict], model_id: st
     preds = [CLASS_NAMES[0] if p >= THRESHOLD else CLASS_NAMES[1] for p in probs] + [None] * len(errors)
     n = len(all_uris)
     return pa.Table.from_pydict({
-        schema.IMAGE_ID: list(ids) + [e["image_id"] or None for e in errors],
-        schema.URI: all_uris,
-        schema.SLIDE_ID: [i.slide_id for i in idents],
-        schema.PATIENT_ID: [i.patient_id for i in idents],
-        schema.LABEL: names,
-        schema.PROB: list(probs) + [None] * len(errors),
-        schema.PRED: preds,
-        schema.THRESHOLD: [THRESHOLD] * n,
-        schema.MODEL_ID: [model_id] * n,
-        schema.RUN_ID: [run_id] * n,
-        schema.SCORED_AT: [now] * n,
-        schema.ERROR: [None] * len(uris) + [e["error"] for e in errors],
-    }, schema=schema.PREDICTIONS)
+        outputs.COL_IMAGE_ID: list(ids) + [e["image_id"] or None for e in errors],
+        outputs.COL_URI: all_uris,
+        outputs.COL_SLIDE: [i.slide_id for i in idents],
+        outputs.COL_PATIENT: [i.patient_id for i in idents],
+        outputs.COL_LABEL: names,
+        outputs.COL_PROB: list(probs) + [None] * len(errors),
+        outputs.COL_PRED: preds,
+        outputs.COL_THRESHOLD: [THRESHOLD] * n,
+        outputs.COL_MODEL_ID: [model_id] * n,
+        outputs.COL_RUN_ID: [run_id] * n,
+        outputs.COL_SCORED_AT: [now] * n,
+        outputs.COL_ERROR: [None] * len(uris) + [e["error"] for e in errors],
+    }, schema=outputs.PREDICTIONS_SCHEMA)
 
 
 def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, best_ckpt, history: list[dict],
@@ -87,9 +87,9 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
     preds = predictions_table(uris, ids, labels, probs, val_errors, model_id, run_id)
     y = labels == CLASS_NAMES.index("Parasitized")
     m = metrics.binary_metrics(y, probs, THRESHOLD)
-    metrics_row = {**m, schema.N_IMAGES: len(uris) + len(val_errors), schema.N_ERRORS: len(val_errors),
-                   schema.THRESHOLD: THRESHOLD, schema.MODEL_ID: model_id, schema.RUN_ID: run_id,
-                   schema.SPLIT: "val", "split_kind": cfg.split, "best_epoch": best_state["epoch"],
+    metrics_row = {**m, outputs.COL_N_IMAGES: len(uris) + len(val_errors), outputs.COL_N_ERRORS: len(val_errors),
+                   outputs.COL_THRESHOLD: THRESHOLD, outputs.COL_MODEL_ID: model_id, outputs.COL_RUN_ID: run_id,
+                   "split": "val", "split_kind": cfg.split, "best_epoch": best_state["epoch"],
                    "synthetic": cfg.synthetic}
 
     bad = {e[corpus.COL_URI] for e in unreadable}
