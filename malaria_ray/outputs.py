@@ -284,12 +284,12 @@ def rebuild_metrics(root: str) -> pa.Table:
 def rebuild_slides(root: str, model_id: str) -> pa.Table:
     """Per-slide and per-patient roll-up of the current model's committed predictions.
 
-    Streams the predictions in batches; an image scored by this model in several runs (no
-    --skip-scored) counts once, from its newest run, which costs one id set over the model's rows.
+    Streams the predictions in batches; an input (same bytes at the same uri) scored by this model
+    in several runs (no --skip-scored) counts once, from its newest run: one 8-byte hash per row.
     """
     acc: dict[tuple[str, str | None, str | None], np.ndarray] = {}
-    seen: set[str] = set()
-    cols = [COL_IMAGE_ID, COL_SLIDE, COL_PATIENT, COL_LABEL, COL_PROB, COL_PRED]
+    seen: set[int] = set()
+    cols = [COL_IMAGE_ID, COL_URI, COL_SLIDE, COL_PATIENT, COL_LABEL, COL_PROB, COL_PRED]
     flt = (pads.field(COL_MODEL_ID) == model_id) & pads.field(COL_ERROR).is_null()
     fs, pred_path = storage.filesystem(predictions_uri(root))
     for run_id in reversed(committed_runs(root)):  # newest first: its rows win
@@ -297,10 +297,11 @@ def rebuild_slides(root: str, model_id: str) -> pa.Table:
                           format="parquet", schema=PREDICTIONS_SCHEMA)
         for batch in ds.to_batches(columns=cols, filter=flt):
             d = batch.to_pydict()
-            for iid, slide, patient, label, prob, pred in zip(*(d[c] for c in cols)):
-                if iid in seen:
+            for iid, uri, slide, patient, label, prob, pred in zip(*(d[c] for c in cols)):
+                key = hash((iid, uri))  # the same input (content at a path) scored again
+                if key in seen:
                     continue
-                seen.add(iid)
+                seen.add(key)
                 stats = np.array([1, pred == POSITIVE_CLASS, prob, label == POSITIVE_CLASS,
                                   label == CLASS_NAMES[1]], dtype=np.float64)
                 for key in (("slide", slide, patient), ("patient", None, patient)):

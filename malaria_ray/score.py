@@ -140,6 +140,21 @@ def inspect_model(model_uri: str) -> dict:
     return {"image_size": int(model.input_shape[1]), "model_id": model_id}
 
 
+def check_output_root(uri: str) -> None:
+    """Raise StorageError unless ``uri`` can take outputs; never creates a missing bucket
+    (fsspec's makedirs would, and a nightly job must not invent buckets)."""
+    if uri.startswith(("s3://", "s3a://")):
+        fs, path = storage.filesystem(uri)
+        bucket = path.split("/", 1)[0]
+        try:
+            found = fs.exists(bucket)
+        except Exception as exc:  # denied, bad endpoint: the backend's type varies
+            raise storage.StorageError(f"output {uri}: cannot reach bucket {bucket}: {type(exc).__name__}: {exc}") from exc
+        if not found:
+            raise storage.StorageError(f"output {uri} is not writable: bucket {bucket} does not exist")
+    storage.check_writable(uri)
+
+
 @dataclass
 class RunResult:
     run_id: str
@@ -172,7 +187,7 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     listing = sources.list_units(cfg.input)
     if not listing.units:
         raise CorpusError(f"no images found in {cfg.input} ({len(listing.skipped)} non-image files skipped)")
-    storage.check_writable(cfg.output)
+    check_output_root(cfg.output)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     remote_env = {"runtime_env": {"env_vars": env}} if env else {}
     try:  # in a throwaway worker: the driver never imports TensorFlow
@@ -182,7 +197,9 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     model_id, size = info["model_id"], info["image_size"]
     skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else np.array([], dtype=object)
 
-    ds = ray.data.from_items(listing.units, override_num_blocks=max(1, min(len(listing.units), 64)))
+    # ~256 loose images per read task; an archive per task where there are few units.
+    blocks = min(len(listing.units), max(4, len(listing.units) // 256))
+    ds = ray.data.from_items(listing.units, override_num_blocks=blocks)
     ds = ds.flat_map(sources.expand_unit, **remote_env)
     ds = ds.map_batches(prepare_batch, batch_size=cfg.batch_size, batch_format="numpy",
                         fn_kwargs={"image_size": size, "skip_ids": skip_ids}, num_cpus=1, **remote_env)
@@ -190,8 +207,9 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
         Scorer, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         fn_constructor_kwargs={"model_uri": cfg.model, "model_id": model_id, "threshold": cfg.threshold, "run_id": run_id},
+        # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a killed
+        # actor restarts and its in-flight batch is retried (tests/test_score.py kills one).
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
-        max_restarts=-1, max_task_retries=-1,  # a killed actor restarts and its batch is retried
         **remote_env,
     )
 
@@ -286,7 +304,7 @@ def summary(result: RunResult) -> str:
             f"  precision {m['precision']:.4f}  f1 {m['f1']:.4f}  roc_auc {m['roc_auc']:.4f}",
         ]
     else:
-        lines.append("  labels            none known (no Parasitized/Uninfected folders): no confusion matrix")
+        lines.append("  labels            none among the images scored in this run: no confusion matrix")
     lines += [
         f"  predictions       {result.predictions_uri}",
         f"  metrics, slides   {storage.join(result.output, outputs.METRICS_FILE)}, "

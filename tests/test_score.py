@@ -1,0 +1,235 @@
+"""Bulk scoring end to end on real NIH cells: real Ray Data, real TensorFlow, real Parquet.
+
+One small randomly initialised 32 px model (``score_model``) keeps each run to seconds on 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from malaria_ray import cli, outputs, sources
+from malaria_ray.config import ScoreConfig
+from test_score_inputs import bad_inputs, make_mixed_input, raw_batch, real_pngs
+
+pytestmark = [pytest.mark.ray, pytest.mark.tf]
+
+
+def copy_cells(sample_dir: pathlib.Path, dest: pathlib.Path, n: int, start: int = 0) -> int:
+    for cls in ("Parasitized", "Uninfected"):
+        (dest / cls).mkdir(parents=True, exist_ok=True)
+        for p in sorted((sample_dir / cls).glob("*.png"))[start:start + n]:
+            shutil.copy(p, dest / cls / p.name)
+    return 2 * n
+
+
+def read_predictions(root: pathlib.Path):
+    import pandas as pd
+
+    return pd.read_parquet(root / "predictions")
+
+
+def run_cli(*args: str) -> int:
+    return cli.main(["score", *args])
+
+
+def test_scorer_direct_then_in_map_batches(ray_session, sample_dir, score_model):
+    from malaria_ray.score import Scorer, inspect_model, prepare_batch
+
+    info = inspect_model(str(score_model))
+    assert info["image_size"] == 32
+    rows = [sources._row(str(p), sources.STATUS_OK, data=p.read_bytes())
+            for p in real_pngs(sample_dir, "Parasitized", 3)]
+    rows.append(sources._row("/x/zero.png", sources.STATUS_OK, data=b""))
+    batch = prepare_batch(raw_batch(rows), 32, np.array([], dtype=object))
+    scorer = Scorer(str(score_model), info["model_id"], 0.5, "r1")
+    out = scorer(batch)
+    prob = out[outputs.COL_PROB]
+    assert np.all((prob[:3] >= 0) & (prob[:3] <= 1)) and np.isnan(prob[3])
+    assert out[outputs.COL_PRED][3] is None and out[outputs.COL_ERROR][3]
+    # The same callable inside Ray Data's actor pool gives the same probabilities.
+    ds = ray_session.data.from_items([{k: v[i] for k, v in batch.items()} for i in range(4)])
+    got = ds.map_batches(Scorer, batch_size=4, batch_format="numpy",
+                         compute=ray_session.data.ActorPoolStrategy(size=1),
+                         fn_constructor_kwargs={"model_uri": str(score_model), "model_id": info["model_id"],
+                                                "threshold": 0.5, "run_id": "r1"}).take_all()
+    got_prob = {r[outputs.COL_URI]: r[outputs.COL_PROB] for r in got}
+    for uri, p in zip(out[outputs.COL_URI][:3], prob[:3]):
+        assert abs(got_prob[uri] - p) < 1e-5
+
+
+def test_score_folder_outputs_and_incremental_rerun(ray_session, sample_dir, score_model, tmp_path, capsys):
+    import duckdb
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    n = copy_cells(sample_dir, data, 20)
+    bad = bad_inputs(sample_dir)
+    for name, (blob, _) in bad.items():
+        (data / "Uninfected" / name).write_bytes(blob)
+    (data / "Thumbs.db").write_bytes(b"\x00" * 32)
+    n_inputs = n + len(bad)
+    n_errors = sum(1 for _, ok in bad.values() if not ok)
+
+    assert run_cli("--input", str(data), "--model", str(score_model), "--output", str(out),
+                   "--batch-size", "16", "--skip-scored", "--run-id", "20250101T000000Z-first") == 0
+    text = capsys.readouterr().out
+    assert "committed" in text and "true Parasitized" in text and str(out) in text
+
+    df = read_predictions(out)
+    assert list(df.columns) == outputs.PREDICTIONS_SCHEMA.names
+    assert len(df) == n_inputs and df[outputs.COL_URI].is_unique
+    assert df[outputs.COL_ERROR].notna().sum() == n_errors
+    assert df.loc[df[outputs.COL_ERROR].isna(), outputs.COL_PROB].between(0, 1).all()
+    assert df.loc[df[outputs.COL_ERROR].notna(), outputs.COL_PROB].isna().all()
+    assert (df[outputs.COL_IMAGE_ID].str.len() == 64).all()
+    assert set(df[outputs.COL_LABEL]) == {"Parasitized", "Uninfected"}
+    assert df[outputs.COL_PATIENT].notna().sum() >= n  # NIH names carry the patient
+
+    con = duckdb.connect()
+    assert con.execute(f"select count(*) from read_parquet('{out}/predictions/*.parquet')").fetchall() == [(n_inputs,)]
+    m = con.execute(f"select tp+fp+fn+tn, n_images, n_errors, accuracy from read_parquet('{out}/metrics.parquet')").fetchall()
+    labelled = n_inputs - n_errors
+    assert m[0][:3] == (labelled, n_inputs, n_errors) and 0 <= m[0][3] <= 1
+    slides = pads.dataset(str(out / "slides.parquet")).to_table().to_pandas()
+    per_slide = slides[slides[outputs.COL_LEVEL] == "slide"]
+    assert per_slide[outputs.COL_N_CELLS].sum() == labelled
+    assert (per_slide[outputs.COL_N_LABEL_POS] + per_slide[outputs.COL_N_LABEL_NEG]).sum() == labelled
+    run_dir = out / "runs" / "20250101T000000Z-first"
+    for name in ("config.json", "manifest.json", "metrics.parquet", "plots/confusion_matrix.png"):
+        assert (run_dir / name).is_file(), name
+
+    # Nightly rerun of the unchanged archive: nothing new is scored.
+    assert run_cli("--input", str(data), "--model", str(score_model), "--output", str(out),
+                   "--skip-scored", "--run-id", "20250102T000000Z-second") == 0
+    assert f"already scored    {n_inputs:>10,}" in capsys.readouterr().out
+    assert len(read_predictions(out)) == n_inputs
+    # The archive grows: only the new images are scored.
+    grown = copy_cells(sample_dir, data, 5, start=20)
+    assert run_cli("--input", str(data), "--model", str(score_model), "--output", str(out),
+                   "--skip-scored", "--run-id", "20250103T000000Z-third") == 0
+    df = read_predictions(out)
+    assert len(df) == n_inputs + grown
+    assert (df[outputs.COL_RUN_ID] == "20250103T000000Z-third").sum() == grown
+    assert len(pads.dataset(str(out / "metrics.parquet")).to_table()) == 3
+    slides = pads.dataset(str(out / "slides.parquet")).to_table().to_pandas()
+    assert slides.loc[slides[outputs.COL_LEVEL] == "slide", outputs.COL_N_CELLS].sum() == labelled + grown
+
+
+def test_mixed_archives_one_row_per_image(ray_session, sample_dir, score_model, tmp_path, capsys):
+    data, out = tmp_path / "in", tmp_path / "out"
+    data.mkdir()
+    expected = make_mixed_input(sample_dir, data)
+    assert run_cli("--input", str(data), "--model", str(score_model), "--output", str(out),
+                   "--batch-size", "8") == 0
+    text = capsys.readouterr().out
+    df = read_predictions(out)
+    assert len(df) == expected["images"] and df[outputs.COL_URI].is_unique
+    assert df[outputs.COL_ERROR].notna().sum() == expected["errors"]
+    assert any("cell_images.zip#" in u for u in df[outputs.COL_URI])
+    assert any("shard-0.tar#" in u for u in df[outputs.COL_URI])
+    non_images = expected["non_image_loose"] + expected["non_image_members"]
+    assert f"non-images        {non_images:>10,}" in text
+    assert f"empty archives    {expected['empty']:>10,}" in text
+
+
+@pytest.fixture
+def lambda_model(tmp_path) -> pathlib.Path:
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Lambda(lambda t: t * 2.0)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    return path
+
+
+def test_exit_codes_and_one_line_reasons(ray_session, sample_dir, score_model, lambda_model, tmp_path, capsys):
+    data = tmp_path / "in"
+    copy_cells(sample_dir, data, 2)
+    (tmp_path / "only-junk").mkdir()
+    (tmp_path / "only-junk" / "Thumbs.db").write_bytes(b"x")
+    (tmp_path / "not-a-model.keras").write_text("hello")
+    (tmp_path / "a-file").write_text("x")
+    tarfile_empty = tmp_path / "empty-only"
+    tarfile_empty.mkdir()
+    import tarfile
+
+    tarfile.open(tarfile_empty / "e.tar", "w").close()
+    cases = {
+        "model": (str(data), str(tmp_path / "missing-model"), str(tmp_path / "o1")),
+        "not a loadable Keras model": (str(data), str(tmp_path / "not-a-model.keras"), str(tmp_path / "o2")),
+        "Lambda": (str(data), str(lambda_model), str(tmp_path / "o3")),
+        "does not exist": (str(tmp_path / "no-input"), str(score_model), str(tmp_path / "o4")),
+        "no images found": (str(tmp_path / "only-junk"), str(score_model), str(tmp_path / "o5")),
+        "not writable": (str(data), str(score_model), str(tmp_path / "a-file" / "out")),
+        "empty archives": (str(tarfile_empty), str(score_model), str(tmp_path / "o7")),
+    }
+    for needle, (inp, model, out) in cases.items():
+        assert run_cli("--input", inp, "--model", model, "--output", out) == 2, needle
+        # stderr also carries Ray worker log lines (log_to_driver); the reason is one line of its own.
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("malaria-ray: error:")]
+        assert len(err) == 1 and needle.lower() in err[0].lower(), (needle, err)
+        assert not (pathlib.Path(out) / "predictions").exists() or not list(
+            (pathlib.Path(out) / "predictions").glob("*.parquet")), needle
+
+
+def test_killed_scoring_worker_loses_and_duplicates_nothing(ray_session, sample_dir, score_model, tmp_path,
+                                                            monkeypatch):
+    from malaria_ray import score
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    n = copy_cells(sample_dir, data, 24)
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(score.FAIL_AT_ENV, "3")
+    monkeypatch.setenv(score.FAIL_MARKER_ENV, str(marker))
+    result = score.score_archive(ScoreConfig(input=str(data), model=str(score_model), output=str(out), batch_size=8))
+    assert marker.exists(), "the fault was not injected"
+    assert int(marker.read_text()) != os.getpid()
+    df = read_predictions(out)
+    assert len(df) == n == result.rows
+    assert df[outputs.COL_URI].is_unique and df[outputs.COL_ERROR].isna().all()
+
+
+def test_s3_input_and_output_through_a_real_s3_server(ray_session, moto_s3, sample_dir, score_model, tmp_path):
+    """moto's standalone server on 127.0.0.1: input read from s3://, outputs written to s3://."""
+    import boto3
+    import pandas as pd
+
+    from malaria_ray import storage
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="slides")
+    s3.create_bucket(Bucket="scores")
+    n = 0
+    for cls in ("Parasitized", "Uninfected"):
+        for p in real_pngs(sample_dir, cls, 8):
+            s3.upload_file(str(p), "slides", f"archive/2025 night/{cls}/{p.name}")
+            n += 1
+    s3.put_object(Bucket="slides", Key="archive/Thumbs.db", Body=b"x")
+    s3.upload_file(str(score_model / "model.keras"), "scores", "models/m1/model.keras")
+    args = ["--input", "s3://slides/archive/", "--model", "s3://scores/models/m1",
+            "--output", "s3://scores/nightly", "--batch-size", "8", "--skip-scored"]
+    assert run_cli(*args) == 0
+    fs, path = storage.filesystem("s3://scores/nightly/predictions")
+    df = pd.read_parquet(f"s3://{path}", storage_options=storage.s3_options())
+    assert len(df) == n and df[outputs.COL_URI].str.startswith("s3://slides/archive/2025 night/").all()
+    assert df[outputs.COL_ERROR].isna().all()
+    table = pads.dataset(f"{path}", filesystem=fs, format="parquet").to_table()
+    assert table.num_rows == n
+    assert fs.exists("scores/nightly/metrics.parquet") and fs.exists("scores/nightly/slides.parquet")
+    assert not fs.exists("scores/nightly/predictions/_staging") or not fs.ls("scores/nightly/predictions/_staging")
+    assert run_cli(*args) == 0  # nightly rerun: nothing new
+    fs.invalidate_cache()
+    assert pads.dataset(f"{path}", filesystem=fs, format="parquet").count_rows() == n
+    # A missing bucket is a one-line reason, not a traceback.
+    assert run_cli("--input", "s3://no-such-bucket/x/", "--model", str(score_model), "--output", str(tmp_path)) == 2
+    assert run_cli("--input", "s3://slides/archive/", "--model", str(score_model),
+                   "--output", "s3://no-such-bucket/out") == 2
+    assert "no-such-bucket" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
