@@ -212,3 +212,13 @@ def test_uncommitted_run_is_invisible_to_every_reader(tmp_path):
     assert pd.read_parquet(pred).dtypes[outputs.COL_PROB] == np.float32
     slides = outputs.rebuild_slides(root, "m").to_pylist()
     assert [(s["level"], s["n_cells"]) for s in slides] == [("patient", 5), ("slide", 5)]
+
+
+def test_driver_modules_import_without_ray_or_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys, malaria_ray.score, malaria_ray.outputs, malaria_ray.sources; "
+            "print(sorted(m for m in ('tensorflow', 'keras', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,144 @@
+"""Scoring throughput and memory: the Ray Data job vs the bare model, in one run.
+
+    flock /tmp/malaria-ray-ray.lock python bench/score_throughput.py --images 2000 --replicate 10
+
+Builds an archive of ``--images`` real NIH cells (shared/data/nih_malaria) and, with
+``--replicate R``, a second one of R x that many (the sample hard-linked under new names). For each
+archive it prints one JSON line: end-to-end images/s of ``score_archive`` (listing, read, decode,
+model actor pool, Parquet commit, roll-ups) and the bare model's images/s on pre-decoded arrays
+(same model file, same batch size, one process), their ratio, and peak RSS of the driver and of
+the Ray workers (sampled every 0.2 s). Each archive runs in its own subprocess so the driver's
+peak RSS is that run's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE = pathlib.Path(os.environ.get("MALARIA_SAMPLE_DIR", REPO.parent / "shared" / "data" / "nih_malaria"))
+
+
+def build_archive(dest: pathlib.Path, n: int) -> None:
+    cells = [p for cls in ("Parasitized", "Uninfected") for p in sorted((SAMPLE / cls).glob("*.png"))]
+    for i in range(n):
+        src = cells[i % len(cells)]
+        folder = dest / f"copy{i // len(cells):03d}" / src.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
+        os.link(src, folder / src.name)
+
+
+def bare_model_rate(model_dir: str, archive: pathlib.Path, batch_size: int, n: int) -> float:
+    from malaria_ray.model import load_model
+    from malaria_ray.preprocess import decode_image
+    import numpy as np
+
+    model, _ = load_model(model_dir)
+    size = int(model.input_shape[1])
+    files = sorted(archive.rglob("*.png"))[:n]
+    x = np.stack([decode_image(f.read_bytes(), size) for f in files])
+    model.predict_on_batch(x[:batch_size])  # build the graph outside the timed loop
+    start = time.perf_counter()
+    for a in range(0, len(x), batch_size):
+        model.predict_on_batch(x[a:a + batch_size])
+    return len(x) / (time.perf_counter() - start)
+
+
+class WorkerRss(threading.Thread):
+    """Peak RSS over Ray worker processes (``ray::`` command lines), sampled in the background."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self.stop = 0, threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop.wait(0.2):
+            for p in psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if cmd.startswith("ray::") and p.info["memory_info"]:
+                    self.peak = max(self.peak, p.info["memory_info"].rss)
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def one_run(args: argparse.Namespace) -> None:
+    import resource
+
+    import ray
+
+    from malaria_ray import score
+    from malaria_ray.config import ScoreConfig
+
+    archive, out = pathlib.Path(args.archive), pathlib.Path(args.out)
+    if args.bare:  # its own process: TensorFlow in the driver would inflate the job's driver RSS
+        print(json.dumps({"bare": bare_model_rate(args.model, archive, args.batch_size,
+                                                  min(args.baseline_images, args.n))}), flush=True)
+        return
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    watcher = WorkerRss()
+    watcher.start()
+    start = time.perf_counter()
+    result = score.score_archive(ScoreConfig(input=str(archive), model=args.model, output=str(out),
+                                             batch_size=args.batch_size, actors=1,
+                                             cpus_per_actor=args.cpus_per_actor))
+    wall = time.perf_counter() - start
+    watcher.stop.set()
+    ray.shutdown()
+    print(json.dumps({
+        "images": result.rows, "job_images_per_s": round(result.rows / wall, 1),
+        "job_stream_images_per_s": round(result.rows / result.seconds, 1),
+        "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "worker_peak_rss_mib": round(watcher.peak / 2**20), "wall_s": round(wall, 1),
+    }), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--replicate", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--baseline-images", type=int, default=2000)
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--archive", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        return one_run(args)
+    with tempfile.TemporaryDirectory(prefix="score-bench-") as tmp:
+        tmp = pathlib.Path(tmp)
+        model_dir = str(tmp / "model")
+        subprocess.run([sys.executable, "-c", "import sys; from malaria_ray.model import build_model, save_model; "
+                        f"save_model(build_model(image_size={args.image_size}, seed=0), {model_dir!r})"], check=True)
+        for n in dict.fromkeys((args.images, args.images * args.replicate)):
+            build_archive(tmp / f"archive-{n}", n)
+            common = [sys.executable, __file__, "--one", "--archive", str(tmp / f"archive-{n}"),
+                      "--model", model_dir, "--out", str(tmp / f"out-{n}"), "--n", str(n),
+                      "--batch-size", str(args.batch_size), "--baseline-images", str(args.baseline_images),
+                      "--cpus-per-actor", str(args.cpus_per_actor)]
+            bare = last_json(subprocess.run(common + ["--bare"], check=True, capture_output=True, text=True))["bare"]
+            job = last_json(subprocess.run(common, check=True, capture_output=True, text=True))
+            job.update(bare_model_images_per_s=round(bare, 1), ratio=round(job["job_images_per_s"] / bare, 3),
+                       ratio_stream=round(job["job_stream_images_per_s"] / bare, 3))
+            print(json.dumps(job), flush=True)
+
+
+if __name__ == "__main__":
+    main()
