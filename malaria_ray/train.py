@@ -167,6 +167,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             y = tf.one_hot(batch["label"], 2)
             ls, h = train_step(x, y)
             loss_sum, hits, seen = loss_sum + float(ls), hits + float(h), seen + cfg.batch_size
+            if (step + 1) % max(1, steps // 4) == 0 and step + 1 < steps:  # progress on long epochs
+                _log(rank, f"epoch {epoch} step {step + 1}/{steps}: loss {loss_sum / seen:.4f} "
+                           f"({seen / (time.perf_counter() - t0):.1f} images/s)")
         train_seconds = time.perf_counter() - t0
         v = np.zeros(3, np.float32)  # val loss sum, hits, count on this worker
         for batch in val_shard.iter_batches(batch_size=local_batch, batch_format="numpy"):
