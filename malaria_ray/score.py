@@ -33,9 +33,10 @@ FAIL_AT_ENV, FAIL_MARKER_ENV = "MALARIA_RAY_FAIL_AT_BATCH", "MALARIA_RAY_FAIL_MA
 STATUS_ALREADY = "already_scored"
 # Passed on to read tasks and model actors: workers of a Ray started before these were set (a
 # long-lived local Ray, a test session) would not see them, and the S3 endpoint is part of what
-# the input/output URIs mean. On a cluster they are usually equal on every node anyway.
+# the input/output URIs mean. Never credentials: Ray writes runtime envs into its logs and the
+# dashboard, so keys reach workers only through the nodes' own environment or instance roles.
 FORWARDED_ENV = (FAIL_AT_ENV, FAIL_MARKER_ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
-                 "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+                 "AWS_DEFAULT_REGION", "AWS_PROFILE")
 COL_PIXELS = "pixels"
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
 
@@ -140,21 +141,6 @@ def inspect_model(model_uri: str) -> dict:
     return {"image_size": int(model.input_shape[1]), "model_id": model_id}
 
 
-def check_output_root(uri: str) -> None:
-    """Raise StorageError unless ``uri`` can take outputs; never creates a missing bucket
-    (fsspec's makedirs would, and a nightly job must not invent buckets)."""
-    if uri.startswith(("s3://", "s3a://")):
-        fs, path = storage.filesystem(uri)
-        bucket = path.split("/", 1)[0]
-        try:
-            found = fs.exists(bucket)
-        except Exception as exc:  # denied, bad endpoint: the backend's type varies
-            raise storage.StorageError(f"output {uri}: cannot reach bucket {bucket}: {type(exc).__name__}: {exc}") from exc
-        if not found:
-            raise storage.StorageError(f"output {uri} is not writable: bucket {bucket} does not exist")
-    storage.check_writable(uri)
-
-
 @dataclass
 class RunResult:
     run_id: str
@@ -187,7 +173,7 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     listing = sources.list_units(cfg.input)
     if not listing.units:
         raise CorpusError(f"no images found in {cfg.input} ({len(listing.skipped)} non-image files skipped)")
-    check_output_root(cfg.output)
+    storage.check_writable(cfg.output)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     remote_env = {"runtime_env": {"env_vars": env}} if env else {}
     try:  # in a throwaway worker: the driver never imports TensorFlow

@@ -93,7 +93,19 @@ def upload_dir(local_dir: str, uri: str) -> None:
 
 
 def check_writable(uri: str) -> None:
-    """Fail early, with the reason, when ``uri`` cannot take outputs."""
+    """Fail early, with the reason, when ``uri`` cannot take outputs.
+
+    Never creates a missing bucket (fsspec's makedirs would): a job must not invent buckets.
+    """
+    if uri.startswith(("s3://", "s3a://")):
+        fs, path = filesystem(uri)
+        bucket = path.split("/", 1)[0]
+        try:
+            found = fs.exists(bucket)
+        except Exception as exc:  # denied, bad endpoint: the backend's type varies
+            raise StorageError(f"output {uri}: cannot reach bucket {bucket}: {type(exc).__name__}: {exc}") from exc
+        if not found:
+            raise StorageError(f"output {uri} is not writable: bucket {bucket} does not exist")
     probe = join(uri, ".malaria-ray-write-probe")
     try:
         write_bytes(probe, b"ok")

@@ -17,6 +17,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLE = REPO.parent / "shared" / "data" / "nih_malaria"
 
 
+def pytest_configure(config):
+    # Dummy credentials for the moto S3 server, set before the session's Ray starts so its workers
+    # inherit them as a cluster's workers inherit an instance role: scoring never forwards keys.
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(key, value)
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> pathlib.Path:
     path = pathlib.Path(os.environ.get("MALARIA_SAMPLE_DIR", DEFAULT_SAMPLE))
