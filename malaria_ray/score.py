@@ -31,12 +31,6 @@ from malaria_ray.corpus import CorpusError, label_of, parse_identity
 
 FAIL_AT_ENV, FAIL_MARKER_ENV = "MALARIA_RAY_FAIL_AT_BATCH", "MALARIA_RAY_FAIL_MARKER"
 STATUS_ALREADY = "already_scored"
-# Passed on to read tasks and model actors: workers of a Ray started before these were set (a
-# long-lived local Ray, a test session) would not see them, and the S3 endpoint is part of what
-# the input/output URIs mean. Never credentials: Ray writes runtime envs into its logs and the
-# dashboard, so keys reach workers only through the nodes' own environment or instance roles.
-FORWARDED_ENV = (FAIL_AT_ENV, FAIL_MARKER_ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
-                 "AWS_DEFAULT_REGION", "AWS_PROFILE")
 COL_PIXELS = "pixels"
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
 
@@ -174,7 +168,7 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     if not listing.units:
         raise CorpusError(f"no images found in {cfg.input} ({len(listing.skipped)} non-image files skipped)")
     storage.check_writable(cfg.output)
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = storage.worker_env((FAIL_AT_ENV, FAIL_MARKER_ENV))
     remote_env = {"runtime_env": {"env_vars": env}} if env else {}
     try:  # in a throwaway worker: the driver never imports TensorFlow
         info = ray.get(ray.remote(max_calls=1)(inspect_model).options(**remote_env).remote(cfg.model))

@@ -27,6 +27,18 @@ def s3_options() -> dict[str, Any]:
     return opts
 
 
+# Settings a Ray worker needs to read the same URIs as the driver; passed through runtime_env
+# because workers of a Ray started earlier (a long-lived local Ray, a test session) never saw them.
+# Never credentials: Ray writes runtime envs into its logs and the dashboard, so keys reach
+# workers only through the nodes' own environment or instance roles.
+WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+
+
+def worker_env(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """The part of this process's environment that Ray tasks and actors must share."""
+    return {k: os.environ[k] for k in (*WORKER_ENV, *extra) if k in os.environ}
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 

@@ -73,7 +73,7 @@ def prepare_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainCo
     decoded = (
         ray.data.from_items(items, override_num_blocks=blocks)
         .map_batches(decode_batch, fn_kwargs={"image_size": cfg.image_size}, batch_size=DECODE_BATCH,
-                     batch_format="numpy")
+                     batch_format="numpy", runtime_env={"env_vars": storage.worker_env()})
         .materialize()
     )
     unreadable = (

@@ -101,3 +101,9 @@ def test_subsample_is_balanced_and_stable(sample_dir):
     a = corpus.stable_subsample(listing, 101, seed=3)
     assert len(a) == 101 and a.uris == corpus.stable_subsample(listing, 101, seed=3).uris
     assert a.labels.count("Parasitized") == 51
+
+
+def test_file_uri_lists_the_same_corpus(sample_dir):
+    plain = corpus.list_corpus(str(sample_dir))
+    via_uri = corpus.list_corpus("file://" + str(sample_dir))
+    assert via_uri.uris == plain.uris and len(via_uri) == 6000
