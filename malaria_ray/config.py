@@ -22,8 +22,20 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message is shown to the user as is."""
 
 
+class _Serialized:
+    """Round trip through plain dicts (into Ray workers) and JSON (``config.json``)."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Serialized):
     data: str
     output: str
     image_size: int = 128
@@ -47,14 +59,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate_train(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
 def validate_train(cfg: TrainConfig) -> None:
@@ -91,7 +95,7 @@ SMOKE_TRAIN: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
-class ScoreConfig:
+class ScoreConfig(_Serialized):
     input: str
     model: str
     output: str
@@ -115,11 +119,3 @@ class ScoreConfig:
             raise ConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"--threshold must be in [0, 1], got {self.threshold}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ScoreConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
