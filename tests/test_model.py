@@ -63,3 +63,19 @@ def test_not_a_model_is_refused(tmp_path):
         model_mod.load_model(str(tmp_path))
     with pytest.raises(model_mod.ModelError, match="does not exist"):
         model_mod.load_model(str(tmp_path / "missing"))
+
+
+def test_imagenet_weights_come_from_the_keras_cache(tmp_path, monkeypatch):
+    """The cache holds Keras's legacy-HDF5 notop file; written here in that format from a random base."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    (tmp_path / "models").mkdir()
+    src = model_mod.build_model(32, seed=5).get_layer("resnet50v2")
+    with h5py.File(tmp_path / "models" / model_mod.IMAGENET_FILE, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, src)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(model_mod, "IMAGENET_URL", "http://127.0.0.1:9/unreachable")  # the cache must suffice
+    got = model_mod.build_model(32, weights="imagenet", seed=1).get_layer("resnet50v2")
+    for a, b in zip(src.get_weights(), got.get_weights()):
+        np.testing.assert_array_equal(a, b)
