@@ -120,15 +120,17 @@ def contract(model) -> dict:
 
 
 def save_model(model, uri: str, h5: bool = False) -> str:
-    """Write ``model.keras`` (+ ``model.json`` contract, optional ``model.h5``) under ``uri``."""
+    """Write ``model.keras`` (+ ``model.json`` contract, optional ``model.h5``) under ``uri``;
+    returns the ``model_id`` (content hash of ``model.keras`` as written)."""
     with tempfile.TemporaryDirectory(prefix="malaria-ray-model-") as tmp:
         model.save(os.path.join(tmp, MODEL_FILE))
+        model_id = file_id(os.path.join(tmp, MODEL_FILE))
         with open(os.path.join(tmp, CONTRACT_FILE), "w") as f:
-            json.dump({**contract(model), "model_id": file_id(os.path.join(tmp, MODEL_FILE))}, f, indent=2)
+            json.dump({**contract(model), "model_id": model_id}, f, indent=2)
         if h5:
             model.save(os.path.join(tmp, "model.h5"))
         storage.upload_dir(tmp, uri)
-    return storage.join(uri, MODEL_FILE)
+    return model_id
 
 
 def load_model(uri: str):

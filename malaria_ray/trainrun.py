@@ -11,7 +11,6 @@ import datetime as dt
 import io
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -74,12 +73,7 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
     with best_ckpt.as_directory() as d:
         best, _ = model_mod.load_model(os.path.join(d, "model.keras"))
         best_state = json.load(open(os.path.join(d, "state.json")))
-    model_mod.save_model(best, out, h5=cfg.export_h5)
-    with tempfile.TemporaryDirectory() as tmp:  # model_id is the hash of the artifact as written
-        local = os.path.join(tmp, "model.keras")
-        with open(local, "wb") as f:
-            f.write(storage.read_bytes(storage.join(out, "model.keras")))
-        model_id = model_mod.file_id(local)
+    model_id = model_mod.save_model(best, out, h5=cfg.export_h5)
 
     uris, ids, labels, probs = predict_dataset(best, val_ds)
     val_uris = set(np.asarray(listing.uris)[val_mask].tolist())

@@ -20,9 +20,9 @@ def test_parameter_count_matches_notebook():
 
 def test_save_load_keeps_contract_and_outputs(tmp_path):
     m = model_mod.build_model(32, seed=0)
-    uri = model_mod.save_model(m, str(tmp_path / "run"), h5=True)
+    saved_id = model_mod.save_model(m, str(tmp_path / "run"), h5=True)
     loaded, model_id = model_mod.load_model(str(tmp_path / "run"))
-    assert uri.endswith("model.keras") and (tmp_path / "run" / "model.h5").exists()
+    assert saved_id == model_id and (tmp_path / "run" / "model.h5").exists()
     x = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3)).astype(np.float32)
     assert np.allclose(m.predict_on_batch(x), loaded.predict_on_batch(x), atol=1e-5)
     assert loaded.get_layer("rescale").scale == pytest.approx(1 / 255)  # scaling travels with the model
