@@ -8,25 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import io
 import json
 import os
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from malaria_ray import corpus, metrics, outputs, report, storage
 from malaria_ray.config import CLASS_NAMES, TrainConfig
+from malaria_ray.train import HISTORY_COLUMNS
 
 THRESHOLD = 0.5  # argmax of a 2-way softmax, as the notebook
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
 
 
 def predict_dataset(model, ds, batch_size: int = 64) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
@@ -93,19 +86,19 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
         corpus.COL_SPLIT: ["val" if v else "train" for v in val_mask],
         "readable": [u not in bad for u in listing.uris],
     })
-    hist_tbl = pa.Table.from_pylist(history)
+    hist_tbl = pa.Table.from_pylist(history).select(list(HISTORY_COLUMNS))
     cm = metrics.confusion_matrix(y, probs, THRESHOLD)
     title = f"Validation ({cfg.split} split, best epoch {best_state['epoch']})" + (" - SYNTHETIC data" if cfg.synthetic else "")
     resolved = {**dataclasses.asdict(cfg), **extra, "model_id": model_id, "best_epoch": best_state["epoch"]}
 
     storage.write_text(storage.join(out, "config.json"), json.dumps(resolved, indent=2, sort_keys=True))
-    storage.write_bytes(storage.join(out, "split.parquet"), _parquet_bytes(split_tbl))
-    storage.write_bytes(storage.join(out, "predictions.parquet"), _parquet_bytes(preds))
-    storage.write_bytes(storage.join(out, "metrics.parquet"), _parquet_bytes(pa.Table.from_pylist([metrics_row])))
+    storage.write_bytes(storage.join(out, "split.parquet"), outputs.table_bytes(split_tbl))
+    storage.write_bytes(storage.join(out, "predictions.parquet"), outputs.table_bytes(preds))
+    storage.write_bytes(storage.join(out, "metrics.parquet"), outputs.table_bytes(pa.Table.from_pylist([metrics_row])))
     storage.write_bytes(storage.join(out, "plots", "curves.png"), report.curves_png(
         {k: [h[k] for h in history] for k in ("loss", "val_loss", "accuracy", "val_accuracy")}))
     storage.write_bytes(storage.join(out, "plots", "confusion_matrix.png"), report.confusion_png(cm, title))
-    storage.write_bytes(storage.join(out, "history.parquet"), _parquet_bytes(hist_tbl))  # last: marks finished
+    storage.write_bytes(storage.join(out, "history.parquet"), outputs.table_bytes(hist_tbl))  # last: marks finished
     return {"output": out, "model_id": model_id, "best_epoch": best_state["epoch"], "epochs": len(history),
             "n_val": len(uris), "n_unreadable": len(unreadable), "synthetic": cfg.synthetic,
             "split": cfg.split, **{k: metrics_row[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")},
