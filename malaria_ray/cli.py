@@ -58,6 +58,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _flag(p, T, "max_failures", "worker failures to recover from (resume from the last checkpoint)", type=int)
     _switch(p, "overwrite", "replace a finished run in --output")
     _switch(p, "export_h5", "also write model.h5 (legacy format, as the notebook)")
+    _flag(p, T, "bn_recal_batches", "clean training batches per epoch on which BatchNorm statistics are "
+          "re-estimated before validation and the checkpoint (0: off)", type=int)
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="train without the notebook's augmentation")
     p.add_argument("--smoke", action="store_true", help=f"tiny preset for a quick check: {SMOKE_TRAIN}")

@@ -54,6 +54,7 @@ class TrainConfig(_Serialized):
     overwrite: bool = False
     export_h5: bool = False
     augment: bool = True
+    bn_recal_batches: int = 50  # per epoch: BatchNorm statistics re-estimated on this many clean batches
     synthetic: bool = False  # set when the corpus came from `malaria-ray synth`
     fail_at_epoch: int | None = None  # fault injection for tests: a worker dies once at this epoch
 
@@ -81,6 +82,8 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.bn_recal_batches < 0:
+        raise ConfigError(f"--bn-recal-batches must be >= 0, got {cfg.bn_recal_batches}")
     if cfg.max_images is not None and cfg.max_images < 4:
         raise ConfigError(f"--max-images must be >= 4, got {cfg.max_images}")
 
