@@ -36,7 +36,14 @@ def build_archive(dest: pathlib.Path, n: int) -> None:
         os.link(src, folder / src.name)
 
 
-def bare_model_rate(model_dir: str, archive: pathlib.Path, batch_size: int, n: int) -> float:
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def bare_model_rate(model_dir: str, archive: pathlib.Path, batch_size: int, n: int) -> dict:
+    """The baseline (images/s of the bare model on pre-decoded arrays) and the CPU costs that
+    bound any pipeline on a CPU-only machine: decoding is work the baseline never does."""
     from malaria_ray.model import load_model
     from malaria_ray.preprocess import decode_image
     import numpy as np
@@ -44,29 +51,46 @@ def bare_model_rate(model_dir: str, archive: pathlib.Path, batch_size: int, n: i
     model, _ = load_model(model_dir)
     size = int(model.input_shape[1])
     files = sorted(archive.rglob("*.png"))[:n]
-    x = np.stack([decode_image(f.read_bytes(), size) for f in files])
+    data = [f.read_bytes() for f in files]
+    c0 = _cpu_seconds()
+    x = np.stack([decode_image(b, size) for b in data])
+    decode_cpu = (_cpu_seconds() - c0) / len(x)
     model.predict_on_batch(x[:batch_size])  # build the graph outside the timed loop
-    start = time.perf_counter()
+    start, c0 = time.perf_counter(), _cpu_seconds()
     for a in range(0, len(x), batch_size):
         model.predict_on_batch(x[a:a + batch_size])
-    return len(x) / (time.perf_counter() - start)
+    wall, model_cpu = time.perf_counter() - start, (_cpu_seconds() - c0) / len(x)
+    return {"bare": len(x) / wall, "decode_cpu_ms": 1000 * decode_cpu, "model_cpu_ms": 1000 * model_cpu,
+            # Every core busy either way: the pipeline can reach at most model / (model + decode).
+            "cpu_bound_ceiling": model_cpu / (model_cpu + decode_cpu)}
 
 
 class WorkerRss(threading.Thread):
-    """Peak RSS over Ray worker processes (``ray::`` command lines), sampled in the background."""
+    """Peak memory over Ray worker processes (``ray::`` command lines), sampled in the background.
+
+    RSS counts the pages of Ray's shared-memory object store a worker has touched, so it grows
+    with the amount of data that streamed through it even when the worker holds nothing; USS
+    (memory unique to the process: its heap, TensorFlow's allocator, Python objects) is the
+    number that shows whether a worker's own memory grows with the archive.
+    """
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.peak, self.stop = 0, threading.Event()
+        self.peak_rss = self.peak_uss = 0
+        self.stop = threading.Event()
 
     def run(self) -> None:
         import psutil
 
-        while not self.stop.wait(0.2):
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if cmd.startswith("ray::") and p.info["memory_info"]:
-                    self.peak = max(self.peak, p.info["memory_info"].rss)
+        while not self.stop.wait(0.5):
+            for p in psutil.process_iter(["cmdline"]):
+                if not " ".join(p.info["cmdline"] or []).startswith("ray::"):
+                    continue
+                try:
+                    mem = p.memory_full_info()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                self.peak_rss, self.peak_uss = max(self.peak_rss, mem.rss), max(self.peak_uss, mem.uss)
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
@@ -83,8 +107,8 @@ def one_run(args: argparse.Namespace) -> None:
 
     archive, out = pathlib.Path(args.archive), pathlib.Path(args.out)
     if args.bare:  # its own process: TensorFlow in the driver would inflate the job's driver RSS
-        print(json.dumps({"bare": bare_model_rate(args.model, archive, args.batch_size,
-                                                  min(args.baseline_images, args.n))}), flush=True)
+        print(json.dumps(bare_model_rate(args.model, archive, args.batch_size, min(args.baseline_images, args.n))),
+              flush=True)
         return
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -101,7 +125,8 @@ def one_run(args: argparse.Namespace) -> None:
         "images": result.rows, "job_images_per_s": round(result.rows / wall, 1),
         "job_stream_images_per_s": round(result.rows / result.seconds, 1),
         "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "worker_peak_rss_mib": round(watcher.peak / 2**20), "wall_s": round(wall, 1),
+        "worker_peak_rss_mib": round(watcher.peak_rss / 2**20), "worker_peak_uss_mib": round(watcher.peak_uss / 2**20),
+        "wall_s": round(wall, 1),
     }), flush=True)
 
 
@@ -109,7 +134,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--replicate", type=int, default=10)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=128, help="model input size (default: 128, the product default)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--baseline-images", type=int, default=2000)
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
@@ -133,10 +158,15 @@ def main() -> None:
                       "--model", model_dir, "--out", str(tmp / f"out-{n}"), "--n", str(n),
                       "--batch-size", str(args.batch_size), "--baseline-images", str(args.baseline_images),
                       "--cpus-per-actor", str(args.cpus_per_actor)]
-            bare = last_json(subprocess.run(common + ["--bare"], check=True, capture_output=True, text=True))["bare"]
+            base = last_json(subprocess.run(common + ["--bare"], check=True, capture_output=True, text=True))
             job = last_json(subprocess.run(common, check=True, capture_output=True, text=True))
-            job.update(bare_model_images_per_s=round(bare, 1), ratio=round(job["job_images_per_s"] / bare, 3),
-                       ratio_stream=round(job["job_stream_images_per_s"] / bare, 3))
+            bare = base["bare"]
+            job.update(image_size=args.image_size, bare_model_images_per_s=round(bare, 1),
+                       ratio=round(job["job_images_per_s"] / bare, 3),
+                       ratio_stream=round(job["job_stream_images_per_s"] / bare, 3),
+                       decode_cpu_ms_per_image=round(base["decode_cpu_ms"], 2),
+                       model_cpu_ms_per_image=round(base["model_cpu_ms"], 2),
+                       cpu_bound_ceiling=round(base["cpu_bound_ceiling"], 3))
             print(json.dumps(job), flush=True)
 
 

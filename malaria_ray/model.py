@@ -133,6 +133,62 @@ def save_model(model, uri: str, h5: bool = False) -> str:
     return model_id
 
 
+def artifact_uri(uri: str) -> str:
+    """``uri`` itself for a ``.keras``/``.h5`` file, else ``model.keras`` inside that run directory."""
+    return uri if uri.endswith((".keras", ".h5")) else storage.join(uri, MODEL_FILE)
+
+
+def inspect_artifact(uri: str) -> dict:
+    """``{"image_size", "model_id"}`` of a ``.keras`` artifact, read without TensorFlow.
+
+    The scoring driver uses this so that it never imports TensorFlow and a bad model fails in a
+    second, before any worker starts: the file is hashed as a stream (its ``model_id``) and only the
+    zip's ``config.json`` is parsed (its input shape is the image size). A Lambda layer anywhere in
+    the config is refused here with the reason ``safe_mode`` would give. Loading proper, with
+    ``safe_mode=True``, still happens in every scoring actor (``load_model``). Raises ModelError;
+    returns None for a legacy ``.h5`` file, which only Keras can read.
+    """
+    import zipfile
+
+    uri = artifact_uri(uri)
+    if uri.endswith(".h5"):
+        return None
+    fs, path = storage.filesystem(uri)
+    try:
+        if not fs.isfile(path):
+            raise ModelError(f"model {uri} does not exist")
+        h = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            f.seek(0)
+            with zipfile.ZipFile(f) as zf:
+                config = json.loads(zf.read("config.json"))
+    except ModelError:
+        raise
+    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+        raise ModelError(f"{uri} is not a loadable Keras model: {type(exc).__name__}: {exc}") from exc
+    except OSError as exc:
+        raise ModelError(f"cannot read model {uri}: {type(exc).__name__}: {exc}") from exc
+    if _find_class(config, "Lambda"):
+        raise ModelError(f"{uri} is not a loadable Keras model: it contains a Lambda layer (arbitrary Python "
+                         "code), which safe_mode refuses to load")
+    shapes = [layer.get("config", {}).get("batch_shape") for layer in config.get("config", {}).get("layers", [])
+              if layer.get("class_name") == "InputLayer"]
+    shape = shapes[0] if len(shapes) == 1 else None
+    if not shape or len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+        raise ModelError(f"{uri} is not a malaria-ray classifier (inputs {shapes})")
+    return {"image_size": int(shape[1]), "model_id": h.hexdigest()[:16]}
+
+
+def _find_class(node, name: str) -> bool:
+    if isinstance(node, dict):
+        return node.get("class_name") == name or any(_find_class(v, name) for v in node.values())
+    if isinstance(node, list):
+        return any(_find_class(v, name) for v in node)
+    return False
+
+
 def load_model(uri: str):
     """(keras.Model, model_id) from a ``.keras`` file or a run directory holding ``model.keras``.
 
@@ -140,8 +196,7 @@ def load_model(uri: str):
     """
     import keras
 
-    if not uri.endswith((".keras", ".h5")):
-        uri = storage.join(uri, MODEL_FILE)
+    uri = artifact_uri(uri)
     path = _fetch(uri) if storage.is_remote(uri) else (uri[7:] if uri.startswith("file://") else uri)
     if not os.path.exists(path):
         raise ModelError(f"model {uri} does not exist")

@@ -2,8 +2,8 @@
 
 ``score_archive(cfg)`` runs one scoring run and commits it under ``cfg.output`` (layout and commit
 protocol in ``malaria_ray.outputs``); ``main(cfg)`` adds the one-screen summary and the exit code.
-The image size comes from the model artifact (inspected in a Ray task, so the driver never imports
-TensorFlow); ``Scorer`` loads the model once per actor and feeds it raw 0..255 pixels, because the
+The image size comes from the model artifact (its zip config, read without TensorFlow, so the
+driver never imports it); ``Scorer`` loads the model once per actor and feeds it raw 0..255 pixels, because the
 model's first layer rescales.
 
 Fault injection for tests: with ``MALARIA_RAY_FAIL_AT_BATCH=N`` and ``MALARIA_RAY_FAIL_MARKER=path``
@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from malaria_ray import outputs, sources, storage
+from malaria_ray import outputs, resources, sources, storage
 from malaria_ray.config import CLASS_NAMES, POSITIVE_CLASS, ScoreConfig
 from malaria_ray.corpus import CorpusError, label_of, parse_identity
+from malaria_ray.model import ModelError, inspect_artifact
 
 FAIL_AT_ENV, FAIL_MARKER_ENV = "MALARIA_RAY_FAIL_AT_BATCH", "MALARIA_RAY_FAIL_MARKER"
 STATUS_ALREADY = "already_scored"
+STATUS_MODEL_ERROR = "model_error"  # a Scorer whose model did not load: the run stops
 COL_PIXELS = "pixels"
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
 
@@ -92,19 +94,31 @@ class Scorer:
         # Without memory growth TF grabs the whole GPU and a second actor on it cannot start.
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
-        from malaria_ray.model import ModelError, load_model
+        from malaria_ray.model import load_model
 
-        self.model, loaded_id = load_model(model_uri)
-        if loaded_id != model_id:
-            raise ModelError(f"model {model_uri} changed during the run ({model_id} -> {loaded_id})")
+        # A model that fails to load is reported in every row this actor returns, not raised: an
+        # exception from an actor reaches the driver wrapped in Ray's worker header, and a failed
+        # map task leaves the actor pool's CPUs held until Python collects Ray's exception. The
+        # driver stops the run at the first such row with the one-line reason.
+        self.error: ModelError | None = None
+        try:
+            self.model, loaded_id = load_model(model_uri)
+            if loaded_id != model_id:
+                raise ModelError(f"model {model_uri} changed during the run ({model_id} -> {loaded_id})")
+        except ModelError as exc:
+            self.error = exc
         self.model_id, self.threshold, self.run_id = model_id, float(threshold), run_id
         self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.calls += 1
-        _maybe_die(self.calls)
         status = np.asarray(batch[sources.COL_STATUS], dtype=object)
         n = len(status)
+        if self.error is not None:
+            status = np.full(n, STATUS_MODEL_ERROR, dtype=object)
+            batch = {**batch, sources.COL_STATUS: status, outputs.COL_ERROR: np.full(n, str(self.error), dtype=object)}
+        else:
+            self.calls += 1
+            _maybe_die(self.calls)
         ok = status == sources.STATUS_OK
         prob = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
@@ -157,8 +171,6 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
 
     Raises CorpusError (input missing/unreadable/no images), ModelError, StorageError.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
     import ray
 
     run_id = cfg.run_id or new_run_id()
@@ -170,13 +182,25 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     storage.check_writable(cfg.output)
     env = storage.worker_env((FAIL_AT_ENV, FAIL_MARKER_ENV))
     remote_env = {"runtime_env": {"env_vars": env}} if env else {}
-    try:  # in a throwaway worker: the driver never imports TensorFlow
-        info = ray.get(ray.remote(max_calls=1)(inspect_model).options(**remote_env).remote(cfg.model))
-    except ray.exceptions.RayTaskError as exc:
-        raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
+    info = inspect_artifact(cfg.model)  # no TensorFlow in the driver: zip config + a streamed hash
+    if info is None:  # a legacy .h5 only Keras can read: inspect it in a throwaway worker
+        try:
+            info = ray.get(ray.remote(max_calls=1)(inspect_model).options(**remote_env).remote(cfg.model))
+        except ray.exceptions.RayTaskError as exc:
+            raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
     model_id, size = info["model_id"], info["image_size"]
     skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else np.array([], dtype=object)
 
+    return _run(cfg, run_id, listing, model_id, size, skip_ids, remote_env)
+
+
+def _run(cfg: ScoreConfig, run_id: str, listing: sources.Listing, model_id: str, size: int,
+         skip_ids: np.ndarray, remote_env: dict) -> RunResult:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    cpus_per_actor = _cpus_per_actor(cfg, ray.cluster_resources().get("CPU", 1.0))
     # ~256 loose images per read task; an archive per task where there are few units.
     blocks = min(len(listing.units), max(4, len(listing.units) // 256))
     ds = ray.data.from_items(listing.units, override_num_blocks=blocks)
@@ -189,7 +213,7 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
         fn_constructor_kwargs={"model_uri": cfg.model, "model_id": model_id, "threshold": cfg.threshold, "run_id": run_id},
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a killed
         # actor restarts and its in-flight batch is retried (tests/test_score.py kills one).
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
+        num_cpus=cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
         **remote_env,
     )
 
@@ -199,9 +223,14 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     examples: list[str] = []
     writer = outputs.PredictionWriter(cfg.output, run_id)
     started = time.perf_counter()
+    failure: str | None = None
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             status = batch.column(sources.COL_STATUS)
+            failed = batch.filter(pc.equal(status, STATUS_MODEL_ERROR))
+            if failed.num_rows:  # the model did not load: stop here (``break`` shuts the executor down)
+                failure = failed.column(outputs.COL_ERROR)[0].as_py()
+                break
             for name, n in zip(*np.unique(status.to_numpy(zero_copy_only=False).astype(str), return_counts=True)):
                 key = {sources.STATUS_OK: "scored", sources.STATUS_ERROR: "errors"}.get(name, name)
                 counts[key] = counts.get(key, 0) + int(n)
@@ -217,10 +246,14 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
                 examples += [f"{u}: {e}" for u, e in zip(errs.column(outputs.COL_URI).to_pylist()[:3],
                                                         errs.column(outputs.COL_ERROR).to_pylist()[:3])]
             writer.write(rows)
-        writer.close()
+        if failure is None:
+            writer.close()
     except BaseException:
         writer.abort()
         raise
+    if failure is not None:
+        writer.abort()
+        raise ModelError(failure)
     seconds = time.perf_counter() - started
     if writer.rows == 0 and counts[STATUS_ALREADY] == 0:
         writer.abort()
@@ -234,6 +267,13 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     outputs.rebuild_metrics(cfg.output)
     outputs.rebuild_slides(cfg.output, model_id)
     return result
+
+
+def _cpus_per_actor(cfg: ScoreConfig, cluster_cpus: float) -> float:
+    """Leave a CPU for the read and decode tasks (see ``malaria_ray.resources``)."""
+    if cfg.gpus_per_actor:
+        return cfg.cpus_per_actor
+    return resources.leave_a_cpu(cfg.actors, cfg.cpus_per_actor, cluster_cpus, "actors", "score")
 
 
 def _write_run_files(cfg: ScoreConfig, result: RunResult, listing: sources.Listing, size: int) -> None:

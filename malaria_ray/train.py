@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from malaria_ray import corpus, storage
+from malaria_ray import corpus, resources, storage
 from malaria_ray.config import CLASS_NAMES, TrainConfig
 
 # Columns of history.parquet.
@@ -376,13 +376,9 @@ def _prepare_output(cfg: TrainConfig) -> None:
 
 def _cpus_per_worker(cfg: TrainConfig, cluster_cpus: float) -> float:
     """Leave a CPU for Ray Data: N workers x 1 CPU on an N-CPU node starves dataset iteration."""
-    if cfg.use_gpu or cfg.num_workers * cfg.cpus_per_worker <= cluster_cpus - 1:
+    if cfg.use_gpu:
         return cfg.cpus_per_worker
-    fitted = max(0.1, (cluster_cpus - 1) / cfg.num_workers) if cluster_cpus > 1 else 0.5 / cfg.num_workers
-    fitted = round(min(cfg.cpus_per_worker, fitted), 2)
-    print(f"[train] {cfg.num_workers} workers x {cfg.cpus_per_worker} CPU would leave no CPU for Ray Data on "
-          f"{cluster_cpus:g} CPUs: reserving {fitted} CPU per worker instead", flush=True)
-    return fitted
+    return resources.leave_a_cpu(cfg.num_workers, cfg.cpus_per_worker, cluster_cpus, "workers", "train")
 
 
 def _ray_storage_path(output: str) -> str:

@@ -31,6 +31,34 @@ def test_save_load_keeps_contract_and_outputs(tmp_path):
     assert model_id == model_mod.load_model(str(tmp_path / "run" / "model.keras"))[1]
 
 
+def test_inspect_artifact_reads_size_and_id_without_tensorflow(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    import keras
+
+    model_id = model_mod.save_model(model_mod.build_model(32, seed=0), str(tmp_path / "run"))
+    code = ("import json, sys; from malaria_ray.model import inspect_artifact; "
+            f"print(json.dumps(inspect_artifact({str(tmp_path / 'run')!r}))); assert 'tensorflow' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == '{"image_size": 32, "model_id": "%s"}' % model_id
+
+    inputs = keras.Input((32, 32, 3))
+    nested = keras.Sequential([keras.layers.Lambda(lambda t: t * 2.0), keras.layers.GlobalAveragePooling2D()])
+    keras.Model(inputs, keras.layers.Dense(2)(nested(inputs))).save(tmp_path / "lambda.keras")
+    (tmp_path / "text.keras").write_text("hello")
+    with zipfile.ZipFile(tmp_path / "noconfig.keras", "w") as zf:
+        zf.writestr("metadata.json", "{}")
+    keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)]).save(tmp_path / "dense.keras")
+    for name, needle in [("lambda.keras", "Lambda layer"), ("text.keras", "not a loadable Keras model"),
+                         ("noconfig.keras", "not a loadable Keras model"), ("missing.keras", "does not exist"),
+                         ("dense.keras", "not a malaria-ray classifier")]:
+        with pytest.raises(model_mod.ModelError, match=needle):
+            model_mod.inspect_artifact(str(tmp_path / name))
+    assert model_mod.inspect_artifact(str(tmp_path / "legacy.h5")) is None  # only Keras reads .h5
+
+
 def test_weights_downloaded_from_local_http_server(tmp_path):
     src = model_mod.build_model(32, seed=1).get_layer("resnet50v2")
     src.save_weights(str(tmp_path / "notop.weights.h5"))

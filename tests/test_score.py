@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import time
+import zipfile
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -108,10 +110,12 @@ def test_score_folder_outputs_and_incremental_rerun(ray_session, sample_dir, sco
                    "--skip-scored", "--run-id", "20250102T000000Z-second") == 0
     assert f"already scored    {n_inputs:>10,}" in capsys.readouterr().out
     assert len(read_predictions(out)) == n_inputs
-    # The archive grows: only the new images are scored.
+    # The archive grows: only the new images are scored. An actor asking for every CPU of the
+    # 2-CPU test cluster would starve the read tasks and hang; it is given less, and says so.
     grown = copy_cells(sample_dir, data, 5, start=20)
     assert run_cli("--input", str(data), "--model", str(score_model), "--output", str(out),
-                   "--skip-scored", "--run-id", "20250103T000000Z-third") == 0
+                   "--skip-scored", "--run-id", "20250103T000000Z-third", "--cpus-per-actor", "2") == 0
+    assert "reserving 1 CPU per actor instead" in capsys.readouterr().out
     df = read_predictions(out)
     assert len(df) == n_inputs + grown
     assert (df[outputs.COL_RUN_ID] == "20250103T000000Z-third").sum() == grown
@@ -162,7 +166,12 @@ def test_exit_codes_and_one_line_reasons(ray_session, sample_dir, score_model, l
     import tarfile
 
     tarfile.open(tarfile_empty / "e.tar", "w").close()
+    corrupt = tmp_path / "corrupt.keras"  # a valid zip and config, weights that are not HDF5
+    with zipfile.ZipFile(score_model / "model.keras") as src, zipfile.ZipFile(corrupt, "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item, b"not hdf5" if item.filename.endswith(".h5") else src.read(item))
     cases = {
+        "corrupt.keras is not a loadable Keras model": (str(data), str(corrupt), str(tmp_path / "o0")),
         "model": (str(data), str(tmp_path / "missing-model"), str(tmp_path / "o1")),
         "not a loadable Keras model": (str(data), str(tmp_path / "not-a-model.keras"), str(tmp_path / "o2")),
         "Lambda": (str(data), str(lambda_model), str(tmp_path / "o3")),
@@ -178,6 +187,11 @@ def test_exit_codes_and_one_line_reasons(ray_session, sample_dir, score_model, l
         assert len(err) == 1 and needle.lower() in err[0].lower(), (needle, err)
         assert not (pathlib.Path(out) / "predictions").exists() or not list(
             (pathlib.Path(out) / "predictions").glob("*.parquet")), needle
+        # A failed run gives its actors' CPUs back (else the next run in this process would wait).
+        deadline = time.monotonic() + 30
+        while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]:
+            assert time.monotonic() < deadline, (needle, ray_session.available_resources())
+            time.sleep(0.5)
 
 
 def test_killed_scoring_worker_loses_and_duplicates_nothing(ray_session, sample_dir, score_model, tmp_path,

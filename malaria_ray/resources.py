@@ -1,0 +1,20 @@
+"""CPU reservations that leave Ray Data room to run on small nodes.
+
+Ray schedules by logical CPUs. Train workers or scoring actors that reserve every CPU of a node
+leave none for the Ray Data tasks that feed them, and the run waits forever (on a 2-CPU machine,
+2 Train workers x 1 CPU hang; so does one scoring actor x 2 CPUs). The reservation is bookkeeping:
+TensorFlow inside a worker still uses every core of the machine whatever it reserved.
+"""
+
+from __future__ import annotations
+
+
+def leave_a_cpu(count: int, per: float, cluster_cpus: float, what: str, tag: str) -> float:
+    """CPUs to reserve per process so ``count`` of them leave at least one CPU free (GPU runs: ``per``)."""
+    if count * per <= cluster_cpus - 1:
+        return per
+    fitted = max(0.1, (cluster_cpus - 1) / count) if cluster_cpus > 1 else 0.5 / count
+    fitted = round(min(per, fitted), 2)
+    print(f"[{tag}] {count} {what} x {per:g} CPU would leave no CPU for Ray Data on {cluster_cpus:g} CPUs: "
+          f"reserving {fitted:g} CPU per {what.rstrip('s')} instead", flush=True)
+    return fitted

@@ -1,0 +1,18 @@
+"""CPU reservations: Train workers and scoring actors always leave Ray Data a CPU on CPU-only nodes."""
+
+from malaria_ray.resources import leave_a_cpu
+
+
+def test_reservation_is_kept_when_a_cpu_is_left(capsys):
+    assert leave_a_cpu(1, 1.0, 2.0, "actors", "score") == 1.0
+    assert leave_a_cpu(3, 1.0, 16.0, "workers", "train") == 1.0
+    assert capsys.readouterr().out == ""
+
+
+def test_reservation_shrinks_and_says_so(capsys):
+    assert leave_a_cpu(1, 2.0, 2.0, "actors", "score") == 1.0  # the --cpus-per-actor 2 hang on 2 CPUs
+    assert leave_a_cpu(2, 1.0, 2.0, "workers", "train") == 0.5
+    assert leave_a_cpu(4, 1.0, 1.0, "workers", "train") == 0.12  # one CPU: half of it for the workers
+    out = capsys.readouterr().out
+    assert "[score] 1 actors x 2 CPU would leave no CPU for Ray Data on 2 CPUs: reserving 1 CPU per actor" in out
+    assert out.count("[train]") == 2
