@@ -66,7 +66,8 @@ def bare_model_rate(model_dir: str, archive: pathlib.Path, batch_size: int, n: i
 
 
 class WorkerRss(threading.Thread):
-    """Peak memory over Ray worker processes (``ray::`` command lines), sampled in the background.
+    """Peak memory of the Ray worker processes (``ray::`` command lines) and of this driver process,
+    sampled in the background.
 
     RSS counts the pages of Ray's shared-memory object store a worker has touched, so it grows
     with the amount of data that streamed through it even when the worker holds nothing; USS
@@ -76,13 +77,15 @@ class WorkerRss(threading.Thread):
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.peak_rss = self.peak_uss = 0
+        self.peak_rss = self.peak_uss = self.driver_peak_uss = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
         import psutil
 
+        me = psutil.Process()
         while not self.stop.wait(0.5):
+            self.driver_peak_uss = max(self.driver_peak_uss, me.memory_full_info().uss)
             for p in psutil.process_iter(["cmdline"]):
                 if not " ".join(p.info["cmdline"] or []).startswith("ray::"):
                     continue
@@ -125,6 +128,7 @@ def one_run(args: argparse.Namespace) -> None:
         "images": result.rows, "job_images_per_s": round(result.rows / wall, 1),
         "job_stream_images_per_s": round(result.rows / result.seconds, 1),
         "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "driver_peak_uss_mib": round(watcher.driver_peak_uss / 2**20),
         "worker_peak_rss_mib": round(watcher.peak_rss / 2**20), "worker_peak_uss_mib": round(watcher.peak_uss / 2**20),
         "wall_s": round(wall, 1),
     }), flush=True)

@@ -12,7 +12,8 @@ Commit protocol: a run streams its rows into ``predictions/_staging/<run_id>.par
 stream is complete it writes ``runs/<run_id>/`` (config, manifest, its metrics row) and then makes
 ``predictions/<run_id>.parquet`` appear in one atomic step (a POSIX rename locally; on S3 one
 server-side copy, which creates the object whole or not at all). That step is the commit: a crash
-before it leaves only ``_staging`` files that no reader or later run counts. ``metrics.parquet``
+before it leaves only ``_staging`` files that no reader or later run counts (a later run deletes
+those older than a day: ``remove_stale_staging``). ``metrics.parquet``
 and ``slides.parquet`` are derived views rebuilt after the commit from committed runs only and
 replaced in one write (temp + rename locally; a single PUT on S3), so a crash between the commit
 and the rebuild heals on the next run.
@@ -153,6 +154,32 @@ def normalize(table: pa.Table) -> pa.Table:
             col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
         cols.append(col.cast(f.type))
     return pa.Table.from_arrays(cols, schema=PREDICTIONS_SCHEMA)
+
+
+STALE_STAGING_SECONDS = 24 * 3600  # older staging files belong to crashed runs, not running ones
+
+
+def remove_stale_staging(root: str, max_age_s: float = STALE_STAGING_SECONDS) -> list[str]:
+    """Delete staging files that crashed runs left behind (older than ``max_age_s``); their names.
+
+    Readers never see staging files; this only returns their space. A staging file younger than
+    the limit may belong to a run still writing under the same root, so it is left alone.
+    """
+    import datetime as dt
+
+    fs, path = storage.filesystem(storage.join(predictions_uri(root), STAGING_DIR))
+    fs.invalidate_cache(path)  # other processes write here: never trust a cached listing
+    if not fs.exists(path):
+        return []
+    now, removed = dt.datetime.now(dt.timezone.utc), []
+    for info in fs.ls(path, detail=True):
+        modified = fs.modified(info["name"])
+        if modified.tzinfo is None:  # local filesystems report naive UTC
+            modified = modified.replace(tzinfo=dt.timezone.utc)
+        if (now - modified).total_seconds() > max_age_s:
+            fs.rm(info["name"])
+            removed.append(posixpath.basename(info["name"]))
+    return removed
 
 
 def committed_runs(root: str) -> list[str]:

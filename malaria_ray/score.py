@@ -180,6 +180,10 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     if not listing.units:
         raise CorpusError(f"no images found in {cfg.input} ({len(listing.skipped)} non-image files skipped)")
     storage.check_writable(cfg.output)
+    stale = outputs.remove_stale_staging(cfg.output)
+    if stale:
+        print(f"[score] removed {len(stale)} staging file(s) that crashed runs left in {cfg.output}: "
+              f"{', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}", flush=True)
     env = storage.worker_env((FAIL_AT_ENV, FAIL_MARKER_ENV))
     remote_env = {"runtime_env": {"env_vars": env}} if env else {}
     info = inspect_artifact(cfg.model)  # no TensorFlow in the driver: zip config + a streamed hash

@@ -242,6 +242,12 @@ def test_s3_input_and_output_through_a_real_s3_server(ray_session, moto_s3, samp
     assert run_cli(*args) == 0  # nightly rerun: nothing new
     fs.invalidate_cache()
     assert pads.dataset(f"{path}", filesystem=fs, format="parquet").count_rows() == n
+    # A crashed run's staging object is kept while it may belong to a live run, then removed.
+    s3.put_object(Bucket="scores", Key="nightly/predictions/_staging/20250101T000000Z-dead.parquet", Body=b"x")
+    assert outputs.remove_stale_staging("s3://scores/nightly") == []
+    assert outputs.remove_stale_staging("s3://scores/nightly", max_age_s=-1) == ["20250101T000000Z-dead.parquet"]
+    fs.invalidate_cache()
+    assert pads.dataset(f"{path}", filesystem=fs, format="parquet").count_rows() == n
     # A missing bucket is a one-line reason, not a traceback.
     assert run_cli("--input", "s3://no-such-bucket/x/", "--model", str(score_model), "--output", str(tmp_path)) == 2
     assert run_cli("--input", "s3://slides/archive/", "--model", str(score_model),

@@ -222,3 +222,17 @@ def test_driver_modules_import_without_ray_or_tensorflow():
             "print(sorted(m for m in ('tensorflow', 'keras', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_stale_staging_files_of_crashed_runs_are_removed(tmp_path):
+    import time
+
+    staging = tmp_path / "root" / outputs.PREDICTIONS_DIR / outputs.STAGING_DIR
+    staging.mkdir(parents=True)
+    for name in ("old.parquet", "fresh.parquet"):
+        (staging / name).write_bytes(b"partial")
+    old = time.time() - outputs.STALE_STAGING_SECONDS - 60
+    os.utime(staging / "old.parquet", (old, old))
+    assert outputs.remove_stale_staging(str(tmp_path / "root")) == ["old.parquet"]
+    assert sorted(p.name for p in staging.iterdir()) == ["fresh.parquet"]
+    assert outputs.remove_stale_staging(str(tmp_path / "empty-root")) == []
