@@ -3,8 +3,8 @@
 ``score_archive(cfg)`` runs one scoring run and commits it under ``cfg.output`` (layout and commit
 protocol in ``malaria_ray.outputs``); ``main(cfg)`` adds the one-screen summary and the exit code.
 The image size comes from the model artifact (its zip config, read without TensorFlow, so the
-driver never imports it); ``Scorer`` loads the model once per actor and feeds it raw 0..255 pixels, because the
-model's first layer rescales.
+driver never imports it); ``Scorer`` loads the model once per actor and feeds it raw 0..255
+pixels, because the model's first layer rescales.
 
 Fault injection for tests: with ``MALARIA_RAY_FAIL_AT_BATCH=N`` and ``MALARIA_RAY_FAIL_MARKER=path``
 in the driver's environment, the first Scorer to reach its N-th batch kills its own process
@@ -200,6 +200,7 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
 
 def _run(cfg: ScoreConfig, run_id: str, listing: sources.Listing, model_id: str, size: int,
          skip_ids: np.ndarray, remote_env: dict) -> RunResult:
+    """The Ray Data pipeline, the stream into the staging file, and the commit."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray

@@ -206,7 +206,8 @@ def _bn_recalibrator(model, all_sum=None, world: int = 1):
     re-runs the current weights in training mode over clean training batches with momentum 0, so
     each layer's moving statistics become that batch's statistics, averages them over the batches,
     then over all workers with ``all_sum`` (a collective: every rank calls this with the same
-    batch count; None in a single process), and assigns the averages. Weights do not change; the optimizer is not involved.
+    batch count; None in a single process), and assigns the averages. Weights do not change; the
+    optimizer is not involved.
     """
     import keras
     import tensorflow as tf
