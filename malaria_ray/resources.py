@@ -1,4 +1,4 @@
-"""CPU reservations that leave Ray Data room to run on small nodes.
+"""Resource requests: CPU reservations that leave Ray Data room on small nodes; missing GPUs.
 
 Ray schedules by logical CPUs. Train workers or scoring actors that reserve every CPU of a node
 leave none for the Ray Data tasks that feed them, and the run waits forever (on a 2-CPU machine,
@@ -18,3 +18,14 @@ def leave_a_cpu(count: int, per: float, cluster_cpus: float, what: str, tag: str
     print(f"[{tag}] {count} {what} x {per:g} CPU would leave no CPU for Ray Data on {cluster_cpus:g} CPUs: "
           f"reserving {fitted:g} CPU per {what.rstrip('s')} instead", flush=True)
     return fitted
+
+
+def note_missing_gpus(needed: float, cluster_gpus: float, flag: str, tag: str) -> None:
+    """Say so when a run asks for more GPUs than the cluster has now; it then waits for them.
+
+    Not an error: GPU worker groups that scale from zero (cluster/) get their nodes only once a
+    run asks. On a machine without GPUs the run would wait forever, hence the line naming the flag.
+    """
+    if needed > cluster_gpus:
+        print(f"[{tag}] {flag} needs {needed:g} GPU(s); the Ray cluster has {cluster_gpus:g} now. Waiting for "
+              f"the autoscaler to add GPU nodes; on a machine without GPUs, stop and drop {flag}.", flush=True)

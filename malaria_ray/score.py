@@ -206,6 +206,9 @@ def _run(cfg: ScoreConfig, run_id: str, listing: sources.Listing, model_id: str,
     import ray
 
     cpus_per_actor = _cpus_per_actor(cfg, ray.cluster_resources().get("CPU", 1.0))
+    if cfg.gpus_per_actor:
+        resources.note_missing_gpus(cfg.actors * cfg.gpus_per_actor, ray.cluster_resources().get("GPU", 0.0),
+                                    "--gpus-per-actor", "score")
     # ~256 loose images per read task; an archive per task where there are few units.
     blocks = min(len(listing.units), max(4, len(listing.units) // 256))
     ds = ray.data.from_items(listing.units, override_num_blocks=blocks)

@@ -1,6 +1,6 @@
 """CPU reservations: Train workers and scoring actors always leave Ray Data a CPU on CPU-only nodes."""
 
-from malaria_ray.resources import leave_a_cpu
+from malaria_ray.resources import leave_a_cpu, note_missing_gpus
 
 
 def test_reservation_is_kept_when_a_cpu_is_left(capsys):
@@ -16,3 +16,12 @@ def test_reservation_shrinks_and_says_so(capsys):
     out = capsys.readouterr().out
     assert "[score] 1 actors x 2 CPU would leave no CPU for Ray Data on 2 CPUs: reserving 1 CPU per actor" in out
     assert out.count("[train]") == 2
+
+
+def test_missing_gpus_are_announced_not_fatal(capsys):
+    note_missing_gpus(4, 4.0, "--use-gpu", "train")
+    assert capsys.readouterr().out == ""
+    note_missing_gpus(2, 0.0, "--gpus-per-actor", "score")  # GPU groups may scale from zero
+    out = capsys.readouterr().out
+    assert out.startswith("[score] --gpus-per-actor needs 2 GPU(s); the Ray cluster has 0 now.")
+    assert "drop --gpus-per-actor" in out
