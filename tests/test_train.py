@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -61,6 +62,22 @@ def test_two_workers_train_resume_after_killed_worker_and_write_run(corpus_with_
     for png in ("curves.png", "confusion_matrix.png"):
         assert Image.open(out / "plots" / png).size[0] > 200
 
+    # The scoring job, given the run's model.keras, reproduces validation's probabilities image by
+    # image: one preprocessing contract, carried by the artifact, and inference-mode BatchNorm.
+    from malaria_ray import score
+    from malaria_ray.config import ScoreConfig
+
+    val_dir = tmp_path / "val"
+    for uri in split.loc[split.split == "val", "uri"]:
+        (val_dir / os.path.basename(os.path.dirname(uri))).mkdir(parents=True, exist_ok=True)
+        os.symlink(uri, val_dir / os.path.basename(os.path.dirname(uri)) / os.path.basename(uri))
+    scored = score.score_archive(ScoreConfig(input=str(val_dir), model=str(out), output=str(tmp_path / "scores")))
+    assert scored.model_id == summary["model_id"]
+    got, want = (df.dropna(subset=["prob_parasitized"]).drop_duplicates("image_id").set_index("image_id")
+                 for df in (pd.read_parquet(scored.predictions_uri), preds))
+    assert len(got) == len(want) > 0
+    assert np.allclose(got.loc[want.index, "prob_parasitized"], want["prob_parasitized"], atol=1e-5)
+
 
 def _cli(*args):
     return subprocess.run([sys.executable, os.path.join(REPO, "jobs", "train.py"), *args],
@@ -106,8 +123,6 @@ def test_synthetic_corpus_is_labelled(tmp_path):
 def test_batchnorm_recalibration_makes_inference_mode_match_batch_statistics(sample_dir):
     """After recalibrating on one batch, every BatchNorm layer normalizes it in inference mode exactly
     as in training mode; before, the moving statistics of a fresh model are far off."""
-    import numpy as np
-
     from malaria_ray.model import build_model
     from malaria_ray.preprocess import decode_image
 
