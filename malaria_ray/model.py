@@ -106,10 +106,15 @@ def _fetch(uri: str) -> str:
 
 def file_id(path: str) -> str:
     """Content hash of a model artifact: the ``model_id`` stamped on every prediction row."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+        return _stream_id(f)
+
+
+def _stream_id(f) -> str:
+    """``file_id`` of an open binary file (local or fsspec), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
     return h.hexdigest()[:16]
 
 
@@ -157,10 +162,8 @@ def inspect_artifact(uri: str) -> dict:
     try:
         if not fs.isfile(path):
             raise ModelError(f"model {uri} does not exist")
-        h = hashlib.sha256()
         with fs.open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+            model_id = _stream_id(f)
             f.seek(0)
             with zipfile.ZipFile(f) as zf:
                 config = json.loads(zf.read("config.json"))
@@ -178,7 +181,7 @@ def inspect_artifact(uri: str) -> dict:
     shape = shapes[0] if len(shapes) == 1 else None
     if not shape or len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
         raise ModelError(f"{uri} is not a malaria-ray classifier (inputs {shapes})")
-    return {"image_size": int(shape[1]), "model_id": h.hexdigest()[:16]}
+    return {"image_size": int(shape[1]), "model_id": model_id}
 
 
 def _find_class(node, name: str) -> bool:

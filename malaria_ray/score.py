@@ -171,6 +171,8 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
 
     Raises CorpusError (input missing/unreadable/no images), ModelError, StorageError.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import ray
 
     run_id = cfg.run_id or new_run_id()
@@ -195,20 +197,10 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     model_id, size = info["model_id"], info["image_size"]
     skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else np.array([], dtype=object)
 
-    return _run(cfg, run_id, listing, model_id, size, skip_ids, remote_env)
-
-
-def _run(cfg: ScoreConfig, run_id: str, listing: sources.Listing, model_id: str, size: int,
-         skip_ids: np.ndarray, remote_env: dict) -> RunResult:
-    """The Ray Data pipeline, the stream into the staging file, and the commit."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import ray
-
-    cpus_per_actor = _cpus_per_actor(cfg, ray.cluster_resources().get("CPU", 1.0))
+    cluster = ray.cluster_resources()
+    cpus_per_actor = _cpus_per_actor(cfg, cluster.get("CPU", 1.0))
     if cfg.gpus_per_actor:
-        resources.note_missing_gpus(cfg.actors * cfg.gpus_per_actor, ray.cluster_resources().get("GPU", 0.0),
-                                    "--gpus-per-actor", "score")
+        resources.note_missing_gpus(cfg.actors * cfg.gpus_per_actor, cluster.get("GPU", 0.0), "--gpus-per-actor", "score")
     # ~256 loose images per read task; an archive per task where there are few units.
     blocks = min(len(listing.units), max(4, len(listing.units) // 256))
     ds = ray.data.from_items(listing.units, override_num_blocks=blocks)
@@ -254,14 +246,12 @@ def _run(cfg: ScoreConfig, run_id: str, listing: sources.Listing, model_id: str,
                 examples += [f"{u}: {e}" for u, e in zip(errs.column(outputs.COL_URI).to_pylist()[:3],
                                                         errs.column(outputs.COL_ERROR).to_pylist()[:3])]
             writer.write(rows)
-        if failure is None:
-            writer.close()
+        if failure is not None:
+            raise ModelError(failure)
+        writer.close()
     except BaseException:
         writer.abort()
         raise
-    if failure is not None:
-        writer.abort()
-        raise ModelError(failure)
     seconds = time.perf_counter() - started
     if writer.rows == 0 and counts[STATUS_ALREADY] == 0:
         writer.abort()

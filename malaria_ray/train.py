@@ -320,9 +320,10 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
         plan = plan_run(cfg)
     cfg, listing, val_mask = plan.cfg, plan.listing, plan.val_mask
 
-    cpus_per_worker = _cpus_per_worker(cfg, ray.cluster_resources().get("CPU", 1.0))
+    cluster = ray.cluster_resources()
+    cpus_per_worker = _cpus_per_worker(cfg, cluster.get("CPU", 1.0))
     if cfg.use_gpu:
-        resources.note_missing_gpus(cfg.num_workers, ray.cluster_resources().get("GPU", 0.0), "--use-gpu", "train")
+        resources.note_missing_gpus(cfg.num_workers, cluster.get("GPU", 0.0), "--use-gpu", "train")
     train_ds, val_ds, unreadable = prepare_datasets(listing, val_mask, cfg)
     if unreadable:
         print(f"[train] {len(unreadable)} unreadable images left out:", flush=True)
