@@ -199,15 +199,19 @@ def _dataset(root: str) -> pads.Dataset | None:
 
 
 def scored_ids(root: str, model_id: str) -> np.ndarray:
-    """Sorted image ids this model already scored under ``root`` (ids only; for --skip-scored)."""
+    """Sorted image ids this model already scored under ``root`` (ids only; for --skip-scored).
+
+    Fixed-width ASCII (``S64`` for sha256 hex), not Python strings: half the memory, and one
+    buffer that every decode task maps from Ray's object store instead of unpickling.
+    """
     ds = _dataset(root)
     if ds is None:
-        return np.array([], dtype=object)
+        return np.array([], dtype="S64")
     chunks = []
     flt = (pads.field(COL_MODEL_ID) == model_id) & pads.field(COL_IMAGE_ID).is_valid()
     for batch in ds.to_batches(columns=[COL_IMAGE_ID], filter=flt):
         chunks.append(batch.column(0).to_numpy(zero_copy_only=False))
-    return np.unique(np.concatenate(chunks)) if chunks else np.array([], dtype=object)
+    return np.unique(np.concatenate(chunks).astype(np.bytes_)) if chunks else np.array([], dtype="S64")
 
 
 class MetricsAccumulator:
@@ -308,43 +312,88 @@ def rebuild_metrics(root: str) -> pa.Table:
     return table
 
 
+SLIDES_SCHEMA = pa.schema([(COL_LEVEL, pa.string()), (COL_SLIDE, pa.string()), (COL_PATIENT, pa.string()),
+                           (COL_N_CELLS, pa.int64()), (COL_N_PRED_POS, pa.int64()), (COL_FRAC_POS, pa.float64()),
+                           (COL_MEAN_PROB, pa.float64()), (COL_N_LABEL_POS, pa.int64()),
+                           (COL_N_LABEL_NEG, pa.int64()), (COL_MODEL_ID, pa.string())])
+_SUMS = (COL_N_CELLS, COL_N_PRED_POS, "sum_prob", COL_N_LABEL_POS, COL_N_LABEL_NEG)
+
+
 def rebuild_slides(root: str, model_id: str) -> pa.Table:
     """Per-slide and per-patient roll-up of the current model's committed predictions.
 
-    Streams the predictions in batches; an input (same bytes at the same uri) scored by this model
-    in several runs (no --skip-scored) counts once, from its newest run: one 8-byte hash per row.
+    Streams the predictions batch by batch and sums each batch per (slide, patient) with Arrow's
+    group-by, so memory grows with the number of slides, not of rows. An input (same bytes at the
+    same uri) scored by this model in several runs (no --skip-scored) counts once, from its newest
+    run: ``_SeenInputs`` keeps 8 bytes per input for that.
     """
-    acc: dict[tuple[str, str | None, str | None], np.ndarray] = {}
-    seen: set[int] = set()
     cols = [COL_IMAGE_ID, COL_URI, COL_SLIDE, COL_PATIENT, COL_LABEL, COL_PROB, COL_PRED]
     flt = (pads.field(COL_MODEL_ID) == model_id) & pads.field(COL_ERROR).is_null()
     fs, pred_path = storage.filesystem(predictions_uri(root))
+    seen, parts = _SeenInputs(), []
     for run_id in reversed(committed_runs(root)):  # newest first: its rows win
         ds = pads.dataset(posixpath.join(pred_path, f"{run_id}.parquet"), filesystem=fs,
                           format="parquet", schema=PREDICTIONS_SCHEMA)
         for batch in ds.to_batches(columns=cols, filter=flt):
-            d = batch.to_pydict()
-            for iid, uri, slide, patient, label, prob, pred in zip(*(d[c] for c in cols)):
-                key = hash((iid, uri))  # the same input (content at a path) scored again
-                if key in seen:
-                    continue
-                seen.add(key)
-                stats = np.array([1, pred == POSITIVE_CLASS, prob, label == POSITIVE_CLASS,
-                                  label == CLASS_NAMES[1]], dtype=np.float64)
-                for key in (("slide", slide, patient), ("patient", None, patient)):
-                    acc[key] = acc.get(key, 0) + stats
-    rows = []
-    for (level, slide, patient), s in sorted(acc.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
-        rows.append({COL_LEVEL: level, COL_SLIDE: slide, COL_PATIENT: patient, COL_N_CELLS: int(s[0]),
-                     COL_N_PRED_POS: int(s[1]), COL_FRAC_POS: float(s[1] / s[0]), COL_MEAN_PROB: float(s[2] / s[0]),
-                     COL_N_LABEL_POS: int(s[3]), COL_N_LABEL_NEG: int(s[4]), COL_MODEL_ID: model_id})
-    schema = pa.schema([(COL_LEVEL, pa.string()), (COL_SLIDE, pa.string()), (COL_PATIENT, pa.string()),
-                        (COL_N_CELLS, pa.int64()), (COL_N_PRED_POS, pa.int64()), (COL_FRAC_POS, pa.float64()),
-                        (COL_MEAN_PROB, pa.float64()), (COL_N_LABEL_POS, pa.int64()),
-                        (COL_N_LABEL_NEG, pa.int64()), (COL_MODEL_ID, pa.string())])
-    table = pa.Table.from_pylist(rows, schema=schema)
+            fresh = seen.first_time(batch.column(COL_IMAGE_ID).to_pylist(), batch.column(COL_URI).to_pylist())
+            if fresh.any():
+                parts.append(_slide_sums(pa.Table.from_batches([batch]).filter(pa.array(fresh))))
+            if len(parts) > 64:
+                parts = [_merge_sums(parts)]
+    per_slide = _merge_sums(parts) if parts else _slide_sums(pa.table({c: pa.array([], PREDICTIONS_SCHEMA.field(c).type)
+                                                                        for c in cols}))
+    no_slide = pa.nulls(len(per_slide), pa.string())
+    per_patient = _merge_sums([per_slide.set_column(per_slide.schema.get_field_index(COL_SLIDE), COL_SLIDE, no_slide)])
+    table = pa.concat_tables([_finish(per_patient, "patient", model_id), _finish(per_slide, "slide", model_id)])
     replace_file(storage.join(root, SLIDES_FILE), table_bytes(table))
     return table
+
+
+class _SeenInputs:
+    """64-bit keys of (image_id, uri) pairs seen so far, as one sorted numpy array."""
+
+    def __init__(self) -> None:
+        self.keys = np.array([], dtype=np.uint64)
+
+    def first_time(self, image_ids: list[str], uris: list[str]) -> np.ndarray:
+        keys = np.fromiter((hash(pair) & 0xFFFFFFFFFFFFFFFF for pair in zip(image_ids, uris)),
+                           dtype=np.uint64, count=len(image_ids))
+        fresh = ~np.isin(keys, self.keys)
+        _, first = np.unique(keys, return_index=True)  # within the batch too
+        fresh &= np.isin(np.arange(len(keys)), first)
+        self.keys = np.union1d(self.keys, keys[fresh])
+        return fresh
+
+
+def _slide_sums(t: pa.Table) -> pa.Table:
+    """One row per (slide_id, patient_id) of ``t`` with the counts and the sum of probabilities."""
+    import pyarrow.compute as pc
+
+    t = pa.table({
+        COL_SLIDE: t.column(COL_SLIDE), COL_PATIENT: t.column(COL_PATIENT),
+        COL_N_CELLS: pa.array(np.ones(len(t), dtype=np.int64)),
+        COL_N_PRED_POS: pc.cast(pc.equal(t.column(COL_PRED), POSITIVE_CLASS), pa.int64()),
+        "sum_prob": pc.cast(t.column(COL_PROB), pa.float64()),
+        COL_N_LABEL_POS: pc.cast(pc.fill_null(pc.equal(t.column(COL_LABEL), POSITIVE_CLASS), False), pa.int64()),
+        COL_N_LABEL_NEG: pc.cast(pc.fill_null(pc.equal(t.column(COL_LABEL), CLASS_NAMES[1]), False), pa.int64()),
+    })
+    return _merge_sums([t])
+
+
+def _merge_sums(parts: list[pa.Table]) -> pa.Table:
+    t = pa.concat_tables(parts).group_by([COL_SLIDE, COL_PATIENT], use_threads=False)
+    t = t.aggregate([(c, "sum") for c in _SUMS])
+    return t.rename_columns([c.removesuffix("_sum") for c in t.column_names])
+
+
+def _finish(t: pa.Table, level: str, model_id: str) -> pa.Table:
+    """The slides.parquet rows of one level, sorted by (slide_id, patient_id) with nulls first."""
+    rows = sorted(t.to_pylist(), key=lambda r: (str(r[COL_SLIDE]), str(r[COL_PATIENT])))
+    return pa.Table.from_pylist([{
+        COL_LEVEL: level, COL_SLIDE: r[COL_SLIDE], COL_PATIENT: r[COL_PATIENT], COL_N_CELLS: r[COL_N_CELLS],
+        COL_N_PRED_POS: r[COL_N_PRED_POS], COL_FRAC_POS: r[COL_N_PRED_POS] / r[COL_N_CELLS],
+        COL_MEAN_PROB: r["sum_prob"] / r[COL_N_CELLS], COL_N_LABEL_POS: r[COL_N_LABEL_POS],
+        COL_N_LABEL_NEG: r[COL_N_LABEL_NEG], COL_MODEL_ID: model_id} for r in rows], schema=SLIDES_SCHEMA)
 
 
 def write_json(uri: str, obj: dict) -> None:

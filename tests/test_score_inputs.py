@@ -208,7 +208,7 @@ def test_uncommitted_run_is_invisible_to_every_reader(tmp_path):
     assert pads.dataset(pred, format="parquet").count_rows() == 5
     assert duckdb.connect().execute(f"select count(*) from read_parquet('{pred}/*.parquet')").fetchall() == [(5,)]
     assert outputs.committed_runs(root) == ["20250101T000000Z-aaaaaa"]
-    assert outputs.scored_ids(root, "m").tolist() == [f"id{i}" for i in range(5)]
+    assert outputs.scored_ids(root, "m").tolist() == [f"id{i}".encode() for i in range(5)]
     assert pd.read_parquet(pred).dtypes[outputs.COL_PROB] == np.float32
     slides = outputs.rebuild_slides(root, "m").to_pylist()
     assert [(s["level"], s["n_cells"]) for s in slides] == [("patient", 5), ("slide", 5)]
@@ -236,3 +236,49 @@ def test_stale_staging_files_of_crashed_runs_are_removed(tmp_path):
     assert outputs.remove_stale_staging(str(tmp_path / "root")) == ["old.parquet"]
     assert sorted(p.name for p in staging.iterdir()) == ["fresh.parquet"]
     assert outputs.remove_stale_staging(str(tmp_path / "empty-root")) == []
+
+
+def test_slide_rollup_counts_each_input_once_from_its_newest_run(tmp_path):
+    """Three runs of one model (no --skip-scored) over overlapping inputs, plus rows the roll-up must
+    ignore (another model, error rows): checked against pandas over the same committed rows."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    root, n = str(tmp_path), 3000
+    slides = [(f"C{i}P{i % 9}thinF", f"P{i % 9}") for i in range(30)] + [(None, None), ("C5NthinF", None)]
+    ids = [f"{rng.integers(2**62):016x}" * 4 for _ in range(n)]
+    runs = ["20250101T000000Z-aaaaaa", "20250102T000000Z-bbbbbb", "20250103T000000Z-cccccc"]
+    for r, run in enumerate(runs):
+        idx = np.arange(n) if r < 2 else np.arange(0, n, 3)
+        t = prediction_table(run, len(idx)).to_pandas()
+        t[outputs.COL_IMAGE_ID] = [ids[i] for i in idx]
+        t[outputs.COL_URI] = [f"/x/{i % 2500}.png" for i in idx]  # same bytes at two uris: two inputs
+        t[outputs.COL_SLIDE] = [slides[i % len(slides)][0] for i in idx]
+        t[outputs.COL_PATIENT] = [slides[i % len(slides)][1] for i in idx]
+        t[outputs.COL_LABEL] = rng.choice(np.array(["Parasitized", "Uninfected", None], dtype=object), len(idx))
+        t[outputs.COL_PROB] = rng.random(len(idx)).astype(np.float32)
+        t[outputs.COL_PRED] = np.where(t[outputs.COL_PROB] >= 0.5, "Parasitized", "Uninfected")
+        t[outputs.COL_MODEL_ID] = np.where(idx % 7 == 0, "other", "m")
+        t[outputs.COL_ERROR] = np.where(idx % 11 == 0, "bad bytes", None)
+        w = outputs.PredictionWriter(root, run)
+        w.write(pa.Table.from_pandas(t, schema=outputs.PREDICTIONS_SCHEMA, preserve_index=False))
+        w.close()
+        w.commit()
+
+    got = outputs.rebuild_slides(root, "m").to_pandas()
+    rows = pd.read_parquet(os.path.join(root, "predictions"))
+    rows = rows[(rows[outputs.COL_MODEL_ID] == "m") & rows[outputs.COL_ERROR].isna()]
+    rows = rows.sort_values(outputs.COL_RUN_ID, ascending=False).drop_duplicates([outputs.COL_IMAGE_ID, outputs.COL_URI])
+    assert len(rows) < 2 * n  # the overlap is real
+    for level, keys in (("slide", [outputs.COL_SLIDE, outputs.COL_PATIENT]), ("patient", [outputs.COL_PATIENT])):
+        want = rows.fillna({outputs.COL_SLIDE: "~", outputs.COL_PATIENT: "~"}).groupby(keys).agg(
+            n=(outputs.COL_URI, "size"), pos=(outputs.COL_PRED, lambda s: (s == "Parasitized").sum()),
+            prob=(outputs.COL_PROB, "mean"), lab=(outputs.COL_LABEL, lambda s: (s == "Parasitized").sum()))
+        mine = got[got[outputs.COL_LEVEL] == level].fillna({outputs.COL_SLIDE: "~", outputs.COL_PATIENT: "~"})
+        mine = mine.set_index(keys).loc[want.index]
+        assert len(mine) == len(want)
+        assert (mine[outputs.COL_N_CELLS].to_numpy() == want["n"].to_numpy()).all()
+        assert (mine[outputs.COL_N_PRED_POS].to_numpy() == want["pos"].to_numpy()).all()
+        assert (mine[outputs.COL_N_LABEL_POS].to_numpy() == want["lab"].to_numpy()).all()
+        assert np.allclose(mine[outputs.COL_MEAN_PROB].to_numpy(), want["prob"].to_numpy(), atol=1e-6)
+    assert got[outputs.COL_LEVEL].tolist()[0] == "patient" and got[outputs.COL_LEVEL].tolist()[-1] == "slide"
