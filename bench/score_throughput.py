@@ -7,8 +7,13 @@ Builds an archive of ``--images`` real NIH cells (shared/data/nih_malaria) and, 
 archive it prints one JSON line: end-to-end images/s of ``score_archive`` (listing, read, decode,
 model actor pool, Parquet commit, roll-ups) and the bare model's images/s on pre-decoded arrays
 (same model file, same batch size, one process), their ratio, and peak RSS of the driver and of
-the Ray workers (sampled every 0.2 s). Each archive runs in its own subprocess so the driver's
-peak RSS is that run's alone.
+the Ray workers (sampled in the background). Each archive runs in its own subprocess so the
+driver's peak RSS is that run's alone.
+
+Diagnostic: ``bare_ray_idle_images_per_s`` is the bare loop again with a local Ray started and
+idle beside it (raylet, GCS, dashboard agent, log monitor, idle workers). On a machine with few
+cores that runtime's own CPU is a tax any Ray job pays; ``ratio_vs_ray_idle`` is what is left
+for the pipeline itself.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def _cpu_seconds() -> float:
 def bare_model_rate(model_dir: str, archive: pathlib.Path, batch_size: int, n: int) -> dict:
     """The baseline (images/s of the bare model on pre-decoded arrays) and the CPU costs that
     bound any pipeline on a CPU-only machine: decoding is work the baseline never does."""
-    from malaria_ray.model import load_model
+    from malaria_ray.model import load_model, predictor
     from malaria_ray.preprocess import decode_image
     import numpy as np
 
@@ -55,10 +60,10 @@ def bare_model_rate(model_dir: str, archive: pathlib.Path, batch_size: int, n: i
     c0 = _cpu_seconds()
     x = np.stack([decode_image(b, size) for b in data])
     decode_cpu = (_cpu_seconds() - c0) / len(x)
-    model.predict_on_batch(x[:batch_size])  # build the graph outside the timed loop
+    predict = predictor(model)  # the actor's inference function, traced here outside the timed loop
     start, c0 = time.perf_counter(), _cpu_seconds()
     for a in range(0, len(x), batch_size):
-        model.predict_on_batch(x[a:a + batch_size])
+        predict(x[a:a + batch_size])
     wall, model_cpu = time.perf_counter() - start, (_cpu_seconds() - c0) / len(x)
     return {"bare": len(x) / wall, "decode_cpu_ms": 1000 * decode_cpu, "model_cpu_ms": 1000 * model_cpu,
             # Every core busy either way: the pipeline can reach at most model / (model + decode).
@@ -73,27 +78,37 @@ class WorkerRss(threading.Thread):
     with the amount of data that streamed through it even when the worker holds nothing; USS
     (memory unique to the process: its heap, TensorFlow's allocator, Python objects) is the
     number that shows whether a worker's own memory grows with the archive.
+
+    Sampling is not free and it runs on the cores it measures: RSS (``/proc/PID/statm``) every
+    0.5 s, USS (a walk of every mapping, ~10 ms for a TensorFlow process) every ``uss_every`` s.
+    ``cpu_s`` reports what the sampler itself cost, so a reader can see the perturbation.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, uss_every: float = 5.0) -> None:
         super().__init__(daemon=True)
         self.peak_rss = self.peak_uss = self.driver_peak_uss = 0
+        self.uss_every, self.cpu_s = uss_every, 0.0
         self.stop = threading.Event()
 
     def run(self) -> None:
         import psutil
 
-        me = psutil.Process()
+        me, last_uss = psutil.Process(), 0.0
         while not self.stop.wait(0.5):
-            self.driver_peak_uss = max(self.driver_peak_uss, me.memory_full_info().uss)
+            t0 = time.thread_time()
+            with_uss = time.monotonic() - last_uss >= self.uss_every
             for p in psutil.process_iter(["cmdline"]):
                 if not " ".join(p.info["cmdline"] or []).startswith("ray::"):
                     continue
                 try:
-                    mem = p.memory_full_info()
+                    self.peak_rss = max(self.peak_rss, p.memory_info().rss)
+                    if with_uss:
+                        self.peak_uss = max(self.peak_uss, p.memory_full_info().uss)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-                self.peak_rss, self.peak_uss = max(self.peak_rss, mem.rss), max(self.peak_uss, mem.uss)
+            if with_uss:
+                self.driver_peak_uss, last_uss = max(self.driver_peak_uss, me.memory_full_info().uss), time.monotonic()
+            self.cpu_s += time.thread_time() - t0
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
@@ -110,6 +125,8 @@ def one_run(args: argparse.Namespace) -> None:
 
     archive, out = pathlib.Path(args.archive), pathlib.Path(args.out)
     if args.bare:  # its own process: TensorFlow in the driver would inflate the job's driver RSS
+        if args.ray_idle:  # diagnostic: the same loop with a local Ray started and idle beside it
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         print(json.dumps(bare_model_rate(args.model, archive, args.batch_size, min(args.baseline_images, args.n))),
               flush=True)
         return
@@ -130,7 +147,7 @@ def one_run(args: argparse.Namespace) -> None:
         "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "driver_peak_uss_mib": round(watcher.driver_peak_uss / 2**20),
         "worker_peak_rss_mib": round(watcher.peak_rss / 2**20), "worker_peak_uss_mib": round(watcher.peak_uss / 2**20),
-        "wall_s": round(wall, 1),
+        "wall_s": round(wall, 1), "sampler_cpu_s": round(watcher.cpu_s, 1),
     }), flush=True)
 
 
@@ -144,6 +161,7 @@ def main() -> None:
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ray-idle", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--archive", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -164,13 +182,16 @@ def main() -> None:
                       "--cpus-per-actor", str(args.cpus_per_actor)]
             base = last_json(subprocess.run(common + ["--bare"], check=True, capture_output=True, text=True))
             job = last_json(subprocess.run(common, check=True, capture_output=True, text=True))
+            idle = last_json(subprocess.run(common + ["--bare", "--ray-idle"], check=True, capture_output=True, text=True))
             bare = base["bare"]
             job.update(image_size=args.image_size, bare_model_images_per_s=round(bare, 1),
                        ratio=round(job["job_images_per_s"] / bare, 3),
                        ratio_stream=round(job["job_stream_images_per_s"] / bare, 3),
                        decode_cpu_ms_per_image=round(base["decode_cpu_ms"], 2),
                        model_cpu_ms_per_image=round(base["model_cpu_ms"], 2),
-                       cpu_bound_ceiling=round(base["cpu_bound_ceiling"], 3))
+                       cpu_bound_ceiling=round(base["cpu_bound_ceiling"], 3),
+                       bare_ray_idle_images_per_s=round(idle["bare"], 1),
+                       ratio_vs_ray_idle=round(job["job_images_per_s"] / idle["bare"], 3))
             print(json.dumps(job), flush=True)
 
 

@@ -74,6 +74,7 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     _flag(p, S, "actors", "model actors in the pool", type=int)
     _flag(p, S, "gpus_per_actor", "GPUs per model actor (0 on CPU-only clusters)", type=float)
     _flag(p, S, "cpus_per_actor", "CPUs per model actor", type=float)
+    _flag(p, S, "memory_per_actor_gb", "memory Ray reserves for each model actor, GiB", type=float)
     _flag(p, S, "threshold", "P(Parasitized) at or above which a cell is called Parasitized", type=float)
     _switch(p, "skip_scored", "skip images this model already scored under --output (nightly)")
     _flag(p, S, "run_id", "run identifier (default: UTC time + random suffix)")

@@ -81,6 +81,10 @@ def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.nd
 
 
 def _in_sorted(sorted_ids: np.ndarray, key: str) -> bool:
+    if not len(sorted_ids):
+        return False
+    if sorted_ids.dtype.kind == "S":  # ``outputs.scored_ids``: fixed-width ASCII
+        key = key.encode("ascii")
     i = int(np.searchsorted(sorted_ids, key))
     return i < len(sorted_ids) and sorted_ids[i] == key
 
@@ -94,7 +98,7 @@ class Scorer:
         # Without memory growth TF grabs the whole GPU and a second actor on it cannot start.
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
-        from malaria_ray.model import load_model
+        from malaria_ray.model import load_model, predictor
 
         # A model that fails to load is reported in every row this actor returns, not raised: an
         # exception from an actor reaches the driver wrapped in Ray's worker header, and a failed
@@ -102,9 +106,10 @@ class Scorer:
         # driver stops the run at the first such row with the one-line reason.
         self.error: ModelError | None = None
         try:
-            self.model, loaded_id = load_model(model_uri)
+            model, loaded_id = load_model(model_uri)
             if loaded_id != model_id:
                 raise ModelError(f"model {model_uri} changed during the run ({model_id} -> {loaded_id})")
+            self.predict = predictor(model)
         except ModelError as exc:
             self.error = exc
         self.model_id, self.threshold, self.run_id = model_id, float(threshold), run_id
@@ -122,7 +127,7 @@ class Scorer:
         ok = status == sources.STATUS_OK
         prob = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
-            prob[ok] = np.asarray(self.model.predict_on_batch(batch[COL_PIXELS][ok]))[:, 0]
+            prob[ok] = self.predict(batch[COL_PIXELS][ok])
         pred = np.where(prob >= self.threshold, POSITIVE_CLASS, CLASS_NAMES[1]).astype(object)
         pred[~ok] = None
         now = np.datetime64(dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), "us")
@@ -179,7 +184,7 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     if not _RUN_ID_RE.match(run_id):
         raise CorpusError(f"--run-id {run_id!r} must be letters, digits, '_', '.', '-' (not starting with '_' or '.')")
     listing = sources.list_units(cfg.input)
-    if not listing.units:
+    if not len(listing):
         raise CorpusError(f"no images found in {cfg.input} ({len(listing.skipped)} non-image files skipped)")
     storage.check_writable(cfg.output)
     stale = outputs.remove_stale_staging(cfg.output)
@@ -195,27 +200,9 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
         except ray.exceptions.RayTaskError as exc:
             raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
     model_id, size = info["model_id"], info["image_size"]
-    skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else np.array([], dtype=object)
+    skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else np.array([], dtype="S64")
 
-    cluster = ray.cluster_resources()
-    cpus_per_actor = _cpus_per_actor(cfg, cluster.get("CPU", 1.0))
-    if cfg.gpus_per_actor:
-        resources.note_missing_gpus(cfg.actors * cfg.gpus_per_actor, cluster.get("GPU", 0.0), "--gpus-per-actor", "score")
-    # ~256 loose images per read task; an archive per task where there are few units.
-    blocks = min(len(listing.units), max(4, len(listing.units) // 256))
-    ds = ray.data.from_items(listing.units, override_num_blocks=blocks)
-    ds = ds.flat_map(sources.expand_unit, **remote_env)
-    ds = ds.map_batches(prepare_batch, batch_size=cfg.batch_size, batch_format="numpy",
-                        fn_kwargs={"image_size": size, "skip_ids": skip_ids}, num_cpus=1, **remote_env)
-    ds = ds.map_batches(
-        Scorer, batch_size=cfg.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        fn_constructor_kwargs={"model_uri": cfg.model, "model_id": model_id, "threshold": cfg.threshold, "run_id": run_id},
-        # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a killed
-        # actor restarts and its in-flight batch is retried (tests/test_score.py kills one).
-        num_cpus=cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
-        **remote_env,
-    )
+    ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run_id, remote_env)
 
     counts = {"scored": 0, "errors": 0, sources.STATUS_NON_IMAGE: len(listing.skipped),
               sources.STATUS_EMPTY: 0, STATUS_ALREADY: 0}
@@ -265,6 +252,41 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     outputs.rebuild_metrics(cfg.output)
     outputs.rebuild_slides(cfg.output, model_id)
     return result
+
+
+def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_ids: np.ndarray, model_id: str,
+                   run_id: str, remote_args: dict):
+    """The Ray Data pipeline, not yet executed: units -> rows -> decoded pixels -> model rows."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    cpus_per_actor = _cpus_per_actor(cfg, cluster.get("CPU", 1.0))
+    if cfg.gpus_per_actor:
+        resources.note_missing_gpus(cfg.actors * cfg.gpus_per_actor, cluster.get("GPU", 0.0), "--gpus-per-actor", "score")
+    ds = ray.data.from_arrow(_slices(listing.table, max(4, len(listing) // 256)))
+    ds = ds.flat_map(sources.expand_unit, **remote_args)
+    ds = ds.map_batches(prepare_batch, batch_size=cfg.batch_size, batch_format="numpy",
+                        fn_kwargs={"image_size": size, "skip_ids": skip_ids}, num_cpus=1, **remote_args)
+    return ds.map_batches(
+        Scorer, batch_size=cfg.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        fn_constructor_kwargs={"model_uri": cfg.model, "model_id": model_id, "threshold": cfg.threshold, "run_id": run_id},
+        # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a killed
+        # actor restarts and its in-flight batch is retried (tests/test_score.py kills one).
+        # The memory reservation keeps Ray from packing more actors on a node than fit. It also
+        # keeps decode a stage of its own: with equal resources Ray Data fuses the decode tasks
+        # into the actor, which then decodes and predicts in turn instead of side by side.
+        num_cpus=cpus_per_actor, num_gpus=cfg.gpus_per_actor or None, memory=int(cfg.memory_per_actor_gb * 2**30),
+        **remote_args,
+    )
+
+
+def _slices(table, n: int) -> list:
+    """``table`` cut into at most ``n`` near-equal blocks, one read task each (~256 loose images per
+    task; an archive per task where there are few units)."""
+    n = min(n, table.num_rows)
+    bounds = [round(i * table.num_rows / n) for i in range(n + 1)]
+    return [table.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]
 
 
 def _cpus_per_actor(cfg: ScoreConfig, cluster_cpus: float) -> float:

@@ -19,6 +19,9 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from malaria_ray import storage
 from malaria_ray.corpus import CorpusError
 
@@ -42,13 +45,27 @@ PARQUET_BATCH_ROWS = 256
 
 @dataclass
 class Listing:
-    """What the driver found under an input: units to read, and loose files it skipped."""
+    """What the driver found under an input: units to read, and loose files it skipped.
 
-    units: list[dict] = field(default_factory=list)  # {"kind", "uri"}
+    The units live in one Arrow table (``kind``, ``uri``): ~1/4 of the memory of a Python dict
+    per unit, which matters in the driver at millions of loose images, and Ray Data reads it
+    as is (``ray.data.from_arrow``).
+    """
+
+    table: pa.Table = field(default_factory=lambda: pa.table({"kind": pa.array([], pa.string()),
+                                                              "uri": pa.array([], pa.string())}))
     skipped: list[str] = field(default_factory=list)  # non-image loose files (Thumbs.db, .txt, ...)
 
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def units(self) -> list[dict]:
+        """The units as ``{"kind", "uri"}`` dicts (what ``expand_unit`` takes); for small listings."""
+        return self.table.to_pylist()
+
     def count(self, kind: str) -> int:
-        return sum(1 for u in self.units if u["kind"] == kind)
+        return int(pc.sum(pc.equal(self.table.column("kind"), kind)).as_py() or 0)
 
 
 def kind_of(path: str) -> str | None:
@@ -86,17 +103,24 @@ def list_units(input_uri: str) -> Listing:
         raise
     except Exception as exc:  # missing bucket, denied, bad endpoint: the backend's type varies
         raise CorpusError(f"cannot list input {input_uri}: {type(exc).__name__}: {exc}") from exc
-    out = Listing()
-    for path in sorted(found):
+    found.sort()
+    skipped, chunks, kinds, uris = [], [], [], []
+    for i, path in enumerate(found):
+        found[i] = None  # each path is dropped as soon as it is read into the table
         rel = posixpath.relpath(path, base) if base else path
         if _hidden(rel):
             continue
         kind = kind_of(path)
         if kind is None:
-            out.skipped.append(prefix + path)
-        else:
-            out.units.append({"kind": kind, "uri": prefix + path})
-    return out
+            skipped.append(prefix + path)
+            continue
+        kinds.append(kind)
+        uris.append(prefix + path)
+        if len(uris) == 65536:
+            chunks.append(pa.table({"kind": kinds, "uri": uris}))
+            kinds, uris = [], []
+    chunks.append(pa.table({"kind": pa.array(kinds, pa.string()), "uri": pa.array(uris, pa.string())}))
+    return Listing(pa.concat_tables(chunks), skipped)
 
 
 def _row(uri: str, status: str, data: bytes | None = None, error: str | None = None,

@@ -40,6 +40,24 @@ def run_cli(*args: str) -> int:
     return cli.main(["score", *args])
 
 
+def test_decode_runs_beside_the_model_not_inside_it(ray_session, sample_dir, tmp_path, capsys):
+    """On CPU-only clusters Ray Data would fuse decode tasks and model actors with equal resources
+    into one actor that decodes and predicts in turn; the actor's memory reservation keeps them
+    two stages (decode tasks run while the model works). GPU actors differ by num_gpus anyway."""
+    from malaria_ray.score import build_pipeline
+
+    for gpus in (0.0, 1.0):
+        cfg = ScoreConfig(input=str(sample_dir), model="unused", output=str(tmp_path), gpus_per_actor=gpus)
+        ds = build_pipeline(cfg, sources.list_units(str(sample_dir / "Uninfected")), 32,
+                            np.array([], dtype="S64"), "m", "r", {})
+        capsys.readouterr()
+        ds.explain()
+        plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+        assert "ActorPoolMapOperator[MapBatches(Scorer)]" in plan, plan
+        assert "prepare_batch)->MapBatches(Scorer)" not in plan, plan
+        assert "TaskPoolMapOperator[MapBatches(prepare_batch)]" in plan, plan
+
+
 def test_scorer_direct_then_in_map_batches(ray_session, sample_dir, score_model):
     from malaria_ray.score import Scorer, inspect_model, prepare_batch
 
