@@ -111,6 +111,24 @@ class WorkerRss(threading.Thread):
             self.cpu_s += time.thread_time() - t0
 
 
+def _machine_cpu_s() -> float:
+    """CPU seconds spent by every process on the machine since boot (/proc/stat, all cores)."""
+    with open("/proc/stat") as f:
+        user, nice, system = (int(v) for v in f.readline().split()[1:4])
+    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
+
+
+def _model_actor_cpu_s() -> float:
+    """CPU seconds of the live model actor processes (the Scorer's ``ray::MapWorker``)."""
+    import psutil
+
+    total = 0.0
+    for p in psutil.process_iter(["cmdline", "cpu_times"]):
+        if "MapBatches(Scorer)" in " ".join(p.info["cmdline"] or []):
+            total += p.info["cpu_times"].user + p.info["cpu_times"].system
+    return total
+
+
 def last_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
@@ -134,11 +152,12 @@ def one_run(args: argparse.Namespace) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     watcher = WorkerRss()
     watcher.start()
-    start = time.perf_counter()
+    machine0, start = _machine_cpu_s(), time.perf_counter()
     result = score.score_archive(ScoreConfig(input=str(archive), model=args.model, output=str(out),
                                              batch_size=args.batch_size, actors=1,
                                              cpus_per_actor=args.cpus_per_actor))
     wall = time.perf_counter() - start
+    machine, model = _machine_cpu_s() - machine0, _model_actor_cpu_s()
     watcher.stop.set()
     ray.shutdown()
     print(json.dumps({
@@ -148,6 +167,10 @@ def one_run(args: argparse.Namespace) -> None:
         "driver_peak_uss_mib": round(watcher.driver_peak_uss / 2**20),
         "worker_peak_rss_mib": round(watcher.peak_rss / 2**20), "worker_peak_uss_mib": round(watcher.peak_uss / 2**20),
         "wall_s": round(wall, 1), "sampler_cpu_s": round(watcher.cpu_s, 1),
+        # Where the machine's CPU went during the job: the model actor, and everything else
+        # (read and decode tasks, driver, Ray's own processes, the sampler), per image.
+        "machine_cpu_s": round(machine, 1), "model_actor_cpu_s": round(model, 1),
+        "other_cpu_ms_per_image": round(1000 * (machine - model) / max(result.rows, 1), 2),
     }), flush=True)
 
 

@@ -1,4 +1,4 @@
-"""Bulk scoring with Ray Data: read -> decode/resize (CPU tasks) -> model (actor pool) -> Parquet.
+"""Bulk scoring with Ray Data: read + decode/resize (CPU tasks) -> model (actor pool) -> Parquet.
 
 ``score_archive(cfg)`` runs one scoring run and commits it under ``cfg.output`` (layout and commit
 protocol in ``malaria_ray.outputs``); ``main(cfg)`` adds the one-screen summary and the exit code.
@@ -22,6 +22,7 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
@@ -78,6 +79,32 @@ def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.nd
             status[i], cols[outputs.COL_ERROR][i] = sources.STATUS_ERROR, str(exc)
     return {sources.COL_URI: np.asarray(batch[sources.COL_URI], dtype=object), sources.COL_STATUS: status,
             COL_PIXELS: pixels, **cols}
+
+
+def read_and_prepare(units: dict[str, np.ndarray], image_size: int, skip_ids: np.ndarray,
+                     batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Listed units -> prepared batches of ``batch_size`` rows, in one CPU task.
+
+    Reading and decoding share a task, so the raw bytes never pass through Ray's object store:
+    only the decoded pixels do. An archive streams member by member, so a task holds at most one
+    batch of bytes, however large the archive.
+    """
+    keys = (sources.COL_URI, sources.COL_DATA, sources.COL_STATUS, sources.COL_ERROR, sources.COL_LABEL_HINT)
+    rows: list[dict] = []
+    for kind, uri in zip(units["kind"], units["uri"]):
+        for row in sources.expand_unit({"kind": kind, "uri": uri}):
+            rows.append(row)
+            if len(rows) == batch_size:
+                yield prepare_batch({k: _objects([r[k] for r in rows]) for k in keys}, image_size, skip_ids)
+                rows = []
+    if rows:
+        yield prepare_batch({k: _objects([r[k] for r in rows]) for k in keys}, image_size, skip_ids)
+
+
+def _objects(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)  # element by element: bytes must not become 'S' arrays
+    out[:] = values
+    return out
 
 
 def _in_sorted(sorted_ids: np.ndarray, key: str) -> bool:
@@ -264,9 +291,9 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
     if cfg.gpus_per_actor:
         resources.note_missing_gpus(cfg.actors * cfg.gpus_per_actor, cluster.get("GPU", 0.0), "--gpus-per-actor", "score")
     ds = ray.data.from_arrow(_slices(listing.table, max(4, len(listing) // 256)))
-    ds = ds.flat_map(sources.expand_unit, **remote_args)
-    ds = ds.map_batches(prepare_batch, batch_size=cfg.batch_size, batch_format="numpy",
-                        fn_kwargs={"image_size": size, "skip_ids": skip_ids}, num_cpus=1, **remote_args)
+    ds = ds.map_batches(read_and_prepare, batch_size=None, batch_format="numpy", num_cpus=1,
+                        fn_kwargs={"image_size": size, "skip_ids": skip_ids, "batch_size": cfg.batch_size},
+                        **remote_args)
     return ds.map_batches(
         Scorer, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),

@@ -54,8 +54,8 @@ def test_decode_runs_beside_the_model_not_inside_it(ray_session, sample_dir, tmp
         ds.explain()
         plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
         assert "ActorPoolMapOperator[MapBatches(Scorer)]" in plan, plan
-        assert "prepare_batch)->MapBatches(Scorer)" not in plan, plan
-        assert "TaskPoolMapOperator[MapBatches(prepare_batch)]" in plan, plan
+        assert "read_and_prepare)->MapBatches(Scorer)" not in plan, plan
+        assert "TaskPoolMapOperator[MapBatches(read_and_prepare)]" in plan, plan
 
 
 def test_scorer_direct_then_in_map_batches(ray_session, sample_dir, score_model):

@@ -17,7 +17,7 @@ from PIL import Image
 
 from malaria_ray import outputs, sources
 from malaria_ray.metrics import binary_metrics
-from malaria_ray.score import STATUS_ALREADY, image_id_of, prepare_batch
+from malaria_ray.score import STATUS_ALREADY, image_id_of, prepare_batch, read_and_prepare
 
 
 def real_pngs(sample_dir: pathlib.Path, cls: str, n: int) -> list[pathlib.Path]:
@@ -136,6 +136,12 @@ def test_list_and_expand_mixed_input(sample_dir, tmp_path):
     assert sorted(e.rsplit("/", 1)[1] for e in errors) == ["broken.png", "corrupt member.png"]
     labels = [lab for lab, s in zip(out[outputs.COL_LABEL], out[sources.COL_STATUS]) if s == "ok"]
     assert labels.count("Parasitized") == 12 and labels.count("Uninfected") == 12
+    # The pipeline's read task does the same in batches of 5: the same rows, in the same order.
+    units = {k: np.array(listing.table.column(k).to_pylist(), dtype=object) for k in ("kind", "uri")}
+    batches = list(read_and_prepare(units, 32, np.array([], dtype="S64"), batch_size=5))
+    assert [len(b[sources.COL_URI]) for b in batches] == [min(5, len(rows) - i) for i in range(0, len(rows), 5)]
+    assert np.concatenate([b[sources.COL_URI] for b in batches]).tolist() == out[sources.COL_URI].tolist()
+    assert np.array_equal(np.concatenate([b["pixels"] for b in batches]), out["pixels"])
 
 
 def test_truncated_tar_keeps_read_members_and_reports(sample_dir, tmp_path):
