@@ -1,4 +1,4 @@
-"""Resource requests: CPU reservations that leave Ray Data room on small nodes; missing GPUs.
+"""Resource requests: CPU and memory reservations that fit small nodes; missing GPUs.
 
 Ray schedules by logical CPUs. Train workers or scoring actors that reserve every CPU of a node
 leave none for the Ray Data tasks that feed them, and the run waits forever (on a 2-CPU machine,
@@ -17,6 +17,21 @@ def leave_a_cpu(count: int, per: float, cluster_cpus: float, what: str, tag: str
     fitted = round(min(per, fitted), 2)
     print(f"[{tag}] {count} {what} x {per:g} CPU would leave no CPU for Ray Data on {cluster_cpus:g} CPUs: "
           f"reserving {fitted:g} CPU per {what.rstrip('s')} instead", flush=True)
+    return fitted
+
+
+def fit_memory(count: int, per_gb: float, cluster_bytes: float, what: str, tag: str) -> int:
+    """Bytes of memory to reserve per process so ``count`` of them fit what Ray can schedule.
+
+    Like the CPU reservation, Ray's ``memory`` resource is bookkeeping (nothing caps a process at
+    it): an ask the node cannot meet would only leave the run waiting, so it shrinks and says so.
+    """
+    per = int(per_gb * 2**30)
+    if count * per <= cluster_bytes:
+        return per
+    fitted = max(1, int(0.9 * cluster_bytes / count))
+    print(f"[{tag}] {count} {what} x {per_gb:g} GiB exceed the {cluster_bytes / 2**30:.1f} GiB of memory Ray can "
+          f"schedule: reserving {fitted / 2**30:.2f} GiB per {what.rstrip('s')} instead", flush=True)
     return fitted
 
 

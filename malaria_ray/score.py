@@ -288,6 +288,10 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
 
     cluster = ray.cluster_resources()
     cpus_per_actor = _cpus_per_actor(cfg, cluster.get("CPU", 1.0))
+    memory_per_actor = int(cfg.memory_per_actor_gb * 2**30)
+    if not cfg.gpus_per_actor:  # GPU actors land on GPU nodes that may not exist yet: their memory is unknown
+        memory_per_actor = resources.fit_memory(cfg.actors, cfg.memory_per_actor_gb, cluster.get("memory", 0.0),
+                                                "actors", "score")
     if cfg.gpus_per_actor:
         resources.note_missing_gpus(cfg.actors * cfg.gpus_per_actor, cluster.get("GPU", 0.0), "--gpus-per-actor", "score")
     ds = ray.data.from_arrow(_slices(listing.table, max(4, len(listing) // 256)))
@@ -303,7 +307,7 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
         # The memory reservation keeps Ray from packing more actors on a node than fit. It also
         # keeps decode a stage of its own: with equal resources Ray Data fuses the decode tasks
         # into the actor, which then decodes and predicts in turn instead of side by side.
-        num_cpus=cpus_per_actor, num_gpus=cfg.gpus_per_actor or None, memory=int(cfg.memory_per_actor_gb * 2**30),
+        num_cpus=cpus_per_actor, num_gpus=cfg.gpus_per_actor or None, memory=memory_per_actor,
         **remote_args,
     )
 

@@ -1,6 +1,6 @@
 """CPU reservations: Train workers and scoring actors always leave Ray Data a CPU on CPU-only nodes."""
 
-from malaria_ray.resources import leave_a_cpu, note_missing_gpus
+from malaria_ray.resources import fit_memory, leave_a_cpu, note_missing_gpus
 
 
 def test_reservation_is_kept_when_a_cpu_is_left(capsys):
@@ -25,3 +25,12 @@ def test_missing_gpus_are_announced_not_fatal(capsys):
     out = capsys.readouterr().out
     assert out.startswith("[score] --gpus-per-actor needs 2 GPU(s); the Ray cluster has 0 now.")
     assert "drop --gpus-per-actor" in out
+
+
+def test_memory_reservation_fits_the_node_and_says_so(capsys):
+    assert fit_memory(2, 2.0, 16 * 2**30, "actors", "score") == 2 * 2**30
+    assert capsys.readouterr().out == ""
+    fitted = fit_memory(4, 2.0, 4 * 2**30, "actors", "score")  # a small laptop: 4 x 2 GiB would wait forever
+    assert 0 < 4 * fitted <= 4 * 2**30
+    assert "[score] 4 actors x 2 GiB exceed the 4.0 GiB of memory Ray can schedule: reserving 0.90 GiB per actor" \
+        in capsys.readouterr().out
