@@ -79,8 +79,9 @@ class WorkerRss(threading.Thread):
     (memory unique to the process: its heap, TensorFlow's allocator, Python objects) is the
     number that shows whether a worker's own memory grows with the archive.
 
-    Sampling is not free and it runs on the cores it measures: RSS (``/proc/PID/statm``) every
-    0.5 s, USS (a walk of every mapping, ~10 ms for a TensorFlow process) every ``uss_every`` s.
+    Sampling is not free and it runs on the cores it measures: every 0.5 s the workers' RSS
+    (``/proc/PID/statm``) and the driver's USS; the workers' USS (a walk of every mapping, ~10 ms
+    for a TensorFlow process) every ``uss_every`` s.
     ``cpu_s`` reports what the sampler itself cost, so a reader can see the perturbation.
     """
 
@@ -106,8 +107,9 @@ class WorkerRss(threading.Thread):
                         self.peak_uss = max(self.peak_uss, p.memory_full_info().uss)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
+            self.driver_peak_uss = max(self.driver_peak_uss, me.memory_full_info().uss)  # a few ms: every time
             if with_uss:
-                self.driver_peak_uss, last_uss = max(self.driver_peak_uss, me.memory_full_info().uss), time.monotonic()
+                last_uss = time.monotonic()
             self.cpu_s += time.thread_time() - t0
 
 
