@@ -73,7 +73,9 @@ COL_N_LABEL_POS, COL_N_LABEL_NEG = "n_label_parasitized", "n_label_uninfected"
 
 PREDICTIONS_DIR, STAGING_DIR, RUNS_DIR = "predictions", "_staging", "runs"
 METRICS_FILE, SLIDES_FILE = "metrics.parquet", "slides.parquet"
-ROW_GROUP_ROWS = 65_536
+# Rows the writer holds before it writes a row group: bounds the driver's memory (the rows of a
+# run are never all held) while keeping row groups large enough for readers to scan quickly.
+ROW_GROUP_ROWS = 8_192
 AUC_BINS = 1 << 16  # streaming ROC AUC: ties within 1/65536 of probability count as ties
 
 
@@ -101,7 +103,7 @@ class PredictionWriter:
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
-        table = normalize(table)
+        table = normalize(table).combine_chunks()  # own buffers, not slices of Ray's larger blocks
         self._pending.append(table)
         self._pending_rows += table.num_rows
         self.rows += table.num_rows
