@@ -89,22 +89,15 @@ def read_and_prepare(units: dict[str, np.ndarray], image_size: int, skip_ids: np
     only the decoded pixels do. An archive streams member by member, so a task holds at most one
     batch of bytes, however large the archive.
     """
-    keys = (sources.COL_URI, sources.COL_DATA, sources.COL_STATUS, sources.COL_ERROR, sources.COL_LABEL_HINT)
     rows: list[dict] = []
     for kind, uri in zip(units["kind"], units["uri"]):
         for row in sources.expand_unit({"kind": kind, "uri": uri}):
             rows.append(row)
             if len(rows) == batch_size:
-                yield prepare_batch({k: _objects([r[k] for r in rows]) for k in keys}, image_size, skip_ids)
+                yield prepare_batch(sources.rows_to_batch(rows), image_size, skip_ids)
                 rows = []
     if rows:
-        yield prepare_batch({k: _objects([r[k] for r in rows]) for k in keys}, image_size, skip_ids)
-
-
-def _objects(values: list) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)  # element by element: bytes must not become 'S' arrays
-    out[:] = values
-    return out
+        yield prepare_batch(sources.rows_to_batch(rows), image_size, skip_ids)
 
 
 def _in_sorted(sorted_ids: np.ndarray, key: str) -> bool:
@@ -288,12 +281,12 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
 
     cluster = ray.cluster_resources()
     cpus_per_actor = _cpus_per_actor(cfg, cluster.get("CPU", 1.0))
-    memory_per_actor = int(cfg.memory_per_actor_gb * 2**30)
-    if not cfg.gpus_per_actor:  # GPU actors land on GPU nodes that may not exist yet: their memory is unknown
+    if cfg.gpus_per_actor:  # GPU actors land on GPU nodes that may not exist yet: their memory is unknown
+        memory_per_actor = int(cfg.memory_per_actor_gb * 2**30)
+        resources.note_missing_gpus(cfg.actors * cfg.gpus_per_actor, cluster.get("GPU", 0.0), "--gpus-per-actor", "score")
+    else:
         memory_per_actor = resources.fit_memory(cfg.actors, cfg.memory_per_actor_gb, cluster.get("memory", 0.0),
                                                 "actors", "score")
-    if cfg.gpus_per_actor:
-        resources.note_missing_gpus(cfg.actors * cfg.gpus_per_actor, cluster.get("GPU", 0.0), "--gpus-per-actor", "score")
     ds = ray.data.from_arrow(_slices(listing.table, max(4, len(listing) // 256)))
     ds = ds.map_batches(read_and_prepare, batch_size=None, batch_format="numpy", num_cpus=1,
                         fn_kwargs={"image_size": size, "skip_ids": skip_ids, "batch_size": cfg.batch_size},

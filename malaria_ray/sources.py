@@ -20,6 +20,7 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -138,6 +139,12 @@ def _walk_sorted(folder: str) -> Iterator[str]:
             yield path
         elif not key.startswith((".", "_")):
             yield from _walk_sorted(path)
+
+
+def rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rows from ``expand_unit`` as one numpy batch of object columns (what ``score.prepare_batch`` takes)."""
+    return {k: np.array([r[k] for r in rows], dtype=object)
+            for k in (COL_URI, COL_DATA, COL_STATUS, COL_ERROR, COL_LABEL_HINT)}
 
 
 def _row(uri: str, status: str, data: bytes | None = None, error: str | None = None,

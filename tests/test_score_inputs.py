@@ -51,8 +51,7 @@ def bad_inputs(sample_dir: pathlib.Path) -> dict[str, tuple[bytes, bool]]:
 
 
 def raw_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    keys = (sources.COL_URI, sources.COL_DATA, sources.COL_STATUS, sources.COL_ERROR, sources.COL_LABEL_HINT)
-    return {k: np.array([r[k] for r in rows], dtype=object) for k in keys}
+    return sources.rows_to_batch(rows)
 
 
 def test_bad_images_become_error_rows_or_decode(sample_dir):
