@@ -89,9 +89,9 @@ def list_units(input_uri: str) -> Listing:
     """Every readable unit under ``input_uri`` (sorted), and the non-image files it skipped.
 
     Raises ``CorpusError`` when the input is missing or unreadable (missing bucket, no access).
-    A local tree is walked one directory at a time; fsspec's ``find`` would first build an info
-    dict per file (~1 KB each: a GiB in the driver for a million images). Object stores list
-    with ``find`` (paginated by the backend), and its listings cache is dropped right after.
+    Paths stream into Arrow chunks in sorted order, one directory (local) or one listing page
+    (S3, 1,000 keys) at a time. fsspec's ``find`` would first build an info dict per file
+    (~1 KB each: a GiB in the driver for a million images) and keep it in its listings cache.
     """
     fs, root = storage.filesystem(input_uri)
     prefix = storage.protocol_prefix(input_uri)
@@ -101,7 +101,9 @@ def list_units(input_uri: str) -> Listing:
             found, base = iter([root]), posixpath.dirname(root)
         elif fs.isdir(root):
             base = root
-            if storage.is_remote(input_uri):
+            if storage.is_s3(input_uri):
+                found = _list_s3(fs, root)
+            elif storage.is_remote(input_uri):  # another fsspec store: its own find, cache dropped
                 found = iter(sorted(fs.find(root)))
                 fs.invalidate_cache()
             else:
@@ -139,6 +141,24 @@ def _walk_sorted(folder: str) -> Iterator[str]:
             yield path
         elif not key.startswith((".", "_")):
             yield from _walk_sorted(path)
+
+
+def _list_s3(fs, root: str, page_size: int = 1000) -> Iterator[str]:
+    """Every object under the S3 prefix ``root`` ("bucket/key/prefix") as "bucket/key", one
+    ``ListObjectsV2`` page at a time (each page retried by s3fs). S3 returns keys in UTF-8 byte
+    order, which is Python's ``sorted`` order of the full paths, so nothing is held to sort.
+    Folder markers (keys ending in ``/``) are not objects to read."""
+    bucket, key, _ = fs.split_path(root)
+    request = {"Bucket": bucket, "Prefix": key.rstrip("/") + "/" if key else "", "MaxKeys": page_size,
+               **fs.req_kw}
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        for obj in page.get("Contents", ()):
+            if not obj["Key"].endswith("/"):
+                yield f"{bucket}/{obj['Key']}"
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:

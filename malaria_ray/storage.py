@@ -43,9 +43,13 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` and the path inside it (no protocol)."""
-    if uri.startswith("s3://") or uri.startswith("s3a://"):
+    if is_s3(uri):
         fs, path = fsspec.core.url_to_fs(uri.replace("s3a://", "s3://", 1), **s3_options())
     else:
         fs, path = fsspec.core.url_to_fs(uri)
@@ -109,7 +113,7 @@ def check_writable(uri: str) -> None:
 
     Never creates a missing bucket (fsspec's makedirs would): a job must not invent buckets.
     """
-    if uri.startswith(("s3://", "s3a://")):
+    if is_s3(uri):
         fs, path = filesystem(uri)
         bucket = path.split("/", 1)[0]
         try:

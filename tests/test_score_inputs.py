@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from malaria_ray import outputs, sources
+from malaria_ray import outputs, sources, storage
 from malaria_ray.metrics import binary_metrics
 from malaria_ray.score import STATUS_ALREADY, image_id_of, prepare_batch, read_and_prepare
 
@@ -137,7 +137,7 @@ def test_list_and_expand_mixed_input(sample_dir, tmp_path):
     assert labels.count("Parasitized") == 12 and labels.count("Uninfected") == 12
     # The pipeline's read task does the same in batches of 5: the same rows, in the same order.
     units = {k: np.array(listing.table.column(k).to_pylist(), dtype=object) for k in ("kind", "uri")}
-    batches = list(read_and_prepare(units, 32, np.array([], dtype="S64"), batch_size=5))
+    batches = list(read_and_prepare(units, 32, outputs.NO_IDS, batch_size=5))
     assert [len(b[sources.COL_URI]) for b in batches] == [min(5, len(rows) - i) for i in range(0, len(rows), 5)]
     assert np.concatenate([b[sources.COL_URI] for b in batches]).tolist() == out[sources.COL_URI].tolist()
     assert np.array_equal(np.concatenate([b["pixels"] for b in batches]), out["pixels"])
@@ -154,6 +154,36 @@ def test_truncated_tar_keeps_read_members_and_reports(sample_dir, tmp_path):
     statuses = [r[sources.COL_STATUS] for r in rows]
     assert statuses[0] == "ok" and statuses[-1] == "error" and len(rows) <= 3
     assert list(sources.expand_unit({"kind": "zip", "uri": str(tmp_path / "t.tar")}))[0][sources.COL_STATUS] == "error"
+
+
+def test_s3_listing_streams_pages_in_sorted_order(moto_s3, tmp_path):
+    """The S3 listing reads ListObjectsV2 page by page (3 keys a page here) and yields exactly the
+    objects a local copy of the same tree lists, in the same order: no folder markers, nothing
+    from a sibling prefix, hidden folders pruned, unicode and spaces sorted as Python sorts."""
+    import boto3
+
+    names = ["B/x.png", "a b/c.png", "a/z.png", "a/é.png", "a/日本.png", "a/deep/er/1.tar",
+             "a/Thumbs.db", "_staging/y.png", "a/.hidden/q.png", "b.zip", "p/part-0.parquet"]
+    boto3.client("s3", endpoint_url=moto_s3).create_bucket(Bucket="listing")
+    fs, _ = storage.filesystem("s3://listing")
+    for name in names:
+        fs.pipe(f"listing/in/{name}", b"x")
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    fs.pipe("listing/in/a/marker/", b"")  # a console-made "folder"
+    fs.pipe("listing/in-2/elsewhere.png", b"x")  # shares the prefix string, not the folder
+
+    paged = list(sources._list_s3(fs, "listing/in", page_size=3))
+    assert paged == sorted(p for p in fs.find("listing/in") if not p.endswith("/"))
+    assert len(paged) == len(names)
+    s3 = sources.list_units("s3://listing/in")
+    local = sources.list_units(str(tmp_path))
+    strip = lambda uris, base: [u[len(base):] for u in uris]  # noqa: E731
+    assert s3.table.column("kind").to_pylist() == local.table.column("kind").to_pylist()
+    assert strip(s3.table.column("uri").to_pylist(), "s3://listing/in") == \
+        strip(local.table.column("uri").to_pylist(), str(tmp_path))
+    assert strip(s3.skipped, "s3://listing/in") == ["/a/Thumbs.db"]
+    assert len(s3) == 8 and sources.list_units("s3://listing").count("image") == 6
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
