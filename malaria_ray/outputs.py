@@ -200,6 +200,10 @@ def _dataset(root: str) -> pads.Dataset | None:
     return pads.dataset(path, filesystem=fs, format="parquet", schema=PREDICTIONS_SCHEMA)
 
 
+NO_IDS = np.array([], dtype="S64")  # an empty skip list (read-only: never appended to in place)
+NO_IDS.flags.writeable = False
+
+
 def scored_ids(root: str, model_id: str) -> np.ndarray:
     """Sorted image ids this model already scored under ``root`` (ids only; for --skip-scored).
 
@@ -208,12 +212,12 @@ def scored_ids(root: str, model_id: str) -> np.ndarray:
     """
     ds = _dataset(root)
     if ds is None:
-        return np.array([], dtype="S64")
+        return NO_IDS
     chunks = []
     flt = (pads.field(COL_MODEL_ID) == model_id) & pads.field(COL_IMAGE_ID).is_valid()
     for batch in ds.to_batches(columns=[COL_IMAGE_ID], filter=flt):
         chunks.append(batch.column(0).to_numpy(zero_copy_only=False))
-    return np.unique(np.concatenate(chunks).astype(np.bytes_)) if chunks else np.array([], dtype="S64")
+    return np.unique(np.concatenate(chunks).astype(np.bytes_)) if chunks else NO_IDS
 
 
 class MetricsAccumulator:

@@ -220,7 +220,7 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
         except ray.exceptions.RayTaskError as exc:
             raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
     model_id, size = info["model_id"], info["image_size"]
-    skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else np.array([], dtype="S64")
+    skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else outputs.NO_IDS
 
     ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run_id, remote_env)
 
@@ -280,11 +280,11 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
     import ray
 
     cluster = ray.cluster_resources()
-    cpus_per_actor = _cpus_per_actor(cfg, cluster.get("CPU", 1.0))
     if cfg.gpus_per_actor:  # GPU actors land on GPU nodes that may not exist yet: their memory is unknown
-        memory_per_actor = int(cfg.memory_per_actor_gb * 2**30)
+        cpus_per_actor, memory_per_actor = cfg.cpus_per_actor, int(cfg.memory_per_actor_gb * 2**30)
         resources.note_missing_gpus(cfg.actors * cfg.gpus_per_actor, cluster.get("GPU", 0.0), "--gpus-per-actor", "score")
-    else:
+    else:  # leave a CPU for the read and decode tasks (see ``malaria_ray.resources``)
+        cpus_per_actor = resources.leave_a_cpu(cfg.actors, cfg.cpus_per_actor, cluster.get("CPU", 1.0), "actors", "score")
         memory_per_actor = resources.fit_memory(cfg.actors, cfg.memory_per_actor_gb, cluster.get("memory", 0.0),
                                                 "actors", "score")
     ds = ray.data.from_arrow(_slices(listing.table, max(4, len(listing) // 256)))
@@ -311,13 +311,6 @@ def _slices(table, n: int) -> list:
     n = min(n, table.num_rows)
     bounds = [round(i * table.num_rows / n) for i in range(n + 1)]
     return [table.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]
-
-
-def _cpus_per_actor(cfg: ScoreConfig, cluster_cpus: float) -> float:
-    """Leave a CPU for the read and decode tasks (see ``malaria_ray.resources``)."""
-    if cfg.gpus_per_actor:
-        return cfg.cpus_per_actor
-    return resources.leave_a_cpu(cfg.actors, cfg.cpus_per_actor, cluster_cpus, "actors", "score")
 
 
 def _write_run_files(cfg: ScoreConfig, result: RunResult, listing: sources.Listing, size: int) -> None:

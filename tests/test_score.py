@@ -49,7 +49,7 @@ def test_decode_runs_beside_the_model_not_inside_it(ray_session, sample_dir, tmp
     for gpus in (0.0, 1.0):
         cfg = ScoreConfig(input=str(sample_dir), model="unused", output=str(tmp_path), gpus_per_actor=gpus)
         ds = build_pipeline(cfg, sources.list_units(str(sample_dir / "Uninfected")), 32,
-                            np.array([], dtype="S64"), "m", "r", {})
+                            outputs.NO_IDS, "m", "r", {})
         capsys.readouterr()
         ds.explain()
         plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
