@@ -200,6 +200,10 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     import pyarrow.compute as pc
     import ray
 
+    # The driver's Arrow work is light (a row group at a time: writer, roll-up), and it runs once
+    # a night in a process that lives for hours; mimalloc, Arrow's default, kept freed memory that
+    # grew with the store (driver peak +13% from 2,000 to 20,000 images; glibc's malloc +8%).
+    pa.set_memory_pool(pa.system_memory_pool())
     run_id = cfg.run_id or new_run_id()
     if not _RUN_ID_RE.match(run_id):
         raise CorpusError(f"--run-id {run_id!r} must be letters, digits, '_', '.', '-' (not starting with '_' or '.')")
