@@ -7,7 +7,7 @@ Builds an archive of ``--images`` real NIH cells (shared/data/nih_malaria) and, 
 archive it prints one JSON line: end-to-end images/s of ``score_archive`` (listing, read, decode,
 model actor pool, Parquet commit, roll-ups) and the bare model's images/s on pre-decoded arrays
 (same model file, same batch size, one process), their ratio, and peak RSS of the driver and of
-the Ray workers (sampled in the background). Each archive runs in its own subprocess so the
+the Ray workers (RSS and anonymous memory, sampled in the background). Each archive runs in its own subprocess so the
 driver's peak RSS is that run's alone.
 
 Diagnostic: ``bare_ray_idle_images_per_s`` is the bare loop again with a local Ray started and
@@ -70,46 +70,57 @@ def bare_model_rate(model_dir: str, archive: pathlib.Path, batch_size: int, n: i
             "cpu_bound_ceiling": model_cpu / (model_cpu + decode_cpu)}
 
 
+def anon_bytes(pid: int | str = "self") -> int:
+    """Anonymous memory of a process (/proc/PID/smaps_rollup): its heap, Python objects,
+    TensorFlow's allocator. Unlike RSS it leaves out object-store pages the process touched; unlike
+    USS it leaves out a shared library's private pages, which turn shared (and leave USS) as soon
+    as another process maps the same library, so USS moves with how many workers are up."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class WorkerRss(threading.Thread):
     """Peak memory of the Ray worker processes (``ray::`` command lines) and of this driver process,
-    sampled in the background.
+    sampled in the background: RSS, and anonymous memory (``anon_bytes``).
 
     RSS counts the pages of Ray's shared-memory object store a worker has touched, so it grows
-    with the amount of data that streamed through it even when the worker holds nothing; USS
-    (memory unique to the process: its heap, TensorFlow's allocator, Python objects) is the
-    number that shows whether a worker's own memory grows with the archive.
+    with the amount of data that streamed through it even when the worker holds nothing;
+    anonymous memory is the number that shows whether a process's own memory grows with the archive.
 
     Sampling is not free and it runs on the cores it measures: every 0.5 s the workers' RSS
-    (``/proc/PID/statm``) and the driver's USS; the workers' USS (a walk of every mapping, ~10 ms
-    for a TensorFlow process) every ``uss_every`` s.
+    (``/proc/PID/statm``) and the driver's anonymous memory; the workers' anonymous memory (a
+    page-table walk, milliseconds for a TensorFlow process) every ``anon_every`` s.
     ``cpu_s`` reports what the sampler itself cost, so a reader can see the perturbation.
     """
 
-    def __init__(self, uss_every: float = 5.0) -> None:
+    def __init__(self, anon_every: float = 5.0) -> None:
         super().__init__(daemon=True)
-        self.peak_rss = self.peak_uss = self.driver_peak_uss = 0
-        self.uss_every, self.cpu_s = uss_every, 0.0
+        self.peak_rss = self.peak_anon = self.driver_peak_anon = 0
+        self.anon_every, self.cpu_s = anon_every, 0.0
         self.stop = threading.Event()
 
     def run(self) -> None:
         import psutil
 
-        me, last_uss = psutil.Process(), 0.0
+        last_anon = 0.0
         while not self.stop.wait(0.5):
             t0 = time.thread_time()
-            with_uss = time.monotonic() - last_uss >= self.uss_every
+            with_anon = time.monotonic() - last_anon >= self.anon_every
             for p in psutil.process_iter(["cmdline"]):
                 if not " ".join(p.info["cmdline"] or []).startswith("ray::"):
                     continue
                 try:
                     self.peak_rss = max(self.peak_rss, p.memory_info().rss)
-                    if with_uss:
-                        self.peak_uss = max(self.peak_uss, p.memory_full_info().uss)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    if with_anon:
+                        self.peak_anon = max(self.peak_anon, anon_bytes(p.pid))
+                except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
                     continue
-            self.driver_peak_uss = max(self.driver_peak_uss, me.memory_full_info().uss)  # a few ms: every time
-            if with_uss:
-                last_uss = time.monotonic()
+            self.driver_peak_anon = max(self.driver_peak_anon, anon_bytes())
+            if with_anon:
+                last_anon = time.monotonic()
             self.cpu_s += time.thread_time() - t0
 
 
@@ -120,15 +131,29 @@ def _machine_cpu_s() -> float:
     return (user + nice + system) / os.sysconf("SC_CLK_TCK")
 
 
-def _model_actor_cpu_s() -> float:
-    """CPU seconds of the live model actor processes (the Scorer's ``ray::MapWorker``)."""
+def _process_cpu_s() -> dict[int, tuple[str, float]]:
+    """pid -> (short name, CPU seconds so far) of every process on the machine."""
     import psutil
 
-    total = 0.0
-    for p in psutil.process_iter(["cmdline", "cpu_times"]):
-        if "MapBatches(Scorer)" in " ".join(p.info["cmdline"] or []):
-            total += p.info["cpu_times"].user + p.info["cpu_times"].system
-    return total
+    found = {}
+    for p in psutil.process_iter(["cmdline", "name", "cpu_times"]):
+        cmd, times = p.info["cmdline"] or [p.info["name"] or "?"], p.info["cpu_times"]
+        if times is None:
+            continue
+        name = cmd[0] if cmd[0].startswith("ray::") else os.path.basename(cmd[0])
+        if name.startswith("python") and len(cmd) > 1:  # python -m / script: name it by what it runs
+            name = os.path.basename(cmd[2] if cmd[1] == "-m" and len(cmd) > 2 else cmd[1])
+        found[p.pid] = (name, times.user + times.system)
+    return found
+
+
+def _cpu_by_process(before: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each kind of process spent since ``before`` (processes started since count whole)."""
+    spent: dict[str, float] = {}
+    for pid, (name, cpu) in _process_cpu_s().items():
+        prior = before.get(pid)
+        spent[name] = spent.get(name, 0.0) + cpu - (prior[1] if prior and prior[0] == name else 0.0)
+    return {k: round(v, 1) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v >= 0.5}
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
@@ -154,25 +179,27 @@ def one_run(args: argparse.Namespace) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     watcher = WorkerRss()
     watcher.start()
-    machine0, start = _machine_cpu_s(), time.perf_counter()
+    procs0, machine0, start = _process_cpu_s(), _machine_cpu_s(), time.perf_counter()
     result = score.score_archive(ScoreConfig(input=str(archive), model=args.model, output=str(out),
                                              batch_size=args.batch_size, actors=1,
                                              cpus_per_actor=args.cpus_per_actor))
     wall = time.perf_counter() - start
-    machine, model = _machine_cpu_s() - machine0, _model_actor_cpu_s()
+    machine, by_process = _machine_cpu_s() - machine0, _cpu_by_process(procs0)
+    model = sum(v for k, v in by_process.items() if "MapBatches(Scorer)" in k)
     watcher.stop.set()
     ray.shutdown()
     print(json.dumps({
         "images": result.rows, "job_images_per_s": round(result.rows / wall, 1),
         "job_stream_images_per_s": round(result.rows / result.seconds, 1),
         "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "driver_peak_uss_mib": round(watcher.driver_peak_uss / 2**20),
-        "worker_peak_rss_mib": round(watcher.peak_rss / 2**20), "worker_peak_uss_mib": round(watcher.peak_uss / 2**20),
+        "driver_peak_anon_mib": round(watcher.driver_peak_anon / 2**20),
+        "worker_peak_rss_mib": round(watcher.peak_rss / 2**20), "worker_peak_anon_mib": round(watcher.peak_anon / 2**20),
         "wall_s": round(wall, 1), "sampler_cpu_s": round(watcher.cpu_s, 1),
         # Where the machine's CPU went during the job: the model actor, and everything else
         # (read and decode tasks, driver, Ray's own processes, the sampler), per image.
         "machine_cpu_s": round(machine, 1), "model_actor_cpu_s": round(model, 1),
         "other_cpu_ms_per_image": round(1000 * (machine - model) / max(result.rows, 1), 2),
+        "cpu_s_by_process": by_process,  # ray::<stage> workers, raylet, gcs_server, this driver, ...
     }), flush=True)
 
 
