@@ -175,14 +175,14 @@ def one_run(args: argparse.Namespace) -> None:
         print(json.dumps(bare_model_rate(args.model, archive, args.batch_size, min(args.baseline_images, args.n))),
               flush=True)
         return
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)  # GPUs: Ray detects them
     ray.data.DataContext.get_current().enable_progress_bars = False
     watcher = WorkerRss()
     watcher.start()
     procs0, machine0, start = _process_cpu_s(), _machine_cpu_s(), time.perf_counter()
     result = score.score_archive(ScoreConfig(input=str(archive), model=args.model, output=str(out),
                                              batch_size=args.batch_size, actors=1,
-                                             cpus_per_actor=args.cpus_per_actor))
+                                             cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor))
     wall = time.perf_counter() - start
     machine, by_process = _machine_cpu_s() - machine0, _cpu_by_process(procs0)
     model = sum(v for k, v in by_process.items() if "MapBatches(Scorer)" in k)
@@ -211,6 +211,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--baseline-images", type=int, default=2000)
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--gpus-per-actor", type=float, default=0.0,
+                   help="score on GPUs (the bare loop then runs on the GPU TensorFlow sees too)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ray-idle", action="store_true", help=argparse.SUPPRESS)
@@ -231,7 +233,7 @@ def main() -> None:
             common = [sys.executable, __file__, "--one", "--archive", str(tmp / f"archive-{n}"),
                       "--model", model_dir, "--out", str(tmp / f"out-{n}"), "--n", str(n),
                       "--batch-size", str(args.batch_size), "--baseline-images", str(args.baseline_images),
-                      "--cpus-per-actor", str(args.cpus_per_actor)]
+                      "--cpus-per-actor", str(args.cpus_per_actor), "--gpus-per-actor", str(args.gpus_per_actor)]
             base = last_json(subprocess.run(common + ["--bare"], check=True, capture_output=True, text=True))
             job = last_json(subprocess.run(common, check=True, capture_output=True, text=True))
             idle = last_json(subprocess.run(common + ["--bare", "--ray-idle"], check=True, capture_output=True, text=True))
