@@ -257,13 +257,17 @@ def _save_and_report(model, optimizer, row: dict, history: list, rank: int) -> N
         ray.train.report(row, checkpoint=checkpoint)
 
 
+def fault_marker(output: str) -> str:
+    """The file ``_maybe_fail`` leaves when it has killed a worker of the run writing ``output``.
+    Same name in every worker process (str hash() is salted per process); one machine only."""
+    return os.path.join(tempfile.gettempdir(), f"malaria-ray-fault-{hashlib.sha256(output.encode()).hexdigest()[:16]}")
+
+
 def _maybe_fail(cfg: TrainConfig, epoch: int, step: int, steps: int, rank: int, world: int) -> None:
     """Test-only fault injection: the last rank dies once, hard, halfway through ``fail_at_epoch``."""
     if cfg.fail_at_epoch != epoch or step != steps // 2 or rank != world - 1:
         return
-    # Same name in every worker process (str hash() is salted per process); one machine only.
-    key = hashlib.sha256(cfg.output.encode()).hexdigest()[:16]
-    marker = os.path.join(tempfile.gettempdir(), f"malaria-ray-fault-{key}")
+    marker = fault_marker(cfg.output)
     if not os.path.exists(marker):
         open(marker, "w").close()
         print(f"[fault injection] worker rank {rank} exits at epoch {epoch}, step {step}", flush=True)

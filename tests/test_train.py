@@ -1,13 +1,11 @@
 """Training end to end on real NIH cells: 2 Ray Train workers, a killed worker, the run directory."""
 
-import hashlib
 import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pandas as pd
@@ -40,7 +38,7 @@ def test_two_workers_train_resume_after_killed_worker_and_write_run(corpus_with_
     # seen once in CI), and Train retries that start like any worker failure.
     cfg = TrainConfig(data=str(corpus_with_bad_files), output=str(out), image_size=32, epochs=3,
                       batch_size=32, num_workers=2, fail_at_epoch=2, max_failures=2, seed=0)
-    marker = pathlib.Path(tempfile.gettempdir()) / f"malaria-ray-fault-{hashlib.sha256(str(out).encode()).hexdigest()[:16]}"
+    marker = pathlib.Path(train.fault_marker(str(out)))
     summary = train.fit(cfg)
     assert marker.exists(), "the fault injection killed a worker"
     marker.unlink()
