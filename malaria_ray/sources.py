@@ -80,9 +80,12 @@ def kind_of(path: str) -> str | None:
     return None
 
 
+HIDDEN_FOLDER_PREFIXES = (".", "_")  # staging folders, .git, macOS resource-fork folders
+
+
 def _hidden(rel: str) -> bool:
     # Staging folders and dotfiles (.DS_Store, ._resource forks) are not part of an input.
-    return any(part.startswith((".", "_")) for part in rel.split("/")[:-1])
+    return any(part.startswith(HIDDEN_FOLDER_PREFIXES) for part in rel.split("/")[:-1])
 
 
 def list_units(input_uri: str) -> Listing:
@@ -139,7 +142,7 @@ def _walk_sorted(folder: str) -> Iterator[str]:
     for key, path in entries:
         if not key.endswith("/"):
             yield path
-        elif not key.startswith((".", "_")):
+        elif not key.startswith(HIDDEN_FOLDER_PREFIXES):
             yield from _walk_sorted(path)
 
 
