@@ -148,11 +148,11 @@ def _process_cpu_s() -> dict[int, tuple[str, float]]:
 
 
 def _cpu_by_process(before: dict[int, tuple[str, float]]) -> dict[str, float]:
-    """CPU seconds each kind of process spent since ``before`` (processes started since count whole)."""
+    """CPU seconds each kind of process spent since ``before`` (processes started since count whole),
+    under its name now: a Ray worker started idle (``ray::IDLE``) is named by the task it runs."""
     spent: dict[str, float] = {}
     for pid, (name, cpu) in _process_cpu_s().items():
-        prior = before.get(pid)
-        spent[name] = spent.get(name, 0.0) + cpu - (prior[1] if prior and prior[0] == name else 0.0)
+        spent[name] = spent.get(name, 0.0) + cpu - before.get(pid, ("", 0.0))[1]
     return {k: round(v, 1) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v >= 0.5}
 
 
