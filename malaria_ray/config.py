@@ -14,12 +14,16 @@ from typing import Any
 
 CLASS_NAMES = ("Parasitized", "Uninfected")  # index 0 is the positive class
 POSITIVE_CLASS = "Parasitized"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+DEFAULT_THRESHOLD = 0.5  # P(Parasitized) at or above which a cell is called Parasitized (argmax)
 SPLITS = ("patient", "random")
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message is shown to the user as is."""
+
+
+class CorpusError(ValueError):
+    """Input data that cannot be trained on or scored; the message is shown to the user as is."""
 
 
 class _Serialized:
@@ -56,7 +60,6 @@ class TrainConfig(_Serialized):
     augment: bool = True
     bn_recal_batches: int = 50  # per epoch: BatchNorm statistics re-estimated on this many clean batches
     synthetic: bool = False  # set when the corpus came from `malaria-ray synth`
-    fail_at_epoch: int | None = None  # fault injection for tests: a worker dies once at this epoch
 
     def __post_init__(self) -> None:
         validate_train(self)
@@ -107,7 +110,7 @@ class ScoreConfig(_Serialized):
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     memory_per_actor_gb: float = 2.0  # 128 px, batch 64 on CPU measured ~1.4 GiB resident
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD
     skip_scored: bool = False
     run_id: str | None = None  # default: UTC timestamp + short random suffix
 

@@ -17,23 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from malaria_ray import storage
-from malaria_ray.config import CLASS_NAMES, IMAGE_EXTENSIONS
+from malaria_ray import sources
+from malaria_ray.config import CLASS_NAMES, CorpusError
+from malaria_ray.schema import STATUS_OK, path_within
 
 _SLIDE_RE = re.compile(r"^(C\d+.*?)_IMG_", re.IGNORECASE)
 _PATIENT_RE = re.compile(r"^C\d+[A-Z]?P(\d+)", re.IGNORECASE)
 _CONTROL_RE = re.compile(r"^C(\d+)", re.IGNORECASE)
-
-# Columns of the listing and of split.parquet; shared by writer, reader and tests.
-COL_URI = "uri"
-COL_LABEL = "label"
-COL_SLIDE = "slide_id"
-COL_PATIENT = "patient_id"
-COL_SPLIT = "split"
-
-
-class CorpusError(ValueError):
-    """A corpus that cannot be trained on; the message is shown to the user as is."""
 
 
 @dataclass(frozen=True)
@@ -65,8 +55,13 @@ def label_of(path: str) -> str | None:
     return None
 
 
-def is_image(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS)
+def describe(uri: str, label_hint: str | None = None) -> tuple[str | None, str | None, str | None]:
+    """(label, slide_id, patient_id) of one image: a label the input carries itself wins over its
+    folder; identity from its file name (the member name inside an archive)."""
+    path = path_within(uri)
+    ident = parse_identity(path)
+    label = label_hint if label_hint in CLASS_NAMES else label_of(path)
+    return label, ident.slide_id, ident.patient_id
 
 
 @dataclass(frozen=True)
@@ -75,7 +70,8 @@ class Listing:
     labels: list[str]
     slide_ids: list[str | None]
     patient_ids: list[str | None]
-    skipped: list[str]  # files under class folders that are not images
+    skipped: list[str]  # files under class folders that are not images (or not readable as listed)
+    units: object = None  # the ``sources`` units (Arrow table: kind, uri) the images come from
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -89,27 +85,24 @@ class Listing:
 
 
 def list_corpus(data_uri: str) -> Listing:
-    """Every image under ``Parasitized/`` and ``Uninfected/`` folders below ``data_uri``, sorted."""
-    fs, root = storage.filesystem(data_uri)
-    try:
-        if not fs.exists(root):
-            raise CorpusError(f"data path {data_uri} does not exist")
-        found = fs.find(root)
-    except CorpusError:
-        raise
-    except Exception as exc:  # missing bucket, no credentials, ...
-        raise CorpusError(f"cannot list {data_uri}: {type(exc).__name__}: {exc}") from exc
-    prefix = storage.protocol_prefix(data_uri)
-    rows, skipped = [], []
-    for path in sorted(found):
-        label = label_of(path)
-        if label is None:
-            continue
-        if not is_image(path):
-            skipped.append(prefix + path)
-            continue
-        ident = parse_identity(path)
-        rows.append((prefix + path, label, ident.slide_id, ident.patient_id))
+    """Every image under ``Parasitized/`` and ``Uninfected/`` folders below ``data_uri``, sorted.
+
+    Lists with ``sources`` as scoring does, so a corpus may be loose files, tar/zip shards or
+    Parquet files (a ``label`` column, or class folders in member names); archive members are named
+    without reading their bytes. Files outside class folders are ignored; non-image files inside
+    them are counted in ``skipped``.
+    """
+    units = sources.list_units(data_uri)
+    rows, skipped = [], [u for u in units.skipped if label_of(u) is not None]
+    for kind, uri in zip(units.table.column("kind").to_pylist(), units.table.column("uri").to_pylist()):
+        for row in sources.expand_unit({"kind": kind, "uri": uri}, with_data=False):
+            label, slide, patient = describe(row["uri"], row["label_hint"])
+            if label is None:
+                continue
+            if row["status"] != STATUS_OK:
+                skipped.append(row["uri"])
+                continue
+            rows.append((row["uri"], label, slide, patient))
     missing = [c for c in CLASS_NAMES if not any(r[1] == c for r in rows)]
     if missing:
         raise CorpusError(
@@ -119,6 +112,7 @@ def list_corpus(data_uri: str) -> Listing:
     return Listing(
         uris=[r[0] for r in rows], labels=[r[1] for r in rows],
         slide_ids=[r[2] for r in rows], patient_ids=[r[3] for r in rows], skipped=skipped,
+        units=units.table,
     )
 
 

@@ -85,7 +85,7 @@ def _imagenet_path() -> str:
 def _fetch(uri: str) -> str:
     """A local path for ``uri`` (local, file://, s3://, http(s)://); remote files land in a temp dir."""
     if not storage.is_remote(uri):
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        path = storage.local_path(uri)
         if not os.path.exists(path):
             raise ModelError(f"weights file {uri} does not exist")
         return path
@@ -221,13 +221,14 @@ def load_model(uri: str):
     import keras
 
     uri = artifact_uri(uri)
-    path = _fetch(uri) if storage.is_remote(uri) else (uri[7:] if uri.startswith("file://") else uri)
+    path = _fetch(uri) if storage.is_remote(uri) else storage.local_path(uri)
     if not os.path.exists(path):
         raise ModelError(f"model {uri} does not exist")
     try:
         model = keras.models.load_model(path, safe_mode=True, compile=False)
     except Exception as exc:
-        raise ModelError(f"{uri} is not a loadable Keras model: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelError(f"{uri} is not a loadable Keras model: {type(exc).__name__}: {first_line}") from exc
     shape = model.input_shape
     if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or model.output_shape[-1] != 2:
         raise ModelError(f"{uri} is not a malaria-ray classifier (input {shape}, output {model.output_shape})")

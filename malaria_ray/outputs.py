@@ -24,12 +24,9 @@ and DuckDB ``read_parquet('ROOT/predictions/*.parquet')``. Pure: imports neither
 
 from __future__ import annotations
 
-import io
-import json
-import math
 import os
 import posixpath
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -38,45 +35,18 @@ import pyarrow.parquet as pq
 
 from malaria_ray import storage
 from malaria_ray.config import CLASS_NAMES, POSITIVE_CLASS
-from malaria_ray.metrics import METRIC_COUNTS, METRIC_RATES, binary_metrics
-
-# predictions columns (DESIGN.md); shared by writer, readers and tests.
-COL_IMAGE_ID = "image_id"
-COL_URI = "uri"
-COL_SLIDE = "slide_id"
-COL_PATIENT = "patient_id"
-COL_LABEL = "label"
-COL_PROB = "prob_parasitized"
-COL_PRED = "pred_label"
-COL_THRESHOLD = "threshold"
-COL_MODEL_ID = "model_id"
-COL_RUN_ID = "run_id"
-COL_SCORED_AT = "scored_at"
-COL_ERROR = "error"
-
-PREDICTIONS_SCHEMA = pa.schema([
-    (COL_IMAGE_ID, pa.string()), (COL_URI, pa.string()), (COL_SLIDE, pa.string()),
-    (COL_PATIENT, pa.string()), (COL_LABEL, pa.string()), (COL_PROB, pa.float32()),
-    (COL_PRED, pa.string()), (COL_THRESHOLD, pa.float64()), (COL_MODEL_ID, pa.string()),
-    (COL_RUN_ID, pa.string()), (COL_SCORED_AT, pa.timestamp("us", tz="UTC")), (COL_ERROR, pa.string()),
-])
-
-# metrics.parquet columns beyond metrics.METRIC_COUNTS / METRIC_RATES.
-COL_N_IMAGES, COL_N_ERRORS, COL_N_LABELLED = "n_images", "n_errors", "n_labelled"
-METRICS_COLUMNS = (COL_RUN_ID, COL_MODEL_ID, COL_THRESHOLD, COL_N_IMAGES, COL_N_ERRORS, COL_N_LABELLED,
-                   *METRIC_COUNTS, *METRIC_RATES)
-
-# slides.parquet columns: one row per slide (level "slide") and per patient (level "patient").
-COL_LEVEL, COL_N_CELLS, COL_N_PRED_POS = "level", "n_cells", "n_pred_parasitized"
-COL_FRAC_POS, COL_MEAN_PROB = "frac_parasitized", "mean_prob"
-COL_N_LABEL_POS, COL_N_LABEL_NEG = "n_label_parasitized", "n_label_uninfected"
+from malaria_ray.ingest import NO_IDS
+from malaria_ray.schema import (
+    COL_ERROR, COL_IMAGE_ID, COL_LABEL, COL_LEVEL, COL_MEAN_PROB, COL_FRAC_POS, COL_MODEL_ID, COL_N_CELLS,
+    COL_N_LABEL_NEG, COL_N_LABEL_POS, COL_N_PRED_POS, COL_PATIENT, COL_PRED, COL_PROB, COL_SLIDE, COL_URI,
+    METRICS_COLUMNS, PREDICTIONS_SCHEMA, SLIDES_SCHEMA,
+)
 
 PREDICTIONS_DIR, STAGING_DIR, RUNS_DIR = "predictions", "_staging", "runs"
 METRICS_FILE, SLIDES_FILE = "metrics.parquet", "slides.parquet"
 # Rows the writer holds before it writes a row group: bounds the driver's memory (the rows of a
 # run are never all held) while keeping row groups large enough for readers to scan quickly.
 ROW_GROUP_ROWS = 8_192
-AUC_BINS = 1 << 16  # streaming ROC AUC: ties within 1/65536 of probability count as ties
 
 
 def predictions_uri(root: str) -> str:
@@ -196,9 +166,8 @@ def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool =
     """``columns`` of the committed predictions of ``model_id`` (error rows dropped when
     ``ok_only``), newest run first, one file and one row group at a time on this thread.
 
-    Not ``pyarrow.dataset``: its scanner reads ahead over files and row groups on Arrow's thread
-    pools, and in the driver, a long-lived process, the allocator then kept tens of MiB that grew
-    with the store (+49 MiB at 2,000 rows, +78 at 20,000; this way +15 and +31).
+    Not ``pyarrow.dataset``: its scanner reads ahead on Arrow's thread pools, and the driver's
+    memory then grew with the store (docs/benchmarks.md, driver memory).
     """
     fs, pred_path = storage.filesystem(predictions_uri(root))
     read = list(dict.fromkeys([*columns, COL_MODEL_ID, COL_ERROR]))
@@ -213,10 +182,6 @@ def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool =
                     yield batch
 
 
-NO_IDS = np.array([], dtype="S64")  # an empty skip list (read-only: never appended to in place)
-NO_IDS.flags.writeable = False
-
-
 def scored_ids(root: str, model_id: str) -> np.ndarray:
     """Sorted image ids this model already scored under ``root`` (ids only; for --skip-scored).
 
@@ -228,88 +193,9 @@ def scored_ids(root: str, model_id: str) -> np.ndarray:
     return np.unique(np.concatenate(chunks).astype(np.bytes_)) if chunks else NO_IDS
 
 
-class MetricsAccumulator:
-    """Confusion counts and a probability histogram per class, updated batch by batch.
-
-    Memory is constant in the number of images: the AUC comes from 2^16 probability bins (pairs
-    inside one bin count as ties), so it matches the exact AUC to within that resolution.
-    """
-
-    def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
-        self.n_images = self.n_errors = 0
-        self.counts = dict.fromkeys(METRIC_COUNTS, 0)
-        self.hist = np.zeros((2, AUC_BINS), dtype=np.int64)  # row 0 Parasitized, row 1 Uninfected
-
-    def update(self, label: Iterable, prob: np.ndarray, error: Iterable) -> None:
-        label = np.asarray(list(label), dtype=object)
-        error = np.asarray(list(error), dtype=object)
-        prob = np.asarray(prob, dtype=np.float64)
-        ok = np.array([e is None for e in error], dtype=bool)
-        self.n_images += len(error)
-        self.n_errors += int((~ok).sum())
-        known = ok & np.isin(label, CLASS_NAMES)
-        if not known.any():
-            return
-        y, p = label[known] == POSITIVE_CLASS, prob[known]
-        m = binary_metrics(y, p, self.threshold)
-        for k in METRIC_COUNTS:
-            self.counts[k] += m[k]
-        bins = np.clip((p * AUC_BINS).astype(np.int64), 0, AUC_BINS - 1)
-        np.add.at(self.hist[0], bins[y], 1)
-        np.add.at(self.hist[1], bins[~y], 1)
-
-    @property
-    def metrics_known(self) -> bool:
-        return sum(self.counts.values()) > 0
-
-    def confusion(self) -> np.ndarray:
-        c = self.counts
-        return np.array([[c["tp"], c["fn"]], [c["fp"], c["tn"]]], dtype=np.int64)
-
-    def auc(self) -> float:
-        pos, neg = self.hist
-        n_pos, n_neg = pos.sum(), neg.sum()
-        if not n_pos or not n_neg:
-            return math.nan
-        neg_below = np.cumsum(neg) - neg  # negatives in strictly lower bins
-        return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
-
-    def row(self, run_id: str, model_id: str) -> dict:
-        c = self.counts
-        n = sum(c.values())
-        rate = lambda a, b: float(a / b) if b else math.nan  # noqa: E731
-        return {
-            COL_RUN_ID: run_id, COL_MODEL_ID: model_id, COL_THRESHOLD: float(self.threshold),
-            COL_N_IMAGES: self.n_images, COL_N_ERRORS: self.n_errors, COL_N_LABELLED: n, **c,
-            "accuracy": rate(c["tp"] + c["tn"], n), "sensitivity": rate(c["tp"], c["tp"] + c["fn"]),
-            "specificity": rate(c["tn"], c["tn"] + c["fp"]), "precision": rate(c["tp"], c["tp"] + c["fp"]),
-            "f1": rate(2 * c["tp"], 2 * c["tp"] + c["fp"] + c["fn"]), "roc_auc": self.auc(),
-        }
-
-
-def table_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
-
-
-def replace_file(uri: str, data: bytes) -> None:
-    """Replace ``uri`` in one step: rename locally, a single PUT (whole object) on S3."""
-    if storage.is_remote(uri):
-        storage.write_bytes(uri, data)
-        return
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def write_run_metrics(root: str, run_id: str, row: dict) -> None:
     table = pa.Table.from_pylist([row]).select(list(METRICS_COLUMNS))
-    storage.write_bytes(storage.join(run_uri(root, run_id), METRICS_FILE), table_bytes(table))
+    storage.write_bytes(storage.join(run_uri(root, run_id), METRICS_FILE), storage.table_bytes(table))
 
 
 def rebuild_metrics(root: str) -> pa.Table:
@@ -322,14 +208,10 @@ def rebuild_metrics(root: str) -> pa.Table:
             with fs.open(path, "rb") as f:
                 tables.append(pq.read_table(f))
     table = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
-    replace_file(storage.join(root, METRICS_FILE), table_bytes(table))
+    storage.replace_file(storage.join(root, METRICS_FILE), storage.table_bytes(table))
     return table
 
 
-SLIDES_SCHEMA = pa.schema([(COL_LEVEL, pa.string()), (COL_SLIDE, pa.string()), (COL_PATIENT, pa.string()),
-                           (COL_N_CELLS, pa.int64()), (COL_N_PRED_POS, pa.int64()), (COL_FRAC_POS, pa.float64()),
-                           (COL_MEAN_PROB, pa.float64()), (COL_N_LABEL_POS, pa.int64()),
-                           (COL_N_LABEL_NEG, pa.int64()), (COL_MODEL_ID, pa.string())])
 _SUMS = (COL_N_CELLS, COL_N_PRED_POS, "sum_prob", COL_N_LABEL_POS, COL_N_LABEL_NEG)
 
 
@@ -354,7 +236,7 @@ def rebuild_slides(root: str, model_id: str) -> pa.Table:
     no_slide = pa.nulls(len(per_slide), pa.string())
     per_patient = _merge_sums([per_slide.set_column(per_slide.schema.get_field_index(COL_SLIDE), COL_SLIDE, no_slide)])
     table = pa.concat_tables([_finish(per_patient, "patient", model_id), _finish(per_slide, "slide", model_id)])
-    replace_file(storage.join(root, SLIDES_FILE), table_bytes(table))
+    storage.replace_file(storage.join(root, SLIDES_FILE), storage.table_bytes(table))
     return table
 
 
@@ -403,6 +285,3 @@ def _finish(t: pa.Table, level: str, model_id: str) -> pa.Table:
         COL_MEAN_PROB: r["sum_prob"] / r[COL_N_CELLS], COL_N_LABEL_POS: r[COL_N_LABEL_POS],
         COL_N_LABEL_NEG: r[COL_N_LABEL_NEG], COL_MODEL_ID: model_id} for r in rows], schema=SLIDES_SCHEMA)
 
-
-def write_json(uri: str, obj: dict) -> None:
-    storage.write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str))

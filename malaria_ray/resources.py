@@ -8,6 +8,8 @@ TensorFlow inside a worker still uses every core of the machine whatever it rese
 
 from __future__ import annotations
 
+from malaria_ray import logs
+
 
 def leave_a_cpu(count: int, per: float, cluster_cpus: float, what: str, tag: str) -> float:
     """CPUs to reserve per process so ``count`` of them leave at least one CPU free (GPU runs: ``per``)."""
@@ -15,8 +17,8 @@ def leave_a_cpu(count: int, per: float, cluster_cpus: float, what: str, tag: str
         return per
     fitted = max(0.1, (cluster_cpus - 1) / count) if cluster_cpus > 1 else 0.5 / count
     fitted = round(min(per, fitted), 2)
-    print(f"[{tag}] {count} {what} x {per:g} CPU would leave no CPU for Ray Data on {cluster_cpus:g} CPUs: "
-          f"reserving {fitted:g} CPU per {what.rstrip('s')} instead", flush=True)
+    logs.get(tag).info(f"{count} {what} x {per:g} CPU would leave no CPU for Ray Data on {cluster_cpus:g} CPUs: "
+                       f"reserving {fitted:g} CPU per {what.rstrip('s')} instead")
     return fitted
 
 
@@ -30,8 +32,8 @@ def fit_memory(count: int, per_gb: float, cluster_bytes: float, what: str, tag: 
     if count * per <= cluster_bytes:
         return per
     fitted = max(1, int(0.9 * cluster_bytes / count))
-    print(f"[{tag}] {count} {what} x {per_gb:g} GiB exceed the {cluster_bytes / 2**30:.1f} GiB of memory Ray can "
-          f"schedule: reserving {fitted / 2**30:.2f} GiB per {what.rstrip('s')} instead", flush=True)
+    logs.get(tag).info(f"{count} {what} x {per_gb:g} GiB exceed the {cluster_bytes / 2**30:.1f} GiB of memory Ray "
+                       f"can schedule: reserving {fitted / 2**30:.2f} GiB per {what.rstrip('s')} instead")
     return fitted
 
 
@@ -42,5 +44,5 @@ def note_missing_gpus(needed: float, cluster_gpus: float, flag: str, tag: str) -
     run asks. On a machine without GPUs the run would wait forever, hence the line naming the flag.
     """
     if needed > cluster_gpus:
-        print(f"[{tag}] {flag} needs {needed:g} GPU(s); the Ray cluster has {cluster_gpus:g} now. Waiting for "
-              f"the autoscaler to add GPU nodes; on a machine without GPUs, stop and drop {flag}.", flush=True)
+        logs.get(tag).info(f"{flag} needs {needed:g} GPU(s); the Ray cluster has {cluster_gpus:g} now. Waiting for "
+                           f"the autoscaler to add GPU nodes; on a machine without GPUs, stop and drop {flag}.")

@@ -3,38 +3,30 @@
 ``score_archive(cfg)`` runs one scoring run and commits it under ``cfg.output`` (layout and commit
 protocol in ``malaria_ray.outputs``); ``main(cfg)`` adds the one-screen summary and the exit code.
 The image size comes from the model artifact (its zip config, read without TensorFlow, so the
-driver never imports it); ``Scorer`` loads the model once per actor and feeds it raw 0..255
-pixels, because the model's first layer rescales.
-
-Fault injection for tests: with ``MALARIA_RAY_FAIL_AT_BATCH=N`` and ``MALARIA_RAY_FAIL_MARKER=path``
-in the driver's environment, the first Scorer to reach its N-th batch kills its own process
-(once: the marker file records it) and Ray Data must restart the actor and retry the batch.
+driver never imports it); read and decode are ``malaria_ray.ingest``, as in training; ``Scorer``
+loads the model once per actor and feeds it raw 0..255 pixels, because the model's first layer
+rescales. A test can kill a Scorer at its n-th batch (``faults`` point ``score.batch``); Ray Data
+must then restart the actor and retry the batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
-import os
 import re
 import secrets
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
-from malaria_ray import outputs, resources, sources, storage
-from malaria_ray.config import CLASS_NAMES, POSITIVE_CLASS, ScoreConfig
-from malaria_ray.corpus import CorpusError, label_of, parse_identity
+from malaria_ray import faults, ingest, logs, metrics, outputs, resources, sources, storage
+from malaria_ray import schema as S
+from malaria_ray.config import CLASS_NAMES, POSITIVE_CLASS, CorpusError, ScoreConfig
 from malaria_ray.model import ModelError, inspect_artifact
 
-FAIL_AT_ENV, FAIL_MARKER_ENV = "MALARIA_RAY_FAIL_AT_BATCH", "MALARIA_RAY_FAIL_MARKER"
-STATUS_ALREADY = "already_scored"
-STATUS_MODEL_ERROR = "model_error"  # a Scorer whose model did not load: the run stops
-COL_PIXELS = "pixels"
+log = logs.get("score")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
 
 
@@ -43,76 +35,10 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def image_id_of(data: bytes | None, uri: str) -> str:
-    """sha256 of the bytes; an input with no bytes (unreadable member) hashes its uri instead."""
-    return hashlib.sha256(data).hexdigest() if data is not None else hashlib.sha256(b"uri:" + uri.encode()).hexdigest()
-
-
-def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Raw rows -> ids, identity, label and ``image_size`` pixels; bad bytes become error rows."""
-    from malaria_ray.preprocess import DecodeError, decode_image
-
-    n = len(batch[sources.COL_URI])
-    pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
-    cols = {k: np.empty(n, dtype=object) for k in (outputs.COL_IMAGE_ID, outputs.COL_SLIDE, outputs.COL_PATIENT,
-                                                    outputs.COL_LABEL, outputs.COL_ERROR)}
-    status = np.asarray(batch[sources.COL_STATUS], dtype=object).copy()
-    for i in range(n):
-        uri, data, err = batch[sources.COL_URI][i], batch[sources.COL_DATA][i], batch[sources.COL_ERROR][i]
-        if status[i] not in (sources.STATUS_OK, sources.STATUS_ERROR):
-            continue  # non-images and empty archives travel on only to be counted
-        path = uri.split("#", 1)[1] if "#" in uri else uri
-        ident = parse_identity(path)
-        hint = batch[sources.COL_LABEL_HINT][i]
-        cols[outputs.COL_IMAGE_ID][i] = image_id_of(data if status[i] == sources.STATUS_OK else None, uri)
-        cols[outputs.COL_SLIDE][i], cols[outputs.COL_PATIENT][i] = ident.slide_id, ident.patient_id
-        cols[outputs.COL_LABEL][i] = hint if hint in CLASS_NAMES else label_of(path)
-        if _in_sorted(skip_ids, cols[outputs.COL_IMAGE_ID][i]):
-            status[i] = STATUS_ALREADY
-            continue
-        if status[i] == sources.STATUS_ERROR:
-            cols[outputs.COL_ERROR][i] = err
-            continue
-        try:
-            pixels[i] = decode_image(bytes(data), image_size)
-        except DecodeError as exc:
-            status[i], cols[outputs.COL_ERROR][i] = sources.STATUS_ERROR, str(exc)
-    return {sources.COL_URI: np.asarray(batch[sources.COL_URI], dtype=object), sources.COL_STATUS: status,
-            COL_PIXELS: pixels, **cols}
-
-
-def read_and_prepare(units: dict[str, np.ndarray], image_size: int, skip_ids: np.ndarray,
-                     batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Listed units -> prepared batches of ``batch_size`` rows, in one CPU task.
-
-    Reading and decoding share a task, so the raw bytes never pass through Ray's object store:
-    only the decoded pixels do. An archive streams member by member, so a task holds at most one
-    batch of bytes, however large the archive.
-    """
-    rows: list[dict] = []
-    for kind, uri in zip(units["kind"], units["uri"]):
-        for row in sources.expand_unit({"kind": kind, "uri": uri}):
-            rows.append(row)
-            if len(rows) == batch_size:
-                yield prepare_batch(sources.rows_to_batch(rows), image_size, skip_ids)
-                rows = []
-    if rows:
-        yield prepare_batch(sources.rows_to_batch(rows), image_size, skip_ids)
-
-
-def _in_sorted(sorted_ids: np.ndarray, key: str) -> bool:
-    if not len(sorted_ids):
-        return False
-    if sorted_ids.dtype.kind == "S":  # ``outputs.scored_ids``: fixed-width ASCII
-        key = key.encode("ascii")
-    i = int(np.searchsorted(sorted_ids, key))
-    return i < len(sorted_ids) and sorted_ids[i] == key
-
-
 class Scorer:
     """Ray Data callable class: the model is loaded once per actor; ``__call__`` scores a batch."""
 
-    def __init__(self, model_uri: str, model_id: str, threshold: float, run_id: str) -> None:
+    def __init__(self, model_uri: str, model_id: str, threshold: float, run_id: str, fault: str | None = None) -> None:
         import tensorflow as tf
 
         # Without memory growth TF grabs the whole GPU and a second actor on it cannot start.
@@ -132,38 +58,30 @@ class Scorer:
             self.predict = predictor(model)
         except ModelError as exc:
             self.error = exc
-        self.model_id, self.threshold, self.run_id = model_id, float(threshold), run_id
+        self.model_id, self.threshold, self.run_id, self.fault = model_id, float(threshold), run_id, fault
         self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        status = np.asarray(batch[sources.COL_STATUS], dtype=object)
+        status = np.asarray(batch[S.COL_STATUS], dtype=object)
         n = len(status)
         if self.error is not None:
-            status = np.full(n, STATUS_MODEL_ERROR, dtype=object)
-            batch = {**batch, sources.COL_STATUS: status, outputs.COL_ERROR: np.full(n, str(self.error), dtype=object)}
+            status = np.full(n, S.STATUS_MODEL_ERROR, dtype=object)
+            batch = {**batch, S.COL_STATUS: status, S.COL_ERROR: np.full(n, str(self.error), dtype=object)}
         else:
             self.calls += 1
-            _maybe_die(self.calls)
-        ok = status == sources.STATUS_OK
+            faults.maybe_fail(self.fault, "score.batch", self.calls)
+        ok = status == S.STATUS_OK
         prob = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
-            prob[ok] = self.predict(batch[COL_PIXELS][ok])
+            prob[ok] = self.predict(batch[S.COL_PIXELS][ok])
         pred = np.where(prob >= self.threshold, POSITIVE_CLASS, CLASS_NAMES[1]).astype(object)
         pred[~ok] = None
         now = np.datetime64(dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), "us")
-        out = {k: batch[k] for k in (outputs.COL_IMAGE_ID, outputs.COL_URI, outputs.COL_SLIDE,
-                                     outputs.COL_PATIENT, outputs.COL_LABEL, outputs.COL_ERROR, sources.COL_STATUS)}
-        return {**out, outputs.COL_PROB: prob, outputs.COL_PRED: pred,
-                outputs.COL_THRESHOLD: np.full(n, self.threshold), outputs.COL_MODEL_ID: np.full(n, self.model_id, dtype=object),
-                outputs.COL_RUN_ID: np.full(n, self.run_id, dtype=object), outputs.COL_SCORED_AT: np.full(n, now)}
-
-
-def _maybe_die(calls: int) -> None:
-    at, marker = os.environ.get(FAIL_AT_ENV), os.environ.get(FAIL_MARKER_ENV)
-    if at and marker and calls == int(at) and not os.path.exists(marker):
-        with open(marker, "w") as f:
-            f.write(str(os.getpid()))
-        os._exit(137)  # as the OOM killer would: no cleanup, no exception for Ray to catch
+        out = {k: batch[k] for k in (S.COL_IMAGE_ID, S.COL_URI, S.COL_SLIDE,
+                                     S.COL_PATIENT, S.COL_LABEL, S.COL_ERROR, S.COL_STATUS)}
+        return {**out, S.COL_PROB: prob, S.COL_PRED: pred,
+                S.COL_THRESHOLD: np.full(n, self.threshold), S.COL_MODEL_ID: np.full(n, self.model_id, dtype=object),
+                S.COL_RUN_ID: np.full(n, self.run_id, dtype=object), S.COL_SCORED_AT: np.full(n, now)}
 
 
 def inspect_model(model_uri: str) -> dict:
@@ -200,9 +118,8 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     import pyarrow.compute as pc
     import ray
 
-    # The driver's Arrow work is light (a row group at a time: writer, roll-up), and it runs once
-    # a night in a process that lives for hours; mimalloc, Arrow's default, kept freed memory that
-    # grew with the store (driver peak +13% from 2,000 to 20,000 images; glibc's malloc +8%).
+    # The driver's Arrow work is a row group at a time in a process that lives for hours: the
+    # system allocator returns what it frees (docs/benchmarks.md, driver memory).
     pa.set_memory_pool(pa.system_memory_pool())
     run_id = cfg.run_id or new_run_id()
     if not _RUN_ID_RE.match(run_id):
@@ -213,9 +130,9 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     storage.check_writable(cfg.output)
     stale = outputs.remove_stale_staging(cfg.output)
     if stale:
-        print(f"[score] removed {len(stale)} staging file(s) that crashed runs left in {cfg.output}: "
-              f"{', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}", flush=True)
-    env = storage.worker_env((FAIL_AT_ENV, FAIL_MARKER_ENV))
+        log.info(f"removed {len(stale)} staging file(s) that crashed runs left in {cfg.output}: "
+                 f"{', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}")
+    env = storage.worker_env()
     remote_env = {"runtime_env": {"env_vars": env}} if env else {}
     info = inspect_artifact(cfg.model)  # no TensorFlow in the driver: zip config + a streamed hash
     if info is None:  # a legacy .h5 only Keras can read: inspect it in a throwaway worker
@@ -224,38 +141,38 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
         except ray.exceptions.RayTaskError as exc:
             raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
     model_id, size = info["model_id"], info["image_size"]
-    skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else outputs.NO_IDS
+    skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else ingest.NO_IDS
 
     ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run_id, remote_env)
 
-    counts = {"scored": 0, "errors": 0, sources.STATUS_NON_IMAGE: len(listing.skipped),
-              sources.STATUS_EMPTY: 0, STATUS_ALREADY: 0}
-    acc = outputs.MetricsAccumulator(cfg.threshold)
+    counts = {"scored": 0, "errors": 0, S.STATUS_NON_IMAGE: len(listing.skipped),
+              S.STATUS_EMPTY: 0, S.STATUS_ALREADY: 0}
+    acc = metrics.MetricsAccumulator(cfg.threshold)
     examples: list[str] = []
     writer = outputs.PredictionWriter(cfg.output, run_id)
     started = time.perf_counter()
     failure: str | None = None
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            status = batch.column(sources.COL_STATUS)
-            failed = batch.filter(pc.equal(status, STATUS_MODEL_ERROR))
+            status = batch.column(S.COL_STATUS)
+            failed = batch.filter(pc.equal(status, S.STATUS_MODEL_ERROR))
             if failed.num_rows:  # the model did not load: stop here (``break`` shuts the executor down)
-                failure = failed.column(outputs.COL_ERROR)[0].as_py()
+                failure = failed.column(S.COL_ERROR)[0].as_py()
                 break
             for name, n in zip(*np.unique(status.to_numpy(zero_copy_only=False).astype(str), return_counts=True)):
-                key = {sources.STATUS_OK: "scored", sources.STATUS_ERROR: "errors"}.get(name, name)
+                key = {S.STATUS_OK: "scored", S.STATUS_ERROR: "errors"}.get(name, name)
                 counts[key] = counts.get(key, 0) + int(n)
-            rows = batch.filter(pc.is_in(status, pa.array([sources.STATUS_OK, sources.STATUS_ERROR])))
+            rows = batch.filter(pc.is_in(status, pa.array([S.STATUS_OK, S.STATUS_ERROR])))
             if not rows.num_rows:
                 continue
             rows = outputs.normalize(rows)
-            acc.update(rows.column(outputs.COL_LABEL).to_pylist(),
-                       rows.column(outputs.COL_PROB).to_numpy(zero_copy_only=False),
-                       rows.column(outputs.COL_ERROR).to_pylist())
+            acc.update(rows.column(S.COL_LABEL).to_pylist(),
+                       rows.column(S.COL_PROB).to_numpy(zero_copy_only=False),
+                       rows.column(S.COL_ERROR).to_pylist())
             if len(examples) < 3:
-                errs = rows.filter(pc.is_valid(rows.column(outputs.COL_ERROR)))
-                examples += [f"{u}: {e}" for u, e in zip(errs.column(outputs.COL_URI).to_pylist()[:3],
-                                                        errs.column(outputs.COL_ERROR).to_pylist()[:3])]
+                errs = rows.filter(pc.is_valid(rows.column(S.COL_ERROR)))
+                examples += [f"{u}: {e}" for u, e in zip(errs.column(S.COL_URI).to_pylist()[:3],
+                                                        errs.column(S.COL_ERROR).to_pylist()[:3])]
             writer.write(rows)
         if failure is not None:
             raise ModelError(failure)
@@ -264,13 +181,14 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
         writer.abort()
         raise
     seconds = time.perf_counter() - started
-    if writer.rows == 0 and counts[STATUS_ALREADY] == 0:
+    if writer.rows == 0 and counts[S.STATUS_ALREADY] == 0:
         writer.abort()
-        raise CorpusError(f"no images found in {cfg.input} ({counts[sources.STATUS_NON_IMAGE]} non-image files, "
-                          f"{counts[sources.STATUS_EMPTY]} empty archives)")
+        raise CorpusError(f"no images found in {cfg.input} ({counts[S.STATUS_NON_IMAGE]} non-image files, "
+                          f"{counts[S.STATUS_EMPTY]} empty archives)")
 
     result = RunResult(run_id, model_id, cfg.output, writer.final_uri, seconds, counts,
-                       acc.row(run_id, model_id), acc.confusion() if acc.metrics_known else None, examples[:3])
+                       {S.COL_RUN_ID: run_id, S.COL_MODEL_ID: model_id, **acc.row()},
+                       acc.confusion() if acc.metrics_known else None, examples[:3])
     _write_run_files(cfg, result, listing, size)
     writer.commit()
     outputs.rebuild_metrics(cfg.output)
@@ -291,14 +209,16 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
         cpus_per_actor = resources.leave_a_cpu(cfg.actors, cfg.cpus_per_actor, cluster.get("CPU", 1.0), "actors", "score")
         memory_per_actor = resources.fit_memory(cfg.actors, cfg.memory_per_actor_gb, cluster.get("memory", 0.0),
                                                 "actors", "score")
-    ds = ray.data.from_arrow(_slices(listing.table, max(4, len(listing) // 256)))
-    ds = ds.map_batches(read_and_prepare, batch_size=None, batch_format="numpy", num_cpus=1,
+    # ~256 loose images per read task; an archive per task where there are few units.
+    ds = ray.data.from_arrow(ingest.slices(listing.table, max(4, len(listing) // 256)))
+    ds = ds.map_batches(ingest.read_and_prepare, batch_size=None, batch_format="numpy", num_cpus=1,
                         fn_kwargs={"image_size": size, "skip_ids": skip_ids, "batch_size": cfg.batch_size},
                         **remote_args)
     return ds.map_batches(
         Scorer, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        fn_constructor_kwargs={"model_uri": cfg.model, "model_id": model_id, "threshold": cfg.threshold, "run_id": run_id},
+        fn_constructor_kwargs={"model_uri": cfg.model, "model_id": model_id, "threshold": cfg.threshold,
+                               "run_id": run_id, "fault": faults.armed()},
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a killed
         # actor restarts and its in-flight batch is retried (tests/test_score.py kills one).
         # The memory reservation keeps Ray from packing more actors on a node than fit. It also
@@ -307,14 +227,6 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
         num_cpus=cpus_per_actor, num_gpus=cfg.gpus_per_actor or None, memory=memory_per_actor,
         **remote_args,
     )
-
-
-def _slices(table, n: int) -> list:
-    """``table`` cut into at most ``n`` near-equal blocks, one read task each (~256 loose images per
-    task; an archive per task where there are few units)."""
-    n = min(n, table.num_rows)
-    bounds = [round(i * table.num_rows / n) for i in range(n + 1)]
-    return [table.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]
 
 
 def _write_run_files(cfg: ScoreConfig, result: RunResult, listing: sources.Listing, size: int) -> None:
@@ -330,7 +242,7 @@ def _write_run_files(cfg: ScoreConfig, result: RunResult, listing: sources.Listi
 
         storage.write_bytes(storage.join(base, "plots", "confusion_matrix.png"),
                             confusion_png(result.confusion, f"Confusion matrix, run {result.run_id}"))
-    outputs.write_json(storage.join(base, "manifest.json"), {
+    storage.write_json(storage.join(base, "manifest.json"), {
         "run_id": result.run_id, "model_id": result.model_id, "model": cfg.model, "input": cfg.input,
         "image_size": size, "predictions": result.predictions_uri, "rows": result.rows,
         "counts": result.counts, "units": {k: listing.count(k) for k in (sources.KIND_IMAGE, sources.KIND_TAR,
@@ -348,9 +260,9 @@ def summary(result: RunResult) -> str:
         f"malaria-ray score: run {result.run_id} committed (model {result.model_id})",
         f"  images scored     {c.get('scored', 0):>10,}",
         f"  error rows        {c.get('errors', 0):>10,}",
-        f"  already scored    {c.get(STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored)",
-        f"  non-images        {c.get(sources.STATUS_NON_IMAGE, 0):>10,}  (skipped and counted)",
-        f"  empty archives    {c.get(sources.STATUS_EMPTY, 0):>10,}",
+        f"  already scored    {c.get(S.STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored)",
+        f"  non-images        {c.get(S.STATUS_NON_IMAGE, 0):>10,}  (skipped and counted)",
+        f"  empty archives    {c.get(S.STATUS_EMPTY, 0):>10,}",
         f"  throughput        {rate:>10,.1f} images/s over {result.seconds:.1f} s",
     ]
     lines += [f"    error: {e}" for e in result.error_examples]
@@ -373,6 +285,21 @@ def summary(result: RunResult) -> str:
         f"  run files         {outputs.run_uri(result.output, result.run_id)}/",
     ]
     return "\n".join(lines)
+
+
+def preflight(cfg: ScoreConfig) -> None:
+    """The checks that need no Ray: the input exists and the model artifact is a classifier.
+
+    Entrypoints run this before Ray starts, so a mistyped path costs a second, not a cluster start.
+    """
+    fs, path = storage.filesystem(cfg.input)
+    try:
+        found = fs.exists(path)
+    except Exception as exc:  # missing bucket, denied, bad endpoint: the backend's type varies
+        raise CorpusError(f"cannot list input {cfg.input}: {type(exc).__name__}: {exc}") from exc
+    if not found:
+        raise CorpusError(f"input {cfg.input} does not exist")
+    inspect_artifact(cfg.model)  # None for a legacy .h5: that one is checked inside Ray
 
 
 def main(cfg: ScoreConfig) -> int:

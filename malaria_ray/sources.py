@@ -6,9 +6,10 @@ any depth holding, mixed: loose images (.png/.jpg/.jpeg/.tif/.tiff), tar shards 
 column. The driver lists *paths* only (``list_units``); the bytes are read inside Ray Data tasks
 by ``expand_unit``, one archive member or Parquet row at a time, so no process holds an archive.
 
-Every row ``expand_unit`` yields has a ``status``: ``ok`` (bytes to score), ``error`` (an input
-that exists but could not be read; it becomes an error row), ``non_image`` (skipped and counted)
-or ``empty_archive`` (counted). Pure: imports neither Ray nor TensorFlow.
+Every row ``expand_unit`` yields has a ``status`` (``malaria_ray.schema``): ``ok`` (bytes to
+score), ``error`` (an input that exists but could not be read; it becomes an error row),
+``non_image`` (skipped and counted) or ``empty_archive`` (counted). Training and scoring read
+through these same functions. Pure: imports neither Ray nor TensorFlow.
 """
 
 from __future__ import annotations
@@ -25,19 +26,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from malaria_ray import storage
-from malaria_ray.corpus import CorpusError
+from malaria_ray.config import CorpusError
+from malaria_ray.schema import (
+    COL_DATA, COL_ERROR, COL_LABEL_HINT, COL_STATUS, COL_URI, STATUS_EMPTY, STATUS_ERROR, STATUS_NON_IMAGE,
+    STATUS_OK, member_uri,
+)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")  # the one list of image file types
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 ZIP_SUFFIXES = (".zip",)
 PARQUET_SUFFIXES = (".parquet",)
 
-# Unit kinds (what the driver lists) and row statuses (what the read tasks yield).
+# Unit kinds: what the driver lists.
 KIND_IMAGE, KIND_TAR, KIND_ZIP, KIND_PARQUET = "image", "tar", "zip", "parquet"
-STATUS_OK, STATUS_ERROR, STATUS_NON_IMAGE, STATUS_EMPTY = "ok", "error", "non_image", "empty_archive"
-
-# Columns of a raw input row (before decoding).
-COL_URI, COL_DATA, COL_STATUS, COL_ERROR, COL_LABEL_HINT = "uri", "data", "status", "error", "label_hint"
 
 # Parquet inputs: the first column found by these names (or the only binary column) holds bytes.
 PARQUET_BYTES_NAMES = ("image", "image_bytes", "bytes", "data", "content", "png")
@@ -49,9 +50,8 @@ PARQUET_BATCH_ROWS = 256
 class Listing:
     """What the driver found under an input: units to read, and loose files it skipped.
 
-    The units live in one Arrow table (``kind``, ``uri``): ~1/4 of the memory of a Python dict
-    per unit, which matters in the driver at millions of loose images, and Ray Data reads it
-    as is (``ray.data.from_arrow``).
+    The units live in one Arrow table (``kind``, ``uri``), which Ray Data reads as is
+    (``ray.data.from_arrow``); docs/benchmarks.md has what it costs per unit.
     """
 
     table: pa.Table = field(default_factory=lambda: pa.table({"kind": pa.array([], pa.string()),
@@ -60,11 +60,6 @@ class Listing:
 
     def __len__(self) -> int:
         return self.table.num_rows
-
-    @property
-    def units(self) -> list[dict]:
-        """The units as ``{"kind", "uri"}`` dicts (what ``expand_unit`` takes); for small listings."""
-        return self.table.to_pylist()
 
     def count(self, kind: str) -> int:
         return int(pc.sum(pc.equal(self.table.column("kind"), kind)).as_py() or 0)
@@ -93,8 +88,8 @@ def list_units(input_uri: str) -> Listing:
 
     Raises ``CorpusError`` when the input is missing or unreadable (missing bucket, no access).
     Paths stream into Arrow chunks in sorted order, one directory (local) or one listing page
-    (S3, 1,000 keys) at a time. fsspec's ``find`` would first build an info dict per file
-    (~1 KB each: a GiB in the driver for a million images) and keep it in its listings cache.
+    (S3, 1,000 keys) at a time, so the driver never holds a per-file info dict (fsspec ``find``
+    builds one, and keeps it in its listings cache).
     """
     fs, root = storage.filesystem(input_uri)
     prefix = storage.protocol_prefix(input_uri)
@@ -175,31 +170,35 @@ def _row(uri: str, status: str, data: bytes | None = None, error: str | None = N
     return {COL_URI: uri, COL_DATA: data, COL_STATUS: status, COL_ERROR: error, COL_LABEL_HINT: label_hint}
 
 
-def expand_unit(unit: dict) -> Iterator[dict]:
-    """Rows (one per image, member or Parquet row) of one listed unit; never raises for bad data."""
+def expand_unit(unit: dict, with_data: bool = True) -> Iterator[dict]:
+    """Rows (one per image, member or Parquet row) of one listed unit; never raises for bad data.
+
+    ``with_data=False`` names the images without reading their bytes (``data`` stays None): how a
+    training listing learns what an archive holds.
+    """
     kind, uri = unit["kind"], unit["uri"]
     readers = {KIND_IMAGE: _read_image, KIND_TAR: _read_tar, KIND_ZIP: _read_zip, KIND_PARQUET: _read_parquet}
     try:
-        yield from readers[kind](uri)
+        yield from readers[kind](uri, with_data)
     except Exception as exc:  # a unit that cannot be opened at all is one error row, not a crash
         yield _row(uri, STATUS_ERROR, error=f"cannot read {kind}: {type(exc).__name__}: {exc}")
 
 
-def _read_image(uri: str) -> Iterator[dict]:
-    yield _row(uri, STATUS_OK, data=storage.read_bytes(uri))
+def _read_image(uri: str, with_data: bool) -> Iterator[dict]:
+    yield _row(uri, STATUS_OK, data=storage.read_bytes(uri) if with_data else None)
 
 
-def _member_row(uri: str, name: str, read) -> dict:
-    member_uri = f"{uri}#{name}"
+def _member_row(uri: str, name: str, read, with_data: bool) -> dict:
+    member = member_uri(uri, name)
     if kind_of(name) != KIND_IMAGE:
-        return _row(member_uri, STATUS_NON_IMAGE)
+        return _row(member, STATUS_NON_IMAGE)
     try:
-        return _row(member_uri, STATUS_OK, data=read())
+        return _row(member, STATUS_OK, data=read() if with_data else None)
     except Exception as exc:  # CRC mismatch, truncated member, bad compression
-        return _row(member_uri, STATUS_ERROR, error=f"corrupt archive member: {type(exc).__name__}: {exc}")
+        return _row(member, STATUS_ERROR, error=f"corrupt archive member: {type(exc).__name__}: {exc}")
 
 
-def _read_tar(uri: str) -> Iterator[dict]:
+def _read_tar(uri: str, with_data: bool) -> Iterator[dict]:
     fs, path = storage.filesystem(uri)
     n = 0
     with fs.open(path, "rb") as raw:
@@ -210,20 +209,20 @@ def _read_tar(uri: str) -> Iterator[dict]:
                     if not member.isfile() or _hidden(member.name + "/x"):
                         continue
                     n += 1
-                    yield _member_row(uri, member.name, lambda m=member: tar.extractfile(m).read())
+                    yield _member_row(uri, member.name, lambda m=member: tar.extractfile(m).read(), with_data)
         except (tarfile.ReadError, EOFError, OSError) as exc:
             if n == 0 and "empty" in str(exc).lower():
                 yield _row(uri, STATUS_EMPTY)
                 return
             # A truncated or corrupt tar: the members read so far stand, the rest is one error row.
-            yield _row(f"{uri}#<after member {n}>", STATUS_ERROR,
+            yield _row(member_uri(uri, f"<after member {n}>"), STATUS_ERROR,
                        error=f"corrupt tar: {type(exc).__name__}: {exc}")
             return
     if n == 0:
         yield _row(uri, STATUS_EMPTY)
 
 
-def _read_zip(uri: str) -> Iterator[dict]:
+def _read_zip(uri: str, with_data: bool) -> Iterator[dict]:
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as raw:
         # ZipFile seeks to the central directory and then to each member: ranged reads on S3.
@@ -233,7 +232,7 @@ def _read_zip(uri: str) -> Iterator[dict]:
                 if info.is_dir() or _hidden(info.filename + "/x") or "__MACOSX/" in info.filename:
                     continue
                 n += 1
-                yield _member_row(uri, info.filename, lambda i=info: zf.read(i))
+                yield _member_row(uri, info.filename, lambda i=info: zf.read(i), with_data)
             if n == 0:
                 yield _row(uri, STATUS_EMPTY)
 
@@ -255,24 +254,25 @@ def _parquet_columns(schema) -> tuple[str, str | None, str | None, bool]:
     return col, path_col, label_col, col in structs
 
 
-def _read_parquet(uri: str) -> Iterator[dict]:
+def _read_parquet(uri: str, with_data: bool) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as raw:
         pf = pq.ParquetFile(raw)
         col, path_col, label_col, in_struct = _parquet_columns(pf.schema_arrow)
-        cols = [c for c in (col, path_col, label_col) if c]
+        cols = [c for c in (col if with_data else None, path_col, label_col) if c]
         i = 0
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=cols):
             d = batch.to_pydict()
-            for j, value in enumerate(d[col]):
+            for j in range(batch.num_rows):
+                value = d[col][j] if with_data else None
                 if in_struct:
                     value = (value or {}).get("bytes")
                 name = d[path_col][j] if path_col else None
-                member = f"{uri}#{name}" if name else f"{uri}#row={i}"
                 label = d[label_col][j] if label_col else None
-                yield _row(member, STATUS_OK, data=value if value is not None else b"",
+                yield _row(member_uri(uri, name or f"row={i}"), STATUS_OK,
+                           data=(value if value is not None else b"") if with_data else None,
                            label_hint=label if isinstance(label, str) else None)
                 i += 1
         if i == 0:

@@ -8,6 +8,8 @@ in the repo or writes them anywhere.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import posixpath
 from typing import Any
@@ -63,11 +65,15 @@ def protocol_prefix(uri: str) -> str:
     return ""
 
 
+def local_path(uri: str) -> str:
+    """The local path of a local URI (``file://`` stripped); call only where ``not is_remote(uri)``."""
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
 def join(uri: str, *parts: str) -> str:
     if is_remote(uri):
         return posixpath.join(uri.rstrip("/"), *parts)
-    base = uri[len("file://"):] if uri.startswith("file://") else uri
-    return os.path.join(base, *parts)
+    return os.path.join(local_path(uri), *parts)
 
 
 def exists(uri: str) -> bool:
@@ -92,6 +98,32 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj: dict) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def table_bytes(table) -> bytes:
+    """A pyarrow table as the bytes of one Parquet file."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def replace_file(uri: str, data: bytes) -> None:
+    """Replace ``uri`` in one step: rename locally, a single PUT (whole object) on S3."""
+    if is_remote(uri):
+        write_bytes(uri, data)
+        return
+    path = local_path(uri)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def upload_file(local_path: str, uri: str) -> None:

@@ -1,7 +1,7 @@
 """The training run directory: best model, history, split, validation predictions/metrics, plots.
 
 Written by the driver after Ray Train finishes. ``history.parquet`` is written last, so its
-presence marks a finished run (``train.FINISHED_MARKER``).
+presence marks a finished run (``checkpoint.FINISHED_MARKER``).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from malaria_ray import corpus, metrics, outputs, report, storage
-from malaria_ray.config import CLASS_NAMES, TrainConfig
-from malaria_ray.train import HISTORY_COLUMNS
+from malaria_ray import checkpoint, corpus, metrics, report, storage
+from malaria_ray import schema as S
+from malaria_ray.config import CLASS_NAMES, DEFAULT_THRESHOLD, POSITIVE_CLASS, TrainConfig
 
-THRESHOLD = 0.5  # argmax of a 2-way softmax, as the notebook
+THRESHOLD = DEFAULT_THRESHOLD  # argmax of a 2-way softmax, as the notebook
 
 
 def predict_dataset(model, ds, batch_size: int = 64) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
@@ -28,7 +28,7 @@ def predict_dataset(model, ds, batch_size: int = 64) -> tuple[list[str], list[st
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
         p = model.predict_on_batch(batch["image"].astype(np.float32))
         probs.append(np.asarray(p)[:, 0])
-        uris.extend(batch[corpus.COL_URI].tolist())
+        uris.extend(batch[S.COL_URI].tolist())
         ids.extend(batch["image_id"].tolist())
         labels.append(batch["label"])
     return uris, ids, np.concatenate(labels), np.concatenate(probs).astype(np.float32)
@@ -36,25 +36,25 @@ def predict_dataset(model, ds, batch_size: int = 64) -> tuple[list[str], list[st
 
 def predictions_table(uris, ids, labels, probs, errors: list[dict], model_id: str, run_id: str) -> pa.Table:
     now = dt.datetime.now(dt.timezone.utc)
-    all_uris = list(uris) + [e[corpus.COL_URI] for e in errors]
-    idents = [corpus.parse_identity(u) for u in all_uris]
-    names = [CLASS_NAMES[int(i)] for i in labels] + [corpus.label_of(e[corpus.COL_URI]) for e in errors]
+    all_uris = list(uris) + [e[S.COL_URI] for e in errors]
+    described = [corpus.describe(u) for u in all_uris]  # (label, slide, patient)
+    names = [CLASS_NAMES[int(i)] for i in labels] + [d[0] for d in described[len(uris):]]
     preds = [CLASS_NAMES[0] if p >= THRESHOLD else CLASS_NAMES[1] for p in probs] + [None] * len(errors)
     n = len(all_uris)
     return pa.Table.from_pydict({
-        outputs.COL_IMAGE_ID: list(ids) + [e["image_id"] or None for e in errors],
-        outputs.COL_URI: all_uris,
-        outputs.COL_SLIDE: [i.slide_id for i in idents],
-        outputs.COL_PATIENT: [i.patient_id for i in idents],
-        outputs.COL_LABEL: names,
-        outputs.COL_PROB: list(probs) + [None] * len(errors),
-        outputs.COL_PRED: preds,
-        outputs.COL_THRESHOLD: [THRESHOLD] * n,
-        outputs.COL_MODEL_ID: [model_id] * n,
-        outputs.COL_RUN_ID: [run_id] * n,
-        outputs.COL_SCORED_AT: [now] * n,
-        outputs.COL_ERROR: [None] * len(uris) + [e["error"] for e in errors],
-    }, schema=outputs.PREDICTIONS_SCHEMA)
+        S.COL_IMAGE_ID: list(ids) + [e[S.COL_IMAGE_ID] or None for e in errors],
+        S.COL_URI: all_uris,
+        S.COL_SLIDE: [d[1] for d in described],
+        S.COL_PATIENT: [d[2] for d in described],
+        S.COL_LABEL: names,
+        S.COL_PROB: list(probs) + [None] * len(errors),
+        S.COL_PRED: preds,
+        S.COL_THRESHOLD: [THRESHOLD] * n,
+        S.COL_MODEL_ID: [model_id] * n,
+        S.COL_RUN_ID: [run_id] * n,
+        S.COL_SCORED_AT: [now] * n,
+        S.COL_ERROR: [None] * len(uris) + [e[S.COL_ERROR] for e in errors],
+    }, schema=S.PREDICTIONS_SCHEMA)
 
 
 def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, best_ckpt, history: list[dict],
@@ -64,41 +64,41 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
     out = cfg.output
     run_id = os.path.basename(out.rstrip("/")) or "train"
     with best_ckpt.as_directory() as d:
-        best, _ = model_mod.load_model(os.path.join(d, "model.keras"))
-        best_state = json.load(open(os.path.join(d, "state.json")))
+        best, _ = model_mod.load_model(checkpoint.model_path(d))
+        best_state = checkpoint.read_state(d)
     model_id = model_mod.save_model(best, out, h5=cfg.export_h5)
 
     uris, ids, labels, probs = predict_dataset(best, val_ds)
     val_uris = set(np.asarray(listing.uris)[val_mask].tolist())
-    val_errors = [e for e in unreadable if e[corpus.COL_URI] in val_uris]
+    val_errors = [e for e in unreadable if e[S.COL_URI] in val_uris]
     preds = predictions_table(uris, ids, labels, probs, val_errors, model_id, run_id)
-    y = labels == CLASS_NAMES.index("Parasitized")
+    y = labels == CLASS_NAMES.index(POSITIVE_CLASS)
     m = metrics.binary_metrics(y, probs, THRESHOLD)
-    metrics_row = {**m, outputs.COL_N_IMAGES: len(uris) + len(val_errors), outputs.COL_N_ERRORS: len(val_errors),
-                   outputs.COL_THRESHOLD: THRESHOLD, outputs.COL_MODEL_ID: model_id, outputs.COL_RUN_ID: run_id,
+    metrics_row = {**m, S.COL_N_IMAGES: len(uris) + len(val_errors), S.COL_N_ERRORS: len(val_errors),
+                   S.COL_THRESHOLD: THRESHOLD, S.COL_MODEL_ID: model_id, S.COL_RUN_ID: run_id,
                    "split": "val", "split_kind": cfg.split, "best_epoch": best_state["epoch"],
                    "synthetic": cfg.synthetic}
 
-    bad = {e[corpus.COL_URI] for e in unreadable}
+    bad = {e[S.COL_URI] for e in unreadable}
     split_tbl = pa.Table.from_pydict({
-        corpus.COL_URI: listing.uris, corpus.COL_LABEL: listing.labels,
-        corpus.COL_SLIDE: listing.slide_ids, corpus.COL_PATIENT: listing.patient_ids,
-        corpus.COL_SPLIT: ["val" if v else "train" for v in val_mask],
+        S.COL_URI: listing.uris, S.COL_LABEL: listing.labels,
+        S.COL_SLIDE: listing.slide_ids, S.COL_PATIENT: listing.patient_ids,
+        S.COL_SPLIT: ["val" if v else "train" for v in val_mask],
         "readable": [u not in bad for u in listing.uris],
     })
-    hist_tbl = pa.Table.from_pylist(history).select(list(HISTORY_COLUMNS))
+    hist_tbl = pa.Table.from_pylist(history).select(list(checkpoint.HISTORY_COLUMNS))
     cm = metrics.confusion_matrix(y, probs, THRESHOLD)
     title = f"Validation ({cfg.split} split, best epoch {best_state['epoch']})" + (" - SYNTHETIC data" if cfg.synthetic else "")
     resolved = {**dataclasses.asdict(cfg), **extra, "model_id": model_id, "best_epoch": best_state["epoch"]}
 
     storage.write_text(storage.join(out, "config.json"), json.dumps(resolved, indent=2, sort_keys=True))
-    storage.write_bytes(storage.join(out, "split.parquet"), outputs.table_bytes(split_tbl))
-    storage.write_bytes(storage.join(out, "predictions.parquet"), outputs.table_bytes(preds))
-    storage.write_bytes(storage.join(out, "metrics.parquet"), outputs.table_bytes(pa.Table.from_pylist([metrics_row])))
+    storage.write_bytes(storage.join(out, "split.parquet"), storage.table_bytes(split_tbl))
+    storage.write_bytes(storage.join(out, "predictions.parquet"), storage.table_bytes(preds))
+    storage.write_bytes(storage.join(out, "metrics.parquet"), storage.table_bytes(pa.Table.from_pylist([metrics_row])))
     storage.write_bytes(storage.join(out, "plots", "curves.png"), report.curves_png(
         {k: [h[k] for h in history] for k in ("loss", "val_loss", "accuracy", "val_accuracy")}))
     storage.write_bytes(storage.join(out, "plots", "confusion_matrix.png"), report.confusion_png(cm, title))
-    storage.write_bytes(storage.join(out, "history.parquet"), outputs.table_bytes(hist_tbl))  # last: marks finished
+    storage.write_bytes(storage.join(out, checkpoint.FINISHED_MARKER), storage.table_bytes(hist_tbl))  # last: marks finished
     return {"output": out, "model_id": model_id, "best_epoch": best_state["epoch"], "epochs": len(history),
             "n_val": len(uris), "n_unreadable": len(unreadable), "synthetic": cfg.synthetic,
             "split": cfg.split, **{k: metrics_row[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")},

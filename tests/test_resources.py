@@ -1,36 +1,64 @@
 """CPU reservations: Train workers and scoring actors always leave Ray Data a CPU on CPU-only nodes."""
 
+import logging
+
+import pytest
+
 from malaria_ray.resources import fit_memory, leave_a_cpu, note_missing_gpus
 
 
-def test_reservation_is_kept_when_a_cpu_is_left(capsys):
+class _Said:
+    """What the code logged since the last read, one ``[tag] message`` line per record."""
+
+    def __init__(self, caplog) -> None:
+        self.caplog = caplog
+
+    def readouterr(self):
+        text = "".join(f"[{r.name.rsplit('.', 1)[-1]}] {r.getMessage()}\n" for r in self.caplog.records)
+        self.caplog.clear()
+        return type("Captured", (), {"out": text})
+
+
+@pytest.fixture
+def logged(caplog):  # log lines, read as the printed lines were before logging
+    logger = logging.getLogger("malaria-ray")
+    detached = not logger.propagate  # once malaria_ray.logs.setup() ran, records stop at this logger
+    if detached:
+        logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="malaria-ray")
+    yield _Said(caplog)
+    if detached:
+        logger.removeHandler(caplog.handler)
+
+
+def test_reservation_is_kept_when_a_cpu_is_left(logged):
     assert leave_a_cpu(1, 1.0, 2.0, "actors", "score") == 1.0
     assert leave_a_cpu(3, 1.0, 16.0, "workers", "train") == 1.0
-    assert capsys.readouterr().out == ""
+    assert logged.readouterr().out == ""
 
 
-def test_reservation_shrinks_and_says_so(capsys):
+def test_reservation_shrinks_and_says_so(logged):
     assert leave_a_cpu(1, 2.0, 2.0, "actors", "score") == 1.0  # the --cpus-per-actor 2 hang on 2 CPUs
     assert leave_a_cpu(2, 1.0, 2.0, "workers", "train") == 0.5
     assert leave_a_cpu(4, 1.0, 1.0, "workers", "train") == 0.12  # one CPU: half of it for the workers
-    out = capsys.readouterr().out
+    out = logged.readouterr().out
     assert "[score] 1 actors x 2 CPU would leave no CPU for Ray Data on 2 CPUs: reserving 1 CPU per actor" in out
     assert out.count("[train]") == 2
 
 
-def test_missing_gpus_are_announced_not_fatal(capsys):
+def test_missing_gpus_are_announced_not_fatal(logged):
     note_missing_gpus(4, 4.0, "--use-gpu", "train")
-    assert capsys.readouterr().out == ""
+    assert logged.readouterr().out == ""
     note_missing_gpus(2, 0.0, "--gpus-per-actor", "score")  # GPU groups may scale from zero
-    out = capsys.readouterr().out
+    out = logged.readouterr().out
     assert out.startswith("[score] --gpus-per-actor needs 2 GPU(s); the Ray cluster has 0 now.")
     assert "drop --gpus-per-actor" in out
 
 
-def test_memory_reservation_fits_the_node_and_says_so(capsys):
+def test_memory_reservation_fits_the_node_and_says_so(logged):
     assert fit_memory(2, 2.0, 16 * 2**30, "actors", "score") == 2 * 2**30
-    assert capsys.readouterr().out == ""
+    assert logged.readouterr().out == ""
     fitted = fit_memory(4, 2.0, 4 * 2**30, "actors", "score")  # a small laptop: 4 x 2 GiB would wait forever
     assert 0 < 4 * fitted <= 4 * 2**30
     assert "[score] 4 actors x 2 GiB exceed the 4.0 GiB of memory Ray can schedule: reserving 0.90 GiB per actor" \
-        in capsys.readouterr().out
+        in logged.readouterr().out

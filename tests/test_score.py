@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from malaria_ray import cli, outputs, sources
+from malaria_ray import cli, faults, ingest, outputs, schema, sources
 from malaria_ray.config import ScoreConfig
 from test_score_inputs import bad_inputs, make_mixed_input, raw_batch, real_pngs
 
@@ -49,7 +49,7 @@ def test_decode_runs_beside_the_model_not_inside_it(ray_session, sample_dir, tmp
     for gpus in (0.0, 1.0):
         cfg = ScoreConfig(input=str(sample_dir), model="unused", output=str(tmp_path), gpus_per_actor=gpus)
         ds = build_pipeline(cfg, sources.list_units(str(sample_dir / "Uninfected")), 32,
-                            outputs.NO_IDS, "m", "r", {})
+                            ingest.NO_IDS, "m", "r", {})
         capsys.readouterr()
         ds.explain()
         plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
@@ -59,27 +59,28 @@ def test_decode_runs_beside_the_model_not_inside_it(ray_session, sample_dir, tmp
 
 
 def test_scorer_direct_then_in_map_batches(ray_session, sample_dir, score_model):
-    from malaria_ray.score import Scorer, inspect_model, prepare_batch
+    from malaria_ray.ingest import prepare_batch
+    from malaria_ray.score import Scorer, inspect_model
 
     info = inspect_model(str(score_model))
     assert info["image_size"] == 32
-    rows = [sources._row(str(p), sources.STATUS_OK, data=p.read_bytes())
+    rows = [sources._row(str(p), schema.STATUS_OK, data=p.read_bytes())
             for p in real_pngs(sample_dir, "Parasitized", 3)]
-    rows.append(sources._row("/x/zero.png", sources.STATUS_OK, data=b""))
+    rows.append(sources._row("/x/zero.png", schema.STATUS_OK, data=b""))
     batch = prepare_batch(raw_batch(rows), 32, np.array([], dtype=object))
     scorer = Scorer(str(score_model), info["model_id"], 0.5, "r1")
     out = scorer(batch)
-    prob = out[outputs.COL_PROB]
+    prob = out[schema.COL_PROB]
     assert np.all((prob[:3] >= 0) & (prob[:3] <= 1)) and np.isnan(prob[3])
-    assert out[outputs.COL_PRED][3] is None and out[outputs.COL_ERROR][3]
+    assert out[schema.COL_PRED][3] is None and out[schema.COL_ERROR][3]
     # The same callable inside Ray Data's actor pool gives the same probabilities.
     ds = ray_session.data.from_items([{k: v[i] for k, v in batch.items()} for i in range(4)])
     got = ds.map_batches(Scorer, batch_size=4, batch_format="numpy",
                          compute=ray_session.data.ActorPoolStrategy(size=1),
                          fn_constructor_kwargs={"model_uri": str(score_model), "model_id": info["model_id"],
                                                 "threshold": 0.5, "run_id": "r1"}).take_all()
-    got_prob = {r[outputs.COL_URI]: r[outputs.COL_PROB] for r in got}
-    for uri, p in zip(out[outputs.COL_URI][:3], prob[:3]):
+    got_prob = {r[schema.COL_URI]: r[schema.COL_PROB] for r in got}
+    for uri, p in zip(out[schema.COL_URI][:3], prob[:3]):
         assert abs(got_prob[uri] - p) < 1e-5
 
 
@@ -101,14 +102,14 @@ def test_score_folder_outputs_and_incremental_rerun(ray_session, sample_dir, sco
     assert "committed" in text and "true Parasitized" in text and str(out) in text
 
     df = read_predictions(out)
-    assert list(df.columns) == outputs.PREDICTIONS_SCHEMA.names
-    assert len(df) == n_inputs and df[outputs.COL_URI].is_unique
-    assert df[outputs.COL_ERROR].notna().sum() == n_errors
-    assert df.loc[df[outputs.COL_ERROR].isna(), outputs.COL_PROB].between(0, 1).all()
-    assert df.loc[df[outputs.COL_ERROR].notna(), outputs.COL_PROB].isna().all()
-    assert (df[outputs.COL_IMAGE_ID].str.len() == 64).all()
-    assert set(df[outputs.COL_LABEL]) == {"Parasitized", "Uninfected"}
-    assert df[outputs.COL_PATIENT].notna().sum() >= n  # NIH names carry the patient
+    assert list(df.columns) == schema.PREDICTIONS_SCHEMA.names
+    assert len(df) == n_inputs and df[schema.COL_URI].is_unique
+    assert df[schema.COL_ERROR].notna().sum() == n_errors
+    assert df.loc[df[schema.COL_ERROR].isna(), schema.COL_PROB].between(0, 1).all()
+    assert df.loc[df[schema.COL_ERROR].notna(), schema.COL_PROB].isna().all()
+    assert (df[schema.COL_IMAGE_ID].str.len() == 64).all()
+    assert set(df[schema.COL_LABEL]) == {"Parasitized", "Uninfected"}
+    assert df[schema.COL_PATIENT].notna().sum() >= n  # NIH names carry the patient
 
     con = duckdb.connect()
     assert con.execute(f"select count(*) from read_parquet('{out}/predictions/*.parquet')").fetchall() == [(n_inputs,)]
@@ -116,9 +117,9 @@ def test_score_folder_outputs_and_incremental_rerun(ray_session, sample_dir, sco
     labelled = n_inputs - n_errors
     assert m[0][:3] == (labelled, n_inputs, n_errors) and 0 <= m[0][3] <= 1
     slides = pads.dataset(str(out / "slides.parquet")).to_table().to_pandas()
-    per_slide = slides[slides[outputs.COL_LEVEL] == "slide"]
-    assert per_slide[outputs.COL_N_CELLS].sum() == labelled
-    assert (per_slide[outputs.COL_N_LABEL_POS] + per_slide[outputs.COL_N_LABEL_NEG]).sum() == labelled
+    per_slide = slides[slides[schema.COL_LEVEL] == "slide"]
+    assert per_slide[schema.COL_N_CELLS].sum() == labelled
+    assert (per_slide[schema.COL_N_LABEL_POS] + per_slide[schema.COL_N_LABEL_NEG]).sum() == labelled
     run_dir = out / "runs" / "20250101T000000Z-first"
     for name in ("config.json", "manifest.json", "metrics.parquet", "plots/confusion_matrix.png"):
         assert (run_dir / name).is_file(), name
@@ -136,10 +137,10 @@ def test_score_folder_outputs_and_incremental_rerun(ray_session, sample_dir, sco
     assert "reserving 1 CPU per actor instead" in capsys.readouterr().out
     df = read_predictions(out)
     assert len(df) == n_inputs + grown
-    assert (df[outputs.COL_RUN_ID] == "20250103T000000Z-third").sum() == grown
+    assert (df[schema.COL_RUN_ID] == "20250103T000000Z-third").sum() == grown
     assert len(pads.dataset(str(out / "metrics.parquet")).to_table()) == 3
     slides = pads.dataset(str(out / "slides.parquet")).to_table().to_pandas()
-    assert slides.loc[slides[outputs.COL_LEVEL] == "slide", outputs.COL_N_CELLS].sum() == labelled + grown
+    assert slides.loc[slides[schema.COL_LEVEL] == "slide", schema.COL_N_CELLS].sum() == labelled + grown
 
 
 def test_mixed_archives_one_row_per_image(ray_session, sample_dir, score_model, tmp_path, capsys):
@@ -150,10 +151,10 @@ def test_mixed_archives_one_row_per_image(ray_session, sample_dir, score_model, 
                    "--batch-size", "8") == 0
     text = capsys.readouterr().out
     df = read_predictions(out)
-    assert len(df) == expected["images"] and df[outputs.COL_URI].is_unique
-    assert df[outputs.COL_ERROR].notna().sum() == expected["errors"]
-    assert any("cell_images.zip#" in u for u in df[outputs.COL_URI])
-    assert any("shard-0.tar#" in u for u in df[outputs.COL_URI])
+    assert len(df) == expected["images"] and df[schema.COL_URI].is_unique
+    assert df[schema.COL_ERROR].notna().sum() == expected["errors"]
+    assert any("cell_images.zip#" in u for u in df[schema.COL_URI])
+    assert any("shard-0.tar#" in u for u in df[schema.COL_URI])
     non_images = expected["non_image_loose"] + expected["non_image_members"]
     assert f"non-images        {non_images:>10,}" in text
     assert f"empty archives    {expected['empty']:>10,}" in text
@@ -219,14 +220,13 @@ def test_killed_scoring_worker_loses_and_duplicates_nothing(ray_session, sample_
     data, out = tmp_path / "in", tmp_path / "out"
     n = copy_cells(sample_dir, data, 24)
     marker = tmp_path / "killed"
-    monkeypatch.setenv(score.FAIL_AT_ENV, "3")
-    monkeypatch.setenv(score.FAIL_MARKER_ENV, str(marker))
+    monkeypatch.setenv(faults.ENV, faults.spec("score.batch", 3, str(marker)))
     result = score.score_archive(ScoreConfig(input=str(data), model=str(score_model), output=str(out), batch_size=8))
     assert marker.exists(), "the fault was not injected"
     assert int(marker.read_text()) != os.getpid()
     df = read_predictions(out)
     assert len(df) == n == result.rows
-    assert df[outputs.COL_URI].is_unique and df[outputs.COL_ERROR].isna().all()
+    assert df[schema.COL_URI].is_unique and df[schema.COL_ERROR].isna().all()
 
 
 def test_s3_input_and_output_through_a_real_s3_server(ray_session, moto_s3, sample_dir, score_model, tmp_path):
@@ -251,8 +251,8 @@ def test_s3_input_and_output_through_a_real_s3_server(ray_session, moto_s3, samp
     assert run_cli(*args) == 0
     fs, path = storage.filesystem("s3://scores/nightly/predictions")
     df = pd.read_parquet(f"s3://{path}", storage_options=storage.s3_options())
-    assert len(df) == n and df[outputs.COL_URI].str.startswith("s3://slides/archive/2025 night/").all()
-    assert df[outputs.COL_ERROR].isna().all()
+    assert len(df) == n and df[schema.COL_URI].str.startswith("s3://slides/archive/2025 night/").all()
+    assert df[schema.COL_ERROR].isna().all()
     table = pads.dataset(f"{path}", filesystem=fs, format="parquet").to_table()
     assert table.num_rows == n
     assert fs.exists("scores/nightly/metrics.parquet") and fs.exists("scores/nightly/slides.parquet")

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from malaria_ray import outputs, sources, storage
+from malaria_ray import ingest, metrics, outputs, schema, sources, storage
 from malaria_ray.metrics import binary_metrics
-from malaria_ray.score import STATUS_ALREADY, image_id_of, prepare_batch, read_and_prepare
+from malaria_ray.ingest import image_id_of, prepare_batch, read_and_prepare
+from malaria_ray.schema import STATUS_ALREADY
 
 
 def real_pngs(sample_dir: pathlib.Path, cls: str, n: int) -> list[pathlib.Path]:
@@ -56,31 +57,31 @@ def raw_batch(rows: list[dict]) -> dict[str, np.ndarray]:
 
 def test_bad_images_become_error_rows_or_decode(sample_dir):
     cases = bad_inputs(sample_dir)
-    rows = [sources._row(f"/x/Uninfected/{name}", sources.STATUS_OK, data=data) for name, (data, _) in cases.items()]
+    rows = [sources._row(f"/x/Uninfected/{name}", schema.STATUS_OK, data=data) for name, (data, _) in cases.items()]
     out = prepare_batch(raw_batch(rows), image_size=32, skip_ids=np.array([], dtype=object))
     assert out["pixels"].shape == (len(cases), 32, 32, 3) and out["pixels"].dtype == np.uint8
     for i, (name, (data, decodes)) in enumerate(cases.items()):
-        assert out[outputs.COL_IMAGE_ID][i] == image_id_of(data, "")  # content hash, even for bad bytes
-        assert out[outputs.COL_LABEL][i] == "Uninfected"
+        assert out[schema.COL_IMAGE_ID][i] == image_id_of(data, "")  # content hash, even for bad bytes
+        assert out[schema.COL_LABEL][i] == "Uninfected"
         if decodes:
-            assert out[sources.COL_STATUS][i] == sources.STATUS_OK, name
-            assert out[outputs.COL_ERROR][i] is None and out["pixels"][i].max() > 0, name
+            assert out[schema.COL_STATUS][i] == schema.STATUS_OK, name
+            assert out[schema.COL_ERROR][i] is None and out["pixels"][i].max() > 0, name
         else:
-            assert out[sources.COL_STATUS][i] == sources.STATUS_ERROR, name
-            assert out[outputs.COL_ERROR][i], name
-    assert "decompression bomb" in out[outputs.COL_ERROR][list(cases).index("bomb.png")]
-    assert "empty" in out[outputs.COL_ERROR][list(cases).index("zero.png")]
+            assert out[schema.COL_STATUS][i] == schema.STATUS_ERROR, name
+            assert out[schema.COL_ERROR][i], name
+    assert "decompression bomb" in out[schema.COL_ERROR][list(cases).index("bomb.png")]
+    assert "empty" in out[schema.COL_ERROR][list(cases).index("zero.png")]
 
 
 def test_prepare_batch_identity_and_skip(sample_dir):
     path = real_pngs(sample_dir, "Parasitized", 1)[0]
     data = path.read_bytes()
-    rows = [sources._row(str(path), sources.STATUS_OK, data=data),
-            sources._row("/x/Thumbs.db", sources.STATUS_NON_IMAGE)]
+    rows = [sources._row(str(path), schema.STATUS_OK, data=data),
+            sources._row("/x/Thumbs.db", schema.STATUS_NON_IMAGE)]
     out = prepare_batch(raw_batch(rows), 32, skip_ids=np.array([image_id_of(data, "")], dtype=object))
-    assert out[sources.COL_STATUS].tolist() == [STATUS_ALREADY, sources.STATUS_NON_IMAGE]
-    assert out[outputs.COL_SLIDE][0] == path.name.split("_IMG_")[0]
-    assert out[outputs.COL_PATIENT][0].startswith("P") and out[outputs.COL_LABEL][0] == "Parasitized"
+    assert out[schema.COL_STATUS].tolist() == [STATUS_ALREADY, schema.STATUS_NON_IMAGE]
+    assert out[schema.COL_SLIDE][0] == path.name.split("_IMG_")[0]
+    assert out[schema.COL_PATIENT][0].startswith("P") and out[schema.COL_LABEL][0] == "Parasitized"
 
 
 def make_mixed_input(sample_dir: pathlib.Path, root: pathlib.Path) -> dict[str, int]:
@@ -124,22 +125,22 @@ def test_list_and_expand_mixed_input(sample_dir, tmp_path):
     assert listing.count("image") == 4 and listing.count("tar") == 2 and listing.count("zip") == 2
     assert listing.count("parquet") == 1
     assert sorted(os.path.basename(p) for p in listing.skipped) == ["Thumbs.db", "notes.txt"]
-    rows = [r for u in listing.units for r in sources.expand_unit(u)]
-    by = lambda s: [r for r in rows if r[sources.COL_STATUS] == s]  # noqa: E731
+    rows = [r for u in listing.table.to_pylist() for r in sources.expand_unit(u)]
+    by = lambda s: [r for r in rows if r[schema.COL_STATUS] == s]  # noqa: E731
     assert len(by("ok")) + len(by("error")) == expected["images"]
     assert len(by("non_image")) == expected["non_image_members"]
     assert len(by("empty_archive")) == expected["empty"]
-    assert len(rows) == len({r[sources.COL_URI] for r in rows})  # every member has its own uri
+    assert len(rows) == len({r[schema.COL_URI] for r in rows})  # every member has its own uri
     out = prepare_batch(raw_batch(rows), 32, np.array([], dtype=object))
-    errors = [u for u, s in zip(out[sources.COL_URI], out[sources.COL_STATUS]) if s == "error"]
+    errors = [u for u, s in zip(out[schema.COL_URI], out[schema.COL_STATUS]) if s == "error"]
     assert sorted(e.rsplit("/", 1)[1] for e in errors) == ["broken.png", "corrupt member.png"]
-    labels = [lab for lab, s in zip(out[outputs.COL_LABEL], out[sources.COL_STATUS]) if s == "ok"]
+    labels = [lab for lab, s in zip(out[schema.COL_LABEL], out[schema.COL_STATUS]) if s == "ok"]
     assert labels.count("Parasitized") == 12 and labels.count("Uninfected") == 12
     # The pipeline's read task does the same in batches of 5: the same rows, in the same order.
     units = {k: np.array(listing.table.column(k).to_pylist(), dtype=object) for k in ("kind", "uri")}
-    batches = list(read_and_prepare(units, 32, outputs.NO_IDS, batch_size=5))
-    assert [len(b[sources.COL_URI]) for b in batches] == [min(5, len(rows) - i) for i in range(0, len(rows), 5)]
-    assert np.concatenate([b[sources.COL_URI] for b in batches]).tolist() == out[sources.COL_URI].tolist()
+    batches = list(read_and_prepare(units, 32, ingest.NO_IDS, batch_size=5))
+    assert [len(b[schema.COL_URI]) for b in batches] == [min(5, len(rows) - i) for i in range(0, len(rows), 5)]
+    assert np.concatenate([b[schema.COL_URI] for b in batches]).tolist() == out[schema.COL_URI].tolist()
     assert np.array_equal(np.concatenate([b["pixels"] for b in batches]), out["pixels"])
 
 
@@ -151,9 +152,9 @@ def test_truncated_tar_keeps_read_members_and_reports(sample_dir, tmp_path):
     data = (tmp_path / "t.tar").read_bytes()
     (tmp_path / "t.tar").write_bytes(data[: 512 + pngs[0].stat().st_size + 1000])  # cut inside member 2
     rows = list(sources.expand_unit({"kind": "tar", "uri": str(tmp_path / "t.tar")}))
-    statuses = [r[sources.COL_STATUS] for r in rows]
+    statuses = [r[schema.COL_STATUS] for r in rows]
     assert statuses[0] == "ok" and statuses[-1] == "error" and len(rows) <= 3
-    assert list(sources.expand_unit({"kind": "zip", "uri": str(tmp_path / "t.tar")}))[0][sources.COL_STATUS] == "error"
+    assert list(sources.expand_unit({"kind": "zip", "uri": str(tmp_path / "t.tar")}))[0][schema.COL_STATUS] == "error"
 
 
 def test_s3_listing_streams_pages_in_sorted_order(moto_s3, tmp_path):
@@ -198,7 +199,7 @@ def test_metrics_accumulator_matches_exact_metrics():
     n = 5000
     y = rng.random(n) < 0.4
     prob = np.clip(y * 0.3 + rng.random(n) * 0.7, 0, 1).astype(np.float32)
-    acc = outputs.MetricsAccumulator(0.5)
+    acc = metrics.MetricsAccumulator(0.5)
     labels = np.where(y, "Parasitized", "Uninfected").astype(object)
     labels[:100] = None  # unknown labels: counted as images, not in the confusion matrix
     errors = np.array([None] * n, dtype=object)
@@ -207,7 +208,7 @@ def test_metrics_accumulator_matches_exact_metrics():
         acc.update(labels[a:a + 700], prob[a:a + 700], errors[a:a + 700])
     keep = np.arange(n) >= 110
     exact = binary_metrics(y[keep], prob[keep], 0.5)
-    row = acc.row("r", "m")
+    row = acc.row()
     assert {k: row[k] for k in ("tp", "fp", "fn", "tn")} == {k: exact[k] for k in ("tp", "fp", "fn", "tn")}
     assert row["n_images"] == n and row["n_errors"] == 10 and row["n_labelled"] == n - 110
     assert abs(row["roc_auc"] - exact["roc_auc"]) < 1e-3
@@ -216,11 +217,11 @@ def test_metrics_accumulator_matches_exact_metrics():
 
 def prediction_table(run_id: str, n: int) -> pa.Table:
     return pa.table({
-        outputs.COL_IMAGE_ID: [f"id{i}" for i in range(n)], outputs.COL_URI: [f"/x/{i}.png" for i in range(n)],
-        outputs.COL_SLIDE: ["C1P1thinF"] * n, outputs.COL_PATIENT: ["P1"] * n, outputs.COL_LABEL: [None] * n,
-        outputs.COL_PROB: np.linspace(0, 1, n).astype(np.float32), outputs.COL_PRED: ["Uninfected"] * n,
-        outputs.COL_THRESHOLD: [0.5] * n, outputs.COL_MODEL_ID: ["m"] * n, outputs.COL_RUN_ID: [run_id] * n,
-        outputs.COL_SCORED_AT: np.full(n, np.datetime64("2025-01-01T00:00:00", "us")), outputs.COL_ERROR: [None] * n,
+        schema.COL_IMAGE_ID: [f"id{i}" for i in range(n)], schema.COL_URI: [f"/x/{i}.png" for i in range(n)],
+        schema.COL_SLIDE: ["C1P1thinF"] * n, schema.COL_PATIENT: ["P1"] * n, schema.COL_LABEL: [None] * n,
+        schema.COL_PROB: np.linspace(0, 1, n).astype(np.float32), schema.COL_PRED: ["Uninfected"] * n,
+        schema.COL_THRESHOLD: [0.5] * n, schema.COL_MODEL_ID: ["m"] * n, schema.COL_RUN_ID: [run_id] * n,
+        schema.COL_SCORED_AT: np.full(n, np.datetime64("2025-01-01T00:00:00", "us")), schema.COL_ERROR: [None] * n,
     })
 
 
@@ -244,7 +245,7 @@ def test_uncommitted_run_is_invisible_to_every_reader(tmp_path):
     assert duckdb.connect().execute(f"select count(*) from read_parquet('{pred}/*.parquet')").fetchall() == [(5,)]
     assert outputs.committed_runs(root) == ["20250101T000000Z-aaaaaa"]
     assert outputs.scored_ids(root, "m").tolist() == [f"id{i}".encode() for i in range(5)]
-    assert pd.read_parquet(pred).dtypes[outputs.COL_PROB] == np.float32
+    assert pd.read_parquet(pred).dtypes[schema.COL_PROB] == np.float32
     slides = outputs.rebuild_slides(root, "m").to_pylist()
     assert [(s["level"], s["n_cells"]) for s in slides] == [("patient", 5), ("slide", 5)]
 
@@ -286,34 +287,34 @@ def test_slide_rollup_counts_each_input_once_from_its_newest_run(tmp_path):
     for r, run in enumerate(runs):
         idx = np.arange(n) if r < 2 else np.arange(0, n, 3)
         t = prediction_table(run, len(idx)).to_pandas()
-        t[outputs.COL_IMAGE_ID] = [ids[i] for i in idx]
-        t[outputs.COL_URI] = [f"/x/{i % 2500}.png" for i in idx]  # same bytes at two uris: two inputs
-        t[outputs.COL_SLIDE] = [slides[i % len(slides)][0] for i in idx]
-        t[outputs.COL_PATIENT] = [slides[i % len(slides)][1] for i in idx]
-        t[outputs.COL_LABEL] = rng.choice(np.array(["Parasitized", "Uninfected", None], dtype=object), len(idx))
-        t[outputs.COL_PROB] = rng.random(len(idx)).astype(np.float32)
-        t[outputs.COL_PRED] = np.where(t[outputs.COL_PROB] >= 0.5, "Parasitized", "Uninfected")
-        t[outputs.COL_MODEL_ID] = np.where(idx % 7 == 0, "other", "m")
-        t[outputs.COL_ERROR] = np.where(idx % 11 == 0, "bad bytes", None)
+        t[schema.COL_IMAGE_ID] = [ids[i] for i in idx]
+        t[schema.COL_URI] = [f"/x/{i % 2500}.png" for i in idx]  # same bytes at two uris: two inputs
+        t[schema.COL_SLIDE] = [slides[i % len(slides)][0] for i in idx]
+        t[schema.COL_PATIENT] = [slides[i % len(slides)][1] for i in idx]
+        t[schema.COL_LABEL] = rng.choice(np.array(["Parasitized", "Uninfected", None], dtype=object), len(idx))
+        t[schema.COL_PROB] = rng.random(len(idx)).astype(np.float32)
+        t[schema.COL_PRED] = np.where(t[schema.COL_PROB] >= 0.5, "Parasitized", "Uninfected")
+        t[schema.COL_MODEL_ID] = np.where(idx % 7 == 0, "other", "m")
+        t[schema.COL_ERROR] = np.where(idx % 11 == 0, "bad bytes", None)
         w = outputs.PredictionWriter(root, run)
-        w.write(pa.Table.from_pandas(t, schema=outputs.PREDICTIONS_SCHEMA, preserve_index=False))
+        w.write(pa.Table.from_pandas(t, schema=schema.PREDICTIONS_SCHEMA, preserve_index=False))
         w.close()
         w.commit()
 
     got = outputs.rebuild_slides(root, "m").to_pandas()
     rows = pd.read_parquet(os.path.join(root, "predictions"))
-    rows = rows[(rows[outputs.COL_MODEL_ID] == "m") & rows[outputs.COL_ERROR].isna()]
-    rows = rows.sort_values(outputs.COL_RUN_ID, ascending=False).drop_duplicates([outputs.COL_IMAGE_ID, outputs.COL_URI])
+    rows = rows[(rows[schema.COL_MODEL_ID] == "m") & rows[schema.COL_ERROR].isna()]
+    rows = rows.sort_values(schema.COL_RUN_ID, ascending=False).drop_duplicates([schema.COL_IMAGE_ID, schema.COL_URI])
     assert len(rows) < 2 * n  # the overlap is real
-    for level, keys in (("slide", [outputs.COL_SLIDE, outputs.COL_PATIENT]), ("patient", [outputs.COL_PATIENT])):
-        want = rows.fillna({outputs.COL_SLIDE: "~", outputs.COL_PATIENT: "~"}).groupby(keys).agg(
-            n=(outputs.COL_URI, "size"), pos=(outputs.COL_PRED, lambda s: (s == "Parasitized").sum()),
-            prob=(outputs.COL_PROB, "mean"), lab=(outputs.COL_LABEL, lambda s: (s == "Parasitized").sum()))
-        mine = got[got[outputs.COL_LEVEL] == level].fillna({outputs.COL_SLIDE: "~", outputs.COL_PATIENT: "~"})
+    for level, keys in (("slide", [schema.COL_SLIDE, schema.COL_PATIENT]), ("patient", [schema.COL_PATIENT])):
+        want = rows.fillna({schema.COL_SLIDE: "~", schema.COL_PATIENT: "~"}).groupby(keys).agg(
+            n=(schema.COL_URI, "size"), pos=(schema.COL_PRED, lambda s: (s == "Parasitized").sum()),
+            prob=(schema.COL_PROB, "mean"), lab=(schema.COL_LABEL, lambda s: (s == "Parasitized").sum()))
+        mine = got[got[schema.COL_LEVEL] == level].fillna({schema.COL_SLIDE: "~", schema.COL_PATIENT: "~"})
         mine = mine.set_index(keys).loc[want.index]
         assert len(mine) == len(want)
-        assert (mine[outputs.COL_N_CELLS].to_numpy() == want["n"].to_numpy()).all()
-        assert (mine[outputs.COL_N_PRED_POS].to_numpy() == want["pos"].to_numpy()).all()
-        assert (mine[outputs.COL_N_LABEL_POS].to_numpy() == want["lab"].to_numpy()).all()
-        assert np.allclose(mine[outputs.COL_MEAN_PROB].to_numpy(), want["prob"].to_numpy(), atol=1e-6)
-    assert got[outputs.COL_LEVEL].tolist()[0] == "patient" and got[outputs.COL_LEVEL].tolist()[-1] == "slide"
+        assert (mine[schema.COL_N_CELLS].to_numpy() == want["n"].to_numpy()).all()
+        assert (mine[schema.COL_N_PRED_POS].to_numpy() == want["pos"].to_numpy()).all()
+        assert (mine[schema.COL_N_LABEL_POS].to_numpy() == want["lab"].to_numpy()).all()
+        assert np.allclose(mine[schema.COL_MEAN_PROB].to_numpy(), want["prob"].to_numpy(), atol=1e-6)
+    assert got[schema.COL_LEVEL].tolist()[0] == "patient" and got[schema.COL_LEVEL].tolist()[-1] == "slide"

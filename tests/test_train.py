@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from malaria_ray import corpus, train
+from malaria_ray import checkpoint, corpus, faults, train
 from malaria_ray.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,18 +29,19 @@ def corpus_with_bad_files(small_corpus, tmp_path):
 @pytest.mark.ray
 @pytest.mark.tf
 @pytest.mark.slow
-def test_two_workers_train_resume_after_killed_worker_and_write_run(corpus_with_bad_files, tmp_path, ray_session):
+def test_two_workers_train_resume_after_killed_worker_and_write_run(corpus_with_bad_files, tmp_path, ray_session,
+                                                                   monkeypatch):
     out = tmp_path / "run"
     # max_failures=2 (the product default), not 1: besides the injected kill, a start can fail on
     # its own. Ray's TensorFlow backend picks each worker's collective port by binding port 0 and
     # releasing it; another process can take it before TF binds ("Could not start gRPC server",
     # seen once in CI), and Train retries that start like any worker failure.
     cfg = TrainConfig(data=str(corpus_with_bad_files), output=str(out), image_size=32, epochs=3,
-                      batch_size=32, num_workers=2, fail_at_epoch=2, max_failures=2, seed=0)
-    marker = pathlib.Path(train.fault_marker(str(out)))
+                      batch_size=32, num_workers=2, max_failures=2, seed=0)
+    marker = tmp_path / "killed-worker"
+    monkeypatch.setenv(faults.ENV, faults.spec("train.epoch", 2, str(marker)))
     summary = train.fit(cfg)
     assert marker.exists(), "the fault injection killed a worker"
-    marker.unlink()
 
     hist = pd.read_parquet(out / "history.parquet")
     assert hist["epoch"].tolist() == [1, 2, 3], "each epoch exactly once despite the killed worker"
@@ -98,7 +98,7 @@ def test_bad_input_is_one_line_error_without_traceback(tmp_path, small_corpus):
     shutil.copy(next((small_corpus / "Parasitized").iterdir()), only_one_class / "Parasitized")
     finished = tmp_path / "finished"
     finished.mkdir()
-    (finished / train.FINISHED_MARKER).write_bytes(b"")
+    (finished / checkpoint.FINISHED_MARKER).write_bytes(b"")
     cases = [
         (["--data", str(tmp_path / "missing"), "--output", str(tmp_path / "o")], "does not exist"),
         (["--data", str(only_one_class), "--output", str(tmp_path / "o")], "Uninfected"),
@@ -133,6 +133,7 @@ def test_batchnorm_recalibration_makes_inference_mode_match_batch_statistics(sam
     as in training mode; before, the moving statistics of a fresh model are far off."""
     from malaria_ray.model import build_model
     from malaria_ray.preprocess import decode_image
+    from malaria_ray.worker import bn_recalibrator
 
     files = sorted((sample_dir / "Parasitized").glob("*.png"))[:8] + sorted((sample_dir / "Uninfected").glob("*.png"))[:8]
     x = np.stack([decode_image(f.read_bytes(), 32) for f in files]).astype(np.float32)
@@ -141,6 +142,6 @@ def test_batchnorm_recalibration_makes_inference_mode_match_batch_statistics(sam
     gap = lambda: float(np.abs(base(scaled, training=False).numpy() - base(scaled, training=True).numpy()).max())
     before = gap()
     momenta = [la.momentum for la in model._flatten_layers() if hasattr(la, "moving_mean")]
-    train._bn_recalibrator(model)([x.astype(np.uint8)])
+    bn_recalibrator(model)([x.astype(np.uint8)])
     assert gap() < 1e-3 < before, (gap(), before)
     assert [la.momentum for la in model._flatten_layers() if hasattr(la, "moving_mean")] == momenta

@@ -1,0 +1,93 @@
+"""The vocabulary of a row: column names, row statuses, Parquet schemas and member URIs.
+
+Every module that reads or writes a listing, a raw input row, a prediction, a metrics row or a
+slide roll-up takes its names from here, as do the tests. Pure: imports only pyarrow.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# ---------------------------------------------------------------- identity and labels (every table)
+COL_URI = "uri"
+COL_LABEL = "label"
+COL_SLIDE = "slide_id"
+COL_PATIENT = "patient_id"
+COL_SPLIT = "split"  # split.parquet of a training run: "train" or "val"
+
+# ---------------------------------------------------------------- raw input rows (sources -> decode)
+COL_DATA = "data"  # encoded bytes of one image
+COL_STATUS = "status"
+COL_ERROR = "error"  # why a row could not be scored; None when it was
+COL_LABEL_HINT = "label_hint"  # a label an input carries itself (a Parquet ``label`` column)
+COL_PIXELS = "pixels"  # decoded uint8 [size, size, 3]
+
+# Row statuses: what a read task yields, then what decoding and scoring make of it.
+STATUS_OK = "ok"  # bytes to score
+STATUS_ERROR = "error"  # an input that exists but could not be read or decoded: an error row
+STATUS_NON_IMAGE = "non_image"  # skipped and counted
+STATUS_EMPTY = "empty_archive"  # counted
+STATUS_ALREADY = "already_scored"  # --skip-scored: this model scored the same bytes before
+STATUS_MODEL_ERROR = "model_error"  # a scoring actor whose model did not load: the run stops
+
+# ---------------------------------------------------------------- predictions (scoring and training)
+COL_IMAGE_ID = "image_id"
+COL_PROB = "prob_parasitized"
+COL_PRED = "pred_label"
+COL_THRESHOLD = "threshold"
+COL_MODEL_ID = "model_id"
+COL_RUN_ID = "run_id"
+COL_SCORED_AT = "scored_at"
+
+PREDICTIONS_SCHEMA = pa.schema([
+    (COL_IMAGE_ID, pa.string()), (COL_URI, pa.string()), (COL_SLIDE, pa.string()),
+    (COL_PATIENT, pa.string()), (COL_LABEL, pa.string()), (COL_PROB, pa.float32()),
+    (COL_PRED, pa.string()), (COL_THRESHOLD, pa.float64()), (COL_MODEL_ID, pa.string()),
+    (COL_RUN_ID, pa.string()), (COL_SCORED_AT, pa.timestamp("us", tz="UTC")), (COL_ERROR, pa.string()),
+])
+
+# ---------------------------------------------------------------- metrics.parquet
+METRIC_COUNTS = ("tp", "fp", "fn", "tn")
+METRIC_RATES = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc")
+COL_N_IMAGES, COL_N_ERRORS, COL_N_LABELLED = "n_images", "n_errors", "n_labelled"
+METRICS_COLUMNS = (COL_RUN_ID, COL_MODEL_ID, COL_THRESHOLD, COL_N_IMAGES, COL_N_ERRORS, COL_N_LABELLED,
+                   *METRIC_COUNTS, *METRIC_RATES)
+
+# ---------------------------------------------------------------- slides.parquet
+# One row per slide (level "slide") and per patient (level "patient").
+COL_LEVEL, COL_N_CELLS, COL_N_PRED_POS = "level", "n_cells", "n_pred_parasitized"
+COL_FRAC_POS, COL_MEAN_PROB = "frac_parasitized", "mean_prob"
+COL_N_LABEL_POS, COL_N_LABEL_NEG = "n_label_parasitized", "n_label_uninfected"
+SLIDES_SCHEMA = pa.schema([(COL_LEVEL, pa.string()), (COL_SLIDE, pa.string()), (COL_PATIENT, pa.string()),
+                           (COL_N_CELLS, pa.int64()), (COL_N_PRED_POS, pa.int64()), (COL_FRAC_POS, pa.float64()),
+                           (COL_MEAN_PROB, pa.float64()), (COL_N_LABEL_POS, pa.int64()),
+                           (COL_N_LABEL_NEG, pa.int64()), (COL_MODEL_ID, pa.string())])
+
+# ---------------------------------------------------------------- member URIs
+# An image inside an archive or a Parquet file is ``<container uri>#<member name>``. Only a
+# container's own suffix before the ``#`` makes it a member URI, so a loose file whose path holds
+# a ``#`` stays one path.
+MEMBER_SEP = "#"
+CONTAINER_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip", ".parquet")
+
+
+def member_uri(container: str, member: str) -> str:
+    """The URI of ``member`` (a name inside the archive, or ``row=N``) of ``container``."""
+    return f"{container}{MEMBER_SEP}{member}"
+
+
+def split_member_uri(uri: str) -> tuple[str, str | None]:
+    """(container URI, member name) of a member URI; (uri, None) for anything else."""
+    start = 0
+    while (i := uri.find(MEMBER_SEP, start)) >= 0:
+        if uri[:i].lower().endswith(CONTAINER_SUFFIXES):
+            return uri[:i], uri[i + 1:]
+        start = i + 1
+    return uri, None
+
+
+def path_within(uri: str) -> str:
+    """The path whose folders and file name carry an image's label and identity: the member name
+    inside a container, else the URI itself."""
+    container, member = split_member_uri(uri)
+    return member if member is not None else container

@@ -1,0 +1,231 @@
+"""What each Ray Train worker runs: build, restore, then per epoch train, recalibrate, validate, save.
+
+Why a Keras 3 custom training step (``strategy.run``) and not ``Model.fit``: under
+MultiWorkerMirroredStrategy inside TensorflowTrainer, Keras 3 ``Model.fit`` fails ("PerReplica ...
+to a Tensor", ray-project/ray#47464). tf-keras with TF_USE_LEGACY_KERAS=1 would work, but it pins
+the project to a legacy Keras whose ``.keras`` files Keras 3 scorers cannot rely on, and it needs an
+environment variable set before every TensorFlow import on every node. A short custom step keeps
+one Keras everywhere (training, ``model.keras``, scoring) and makes the distributed loop explicit.
+
+Rank 0 speaks for all workers (``_Log``) and reports the checkpoint; every rank saves one.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from malaria_ray import checkpoint, faults, logs
+from malaria_ray.config import TrainConfig
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import tensorflow as tf
+
+    cfg = TrainConfig.from_dict(config["cfg"])
+    steps, fault = config["steps_per_epoch"], config.get("fault")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    log = _Log(rank)
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+    tf.get_logger().setLevel("WARNING")  # MultiWorkerMirroredStrategy logs every collective at INFO
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    fns = build_steps(cfg, strategy)
+    recalibrate = bn_recalibrator(fns.model, fns.all_sum, world)
+
+    start_epoch, history = 1, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = checkpoint.restore(d, fns.model, fns.optimizer)
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        log(f"resumed from checkpoint after epoch {state['epoch']}")
+
+    rng = np.random.default_rng([cfg.seed, rank, start_epoch])
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        stats, clean = run_epoch(cfg, fns, train_shard, epoch, steps, cfg.batch_size // world, rng, log,
+                                 fault=fault if rank == world - 1 else None)
+        train_seconds = time.perf_counter() - t0
+        if clean:
+            recalibrate(clean)
+        row = {"epoch": epoch, **stats, **evaluate(fns, val_shard, cfg.batch_size // world),
+               "seconds": time.perf_counter() - t0, "train_seconds": train_seconds}
+        history.append(row)
+        log("epoch {epoch}/{n}: loss {loss:.4f} acc {accuracy:.4f} val_loss {val_loss:.4f} "
+            "val_acc {val_accuracy:.4f} ({seconds:.0f}s)".format(n=cfg.epochs, **row))
+        save_and_report(fns, row, history, rank)
+
+
+@dataclass
+class Steps:
+    """The model, its optimizer and the compiled functions every epoch calls."""
+
+    model: Any
+    optimizer: Any
+    train_step: Callable  # (x, y) -> (loss sum, hits) over the global batch; a collective
+    eval_step: Callable  # (x, y) -> (loss sum, hits) over this worker's batch
+    all_sum: Callable  # tensor -> its sum over all workers; a collective
+
+
+def build_steps(cfg: TrainConfig, strategy) -> Steps:
+    import keras
+    import tensorflow as tf
+
+    from malaria_ray.model import build_model
+
+    with strategy.scope():
+        model = build_model(cfg.image_size, cfg.weights, seed=cfg.seed)
+        optimizer = keras.optimizers.Adam(learning_rate=cfg.learning_rate)
+        optimizer.build(model.trainable_variables)
+    bce = keras.losses.BinaryCrossentropy(reduction=None)  # the notebook's loss, per example
+
+    def hits(y, probs):
+        return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, 1), tf.argmax(y, 1)), tf.float32))
+
+    @tf.function
+    def train_step(x, y):
+        def replica_fn(x, y):
+            with tf.GradientTape() as tape:
+                probs = model(x, training=True)
+                loss = tf.nn.compute_average_loss(bce(y, probs), global_batch_size=cfg.batch_size)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss * cfg.batch_size, hits(y, probs)
+
+        loss_sum, n_hits = strategy.run(replica_fn, args=(x, y))
+        return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss_sum, axis=None),
+                strategy.reduce(tf.distribute.ReduceOp.SUM, n_hits, axis=None))
+
+    @tf.function
+    def eval_step(x, y):
+        probs = model(x, training=False)
+        return tf.reduce_sum(bce(y, probs)), hits(y, probs)
+
+    @tf.function
+    def all_sum(v):  # a collective: every worker calls it the same number of times
+        per_replica = strategy.run(lambda t: tf.identity(t), args=(v,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return Steps(model, optimizer, train_step, eval_step, all_sum)
+
+
+def run_epoch(cfg: TrainConfig, fns: Steps, shard, epoch: int, steps: int, local_batch: int,
+              rng: np.random.Generator, log: Callable[[str], None],
+              fault: str | None = None) -> tuple[dict, list[np.ndarray]]:
+    """One epoch of ``steps`` global batches; returns its loss/accuracy and up to
+    ``cfg.bn_recal_batches`` clean (un-augmented) uint8 batches for the BatchNorm recalibration.
+    ``fault``: the test's armed fault (``malaria_ray.faults``), checked halfway through."""
+    import tensorflow as tf
+
+    from malaria_ray.preprocess import augment_batch
+
+    t0 = time.perf_counter()
+    loss_sum = hits = seen = 0.0
+    it = shard.iter_batches(batch_size=local_batch, drop_last=True, batch_format="numpy",
+                            local_shuffle_buffer_size=max(4 * local_batch, 256),
+                            local_shuffle_seed=int(rng.integers(1 << 31)))
+    clean: list[np.ndarray] = []
+    for step, batch in zip(range(steps), it):
+        if step == steps // 2:
+            faults.maybe_fail(fault, "train.epoch", epoch)
+        if step < cfg.bn_recal_batches:
+            clean.append(batch["image"])  # uint8: 4x smaller than the float batch
+        x = batch["image"].astype(np.float32)
+        x = augment_batch(x, rng) if cfg.augment else tf.convert_to_tensor(x)
+        ls, h = fns.train_step(x, tf.one_hot(batch["label"], 2))
+        loss_sum, hits, seen = loss_sum + float(ls), hits + float(h), seen + cfg.batch_size
+        if (step + 1) % max(1, steps // 4) == 0 and step + 1 < steps:  # progress on long epochs
+            log(f"epoch {epoch} step {step + 1}/{steps}: loss {loss_sum / seen:.4f} "
+                f"({seen / (time.perf_counter() - t0):.1f} images/s)")
+    stats = {"loss": loss_sum / max(seen, 1), "accuracy": hits / max(seen, 1), "train_images": seen}
+    return stats, clean
+
+
+def evaluate(fns: Steps, shard, local_batch: int) -> dict[str, float]:
+    """Validation loss and accuracy over every worker's shard (one collective at the end)."""
+    import tensorflow as tf
+
+    v = np.zeros(3, np.float32)  # val loss sum, hits, count on this worker
+    for batch in shard.iter_batches(batch_size=local_batch, batch_format="numpy"):
+        ls, h = fns.eval_step(tf.convert_to_tensor(batch["image"], tf.float32), tf.one_hot(batch["label"], 2))
+        v += (float(ls), float(h), len(batch["label"]))
+    v = fns.all_sum(tf.constant(v)).numpy()
+    return {"val_loss": float(v[0] / max(v[2], 1)), "val_accuracy": float(v[1] / max(v[2], 1))}
+
+
+def bn_recalibrator(model, all_sum=None, world: int = 1):
+    """A function that re-estimates every BatchNorm layer's moving statistics ("precise BN").
+
+    Why: trained from random init with Adam, ResNet50V2's weights move faster than BatchNorm's
+    moving averages (momentum 0.99) follow them; the moving statistics then describe activations
+    of older weights, and the model in inference mode (what validation, checkpoints and scoring
+    use) can call every cell one class while the same weights with batch statistics are right
+    (docs/training.md). The fix re-runs the current weights in training mode over clean training
+    batches with momentum 0, so each layer's moving statistics become that batch's statistics,
+    averages them over the batches, then over all workers with ``all_sum`` (a collective: every
+    rank calls this with the same batch count; None in a single process), and assigns the
+    averages. Weights do not change; the optimizer is not involved.
+    """
+    import keras
+    import tensorflow as tf
+
+    layers = [la for la in model._flatten_layers() if isinstance(la, keras.layers.BatchNormalization)]
+    stats = [v for la in layers for v in (la.moving_mean, la.moving_variance)]
+    momenta = [la.momentum for la in layers]
+    forward = None
+
+    def recalibrate(batches: list[np.ndarray]) -> None:
+        nonlocal forward
+        if not layers:
+            return
+        for la in layers:
+            la.momentum = 0.0  # read when ``forward`` is traced (once, below); restored after
+        if forward is None:
+            forward = tf.function(lambda x: model(x, training=True))
+        sums = [np.zeros(v.shape, np.float64) for v in stats]
+        for x in batches:
+            forward(tf.convert_to_tensor(x, tf.float32))
+            for s, v in zip(sums, stats):
+                s += v.numpy()
+        for la, m in zip(layers, momenta):
+            la.momentum = m
+        flat = np.concatenate([s.ravel() for s in sums]) / len(batches)
+        if all_sum is not None:
+            flat = all_sum(tf.constant(flat, tf.float32)).numpy() / world
+        offset = 0
+        for v in stats:
+            n = int(np.prod(v.shape))
+            v.assign(flat[offset:offset + n].reshape(v.shape))
+            offset += n
+
+    return recalibrate
+
+
+def save_and_report(fns: Steps, row: dict, history: list, rank: int) -> None:
+    """Every rank saves (a MultiWorkerMirroredStrategy requirement); only rank 0 reports the files."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="malaria-ray-ckpt-") as d:
+        checkpoint.save(d, fns.model, fns.optimizer, row["epoch"], history)
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+
+class _Log:
+    """Rank 0 speaks for all workers; the other ranks stay silent."""
+
+    def __init__(self, rank: int) -> None:
+        self.logger = logs.get("train") if rank == 0 else None
+        if self.logger:
+            logs.setup()
+
+    def __call__(self, msg: str) -> None:
+        if self.logger:
+            self.logger.info(msg)

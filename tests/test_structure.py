@@ -1,0 +1,54 @@
+"""The module map of docs/architecture.md holds: no import cycle, pure modules stay pure."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+PKG = pathlib.Path(__file__).resolve().parents[1] / "malaria_ray"
+PURE = ("config", "schema", "storage", "sources", "corpus", "preprocess", "ingest", "metrics", "outputs",
+        "checkpoint", "logs", "faults", "resources", "trainrun", "train", "score", "cli", "runtime", "model")
+
+
+def _imports(module: pathlib.Path, top_level_only: bool) -> set[str]:
+    """Project modules ``module`` imports (at module level only, or anywhere)."""
+    tree = ast.parse(module.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("malaria_ray"):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found |= {n.split(".")[1] for n in names if n.startswith("malaria_ray.") and (PKG / f"{n.split('.')[1]}.py").exists()}
+    return found - {module.stem}
+
+
+def test_no_import_cycle_between_modules():
+    """Counting imports inside functions too: a cycle there is still two modules that need each other."""
+    graph = {p.stem: _imports(p, top_level_only=False) for p in PKG.glob("*.py") if p.stem != "__init__"}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != 1, f"import cycle: {' -> '.join(path + [node, nxt])}"
+            if nxt not in state:
+                visit(nxt, path + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+
+
+def test_importing_modules_loads_neither_ray_nor_tensorflow():
+    code = (f"import sys, importlib\nfor m in {PURE!r}: importlib.import_module('malaria_ray.' + m)\n"
+            "print(sorted(m for m in ('tensorflow', 'keras', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
