@@ -31,14 +31,17 @@ demo: venv
 	$(BIN)/python jobs/score.py --input $(if $(DATA),$(DATA),$(OUT)/synthetic-corpus) --model $(OUT)/train-run --output $(OUT)/scores --skip-scored
 	@echo "== demo outputs under $(OUT)/: train-run/ (model, history, plots) and scores/ (predictions/, metrics.parquet, slides.parquet)"
 
-# Two pytest runs: the job-submission tests start their own Ray head, and one machine must never
-# hold two Ray instances at once (Train V2 breaks), so they run after the in-process suite ends.
+# Lint, then two pytest runs: the documented commands (each starts its own local Ray) and the
+# job-submission tests (their own Ray head) run after the in-process suite's Ray is gone: one
+# machine must never hold two Ray instances at once (Train V2 breaks).
 test: venv
-	$(BIN)/python -m pytest -m "not cluster" -ra
-	$(BIN)/python -m pytest -m cluster -ra
+	$(BIN)/ruff check malaria_ray jobs bench tests
+	$(BIN)/python -m pytest -m "not cluster and not fresh" -ra
+	$(BIN)/python -m pytest -m "fresh or cluster" -ra
 
 test-fast: venv
-	$(BIN)/python -m pytest -m "not ray and not tf and not cluster" -ra
+	$(BIN)/ruff check malaria_ray jobs bench tests
+	$(BIN)/python -m pytest -m "not ray and not tf and not cluster and not fresh" -ra
 
 bench: venv
 	$(BIN)/python bench/train_throughput.py

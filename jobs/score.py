@@ -8,25 +8,13 @@ Prints Ray Data progress bars while it runs, then a one-screen summary: images s
 already-scored and non-image inputs skipped, the confusion matrix where labels are known,
 images/s, and where predictions/, metrics.parquet, slides.parquet and runs/<run_id>/ were written.
 Exit 0 when the run committed (error rows included); 2 with a one-line reason when it could not.
-Submitted, ray.init() joins the job's cluster (RAY_ADDRESS); run directly, it starts a local Ray.
+Submitted, it joins the job's cluster (RAY_ADDRESS); run directly, it starts a local Ray and stops
+it at the end (malaria_ray.runtime).
 """
 
 import sys
 
 from malaria_ray import cli
 
-
-def run(argv: list[str]) -> int:
-    def go() -> int:
-        from malaria_ray import score
-
-        return score.main(cli.score_config(argv))
-
-    return cli.run_guarded(go)
-
-
 if __name__ == "__main__":
-    import ray
-
-    ray.init()
-    sys.exit(run(sys.argv[1:]))
+    sys.exit(cli.main(["score", *sys.argv[1:]]))

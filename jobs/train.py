@@ -7,7 +7,7 @@ On a cluster (from a checkout, with the head's dashboard address and token in th
         --num-workers 4 --use-gpu
 
 Locally, `python jobs/train.py --data DIR --output DIR` starts a single-node Ray and stops it at the
-end (`ray.init()` joins the cluster when RAY_ADDRESS is set, as under `ray job submit`). Prints
+end (malaria_ray.runtime joins the cluster when RAY_ADDRESS is set, as under `ray job submit`). Prints
 per-epoch loss/accuracy from rank 0, then a summary: run directory, model_id, validation
 accuracy/sensitivity/specificity/AUC. Exit 0 on success, 2 with a one-line reason on bad input.
 Takes exactly the flags of `malaria-ray train` (see --help).

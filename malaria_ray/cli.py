@@ -18,7 +18,7 @@ EXIT_USAGE = 2
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from malaria_ray.corpus import CorpusError
+    from malaria_ray.config import CorpusError
     from malaria_ray.model import ModelError
     from malaria_ray.storage import StorageError
 
@@ -102,6 +102,9 @@ def score_config(argv: Sequence[str] | None = None) -> ScoreConfig:
 
 def run_guarded(fn: Callable[[], int]) -> int:
     """Run ``fn``; a user-fixable error becomes one line on stderr and exit code 2."""
+    from malaria_ray import logs
+
+    logs.setup()
     try:
         return fn()
     except _user_errors() as exc:
@@ -123,17 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _train(argv: list[str]) -> int:
     def go() -> int:
-        cfg = train_config(argv)  # before ray.init: bad flags need no cluster
-        import ray
-
-        from malaria_ray import train
+        cfg = train_config(argv)  # before Ray starts: bad flags need no cluster
+        from malaria_ray import runtime, train
 
         plan = train.plan_run(cfg)  # bad data/output paths fail here, before any start-up cost
-        ray.init()  # joins the cluster when RAY_ADDRESS is set (ray job submit), else starts a local one
-        try:
+        with runtime.ray_for("train"):
             train.fit(cfg, plan)
-        finally:
-            ray.shutdown()  # one Ray instance per run, gone when the run ends
         return 0
 
     return run_guarded(go)
@@ -141,9 +139,12 @@ def _train(argv: list[str]) -> int:
 
 def _score(argv: list[str]) -> int:
     def go() -> int:
-        from malaria_ray import score
+        cfg = score_config(argv)
+        from malaria_ray import runtime, score
 
-        return score.main(score_config(argv))
+        score.preflight(cfg)
+        with runtime.ray_for("score"):
+            return score.main(cfg)
 
     return run_guarded(go)
 

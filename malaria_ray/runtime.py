@@ -1,0 +1,43 @@
+"""The one place that starts and stops Ray for an entrypoint (``malaria-ray train|score``,
+``python jobs/train.py|score.py``).
+
+- Under ``ray job submit`` (the job supervisor sets ``RAY_ADDRESS`` for the entrypoint) or with
+  ``RAY_ADDRESS`` set by the user, it joins that cluster and only disconnects at the end.
+- Otherwise it starts a local single-node Ray sized for this machine (every CPU, Ray's default
+  memory and object-store shares) and shuts it down at the end, so a finished command leaves no
+  Ray behind.
+- A caller that already holds a Ray connection (a notebook, the test session) keeps it: nothing
+  is started or stopped.
+
+Bad flags and bad paths are checked before this is entered, so a user error costs no start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+from malaria_ray import logs
+
+log = logs.get("ray")
+
+
+@contextlib.contextmanager
+def ray_for(command: str) -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info(f"{command}: joining the Ray cluster at {address}")
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    else:
+        log.info(f"{command}: no RAY_ADDRESS: starting a local Ray on this machine ({os.cpu_count()} CPUs)")
+        ray.init(num_cpus=os.cpu_count(), log_to_driver=True, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
