@@ -1,13 +1,21 @@
-"""Training throughput: Ray Train (TensorflowTrainer, 1 worker) vs a bare Keras loop, one run.
+"""Training throughput: the product's loop (Ray Train, augmentation on) vs the fastest bare step, one run.
 
     python bench/train_throughput.py [--images 640] [--image-size 64] [--batch-size 32] [--epochs 3]
 
-Both sides train the same model (malaria_ray.model.build_model) at the same global batch size on the
-same real NIH cells (MALARIA_SAMPLE_DIR), without augmentation, on this machine. The bare side is
-what a notebook does: decoded numpy arrays in memory and ``model.fit``. The Ray side is the product:
-Ray Data decode + materialize, a Train worker iterating its shard, the custom distributed step,
-checkpoints every epoch. Throughput counts training images per second of the epoch's training loop,
-epochs after the first (the first pays tf.function tracing on both sides). Prints one ratio.
+All sides train the same model (``malaria_ray.model.build_model``) at the same batch size on the
+same real NIH cells (MALARIA_SAMPLE_DIR), on this machine, in this run:
+
+- **bare step**: the fastest honest baseline: decoded uint8 arrays in memory, one compiled
+  ``tf.function`` step (GradientTape, Adam, binary cross-entropy), no augmentation, no Ray.
+- **bare step + augmentation**: the same step with the product's in-step augmentation
+  (``preprocess.augment_tf``): what augmentation costs.
+- **bare step, oneDNN off** (a subprocess with ``TF_ENABLE_ONEDNN_OPTS=0``): the setting an
+  earlier CPU recipe used; kept in the bench so the decision stays measured.
+- **Ray Train (1 worker)**: the product: Ray Data decode + materialize, a Train worker iterating
+  its shard, the distributed step with augmentation, BatchNorm recalibration and a checkpoint
+  every epoch. Images/s of the epoch's training loop, epochs after the first (tracing).
+
+Prints each rate and its ratio to the bare step; the goal for the product loop is >= 0.8.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,28 +36,45 @@ from malaria_ray import corpus, preprocess, storage  # noqa: E402
 from malaria_ray.config import CLASS_NAMES, TrainConfig  # noqa: E402
 
 
-def bare_keras(listing: corpus.Listing, size: int, batch: int, epochs: int) -> float:
+def bare_step(x: np.ndarray, y: np.ndarray, batch: int, steps: int, augment: bool) -> float:
+    """Images/s of a compiled train step over in-memory batches (after 3 warm-up steps)."""
     import keras
+    import tensorflow as tf
 
     from malaria_ray.model import build_model
 
-    x = np.stack([preprocess.decode_image(storage.read_bytes(u), size) for u in listing.uris]).astype(np.float32)
-    y = keras.utils.to_categorical([CLASS_NAMES.index(lab) for lab in listing.labels], 2)
-    model = build_model(size, seed=0)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy", metrics=["accuracy"])
+    model = build_model(x.shape[1], seed=0)
+    opt = keras.optimizers.Adam(1e-3)
+    bce = keras.losses.BinaryCrossentropy()
 
-    class Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t0 = time.perf_counter()
+    @tf.function
+    def step(xb, yb, seed):
+        xf = tf.cast(xb, tf.float32)
+        if augment:
+            xf = preprocess.augment_tf(xf, seed)
+        with tf.GradientTape() as tape:
+            loss = bce(yb, model(xf, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
 
-        def on_epoch_end(self, epoch, logs=None):
-            times.append(time.perf_counter() - self.t0)
+    n = len(x) // batch
+    batches = [(tf.constant(x[i * batch:(i + 1) * batch]), tf.constant(y[i * batch:(i + 1) * batch])) for i in range(n)]
+    for i in range(3):
+        step(*batches[i % n], tf.constant([0, i], tf.int64)).numpy()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        loss = step(*batches[i % n], tf.constant([0, i], tf.int64))
+    float(loss)
+    return steps * batch / (time.perf_counter() - t0)
 
-    times: list[float] = []
-    steps = len(x) // batch
-    model.fit(x[: steps * batch], y[: steps * batch], batch_size=batch, epochs=epochs, shuffle=True,
-              callbacks=[Timer()], verbose=0)
-    return steps * batch * (epochs - 1) / sum(times[1:])
+
+def load(listing: corpus.Listing, size: int) -> tuple[np.ndarray, np.ndarray]:
+    import keras
+
+    x = np.stack([preprocess.decode_image(storage.read_bytes(u), size) for u in listing.uris])
+    y = keras.utils.to_categorical([CLASS_NAMES.index(lab) for lab in listing.labels], 2).astype(np.float32)
+    return x, y
 
 
 def ray_train(data: str, n: int, size: int, batch: int, epochs: int) -> tuple[float, dict]:
@@ -59,7 +85,7 @@ def ray_train(data: str, n: int, size: int, batch: int, epochs: int) -> tuple[fl
 
     out = tempfile.mkdtemp(prefix="bench-train-")
     cfg = TrainConfig(data=data, output=out, image_size=size, batch_size=batch, epochs=epochs, num_workers=1,
-                      augment=False, max_images=n, val_fraction=0.3, split="random")
+                      augment=True, max_images=n, val_fraction=0.3, split="random")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         train.fit(cfg)
@@ -77,17 +103,29 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--steps", type=int, default=30, help="timed steps of each bare variant")
+    p.add_argument("--bare-only", choices=("on", "off"), help=argparse.SUPPRESS)  # the oneDNN subprocess
     a = p.parse_args()
     listing = corpus.stable_subsample(corpus.list_corpus(a.data), a.images, seed=0)
     train_part = listing.subset(np.flatnonzero(~corpus.split_random(listing, 0.3, seed=0)))
-    bare = bare_keras(train_part, a.image_size, a.batch_size, a.epochs)
+    x, y = load(train_part, a.image_size)
+    if a.bare_only:
+        print(json.dumps({"bare": bare_step(x, y, a.batch_size, a.steps, augment=False)}))
+        return
+    bare = bare_step(x, y, a.batch_size, a.steps, augment=False)
+    bare_aug = bare_step(x, y, a.batch_size, a.steps, augment=True)
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0"}
+    off = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--bare-only", "off"], env=env,
+                         capture_output=True, text=True, check=True)
+    bare_off = json.loads(off.stdout.strip().splitlines()[-1])["bare"]
     ray_ips, resolved = ray_train(a.data, a.images, a.image_size, a.batch_size, a.epochs)
     print(f"machine: {os.cpu_count()} CPUs; images={a.images} (train {len(train_part)}), size={a.image_size}, "
-          f"batch={a.batch_size}, epochs={a.epochs} (first excluded); "
-          f"ray worker CPUs={resolved['cpus_per_worker_effective']}")
-    print(f"bare Keras model.fit      : {bare:8.1f} images/s")
-    print(f"Ray Train (1 worker)      : {ray_ips:8.1f} images/s")
-    print(f"ratio ray_train / bare    : {ray_ips / bare:8.3f}   (goal >= 0.8)")
+          f"batch={a.batch_size}; bare: {a.steps} timed steps; Ray: epochs={a.epochs} (first excluded), "
+          f"worker CPUs={resolved['cpus_per_worker_effective']}")
+    for name, rate in (("bare step (baseline)", bare), ("bare step + augmentation", bare_aug),
+                       ("bare step, oneDNN off", bare_off), ("Ray Train loop, augmented", ray_ips)):
+        print(f"{name:28s}: {rate:8.1f} images/s   ratio to bare {rate / bare:6.3f}")
+    print(f"augmentation cost: {1 - bare_aug / bare:+.1%} of a step; product loop goal >= 0.8x bare")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ MultiWorkerMirroredStrategy requirement; rank 0's copy is the one Ray Train keep
     state.json      ``{"epoch": <last finished epoch>, "history": [<one HISTORY_COLUMNS row per epoch>]}``
 
 A run directory is finished when ``FINISHED_MARKER`` (``history.parquet``, written last) exists.
+``RUN_FILE`` (``run.json``), written before training starts, holds the resolved config and the Ray
+Train run name: ``--resume`` reads it, and Ray Train, given the same name and storage path,
+continues from the latest checkpoint under ``checkpoints/<name>/``.
 Imports TensorFlow only inside ``save`` and ``restore``.
 """
 
@@ -24,6 +27,7 @@ MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.keras", "optimizer.npz", "state.
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds", "train_seconds",
                    "train_images")
 FINISHED_MARKER = "history.parquet"
+RUN_FILE = "run.json"
 
 
 def save(directory: str, model, optimizer, epoch: int, history: list[dict[str, Any]]) -> None:

@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from typing import Any, Callable, Sequence
 
-from malaria_ray.config import SMOKE_TRAIN, SPLITS, ConfigError, ScoreConfig, TrainConfig
+from malaria_ray.config import LR_SCHEDULES, RECIPES, SMOKE_TRAIN, SPLITS, ConfigError, ScoreConfig, TrainConfig
 
 # Each kind of error a user can act on; anything else is a bug and keeps its traceback.
 EXIT_USAGE = 2
@@ -41,12 +41,18 @@ def _switch(p: argparse.ArgumentParser, name: str, help_: str) -> None:
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     T = TrainConfig
-    _flag(p, T, "data", "corpus URI: local path, file:// or s3:// with Parasitized/ and Uninfected/ folders", required=True)
-    _flag(p, T, "output", "run directory URI (local or s3://)", required=True)
+    _flag(p, T, "data", "corpus URI: local path, file:// or s3:// with Parasitized/ and Uninfected/ folders "
+          "(loose images, tar/zip shards or Parquet); required unless --resume")
+    _flag(p, T, "output", "run directory URI (local or s3://); required unless --resume")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint, with "
+                   "its saved config and split (no other flag is needed or taken)")
     _flag(p, T, "image_size", "input size in pixels (square)", type=int)
     _flag(p, T, "epochs", "training epochs", type=int)
     _flag(p, T, "batch_size", "global batch size, split across workers", type=int)
-    _flag(p, T, "learning_rate", "Adam learning rate", type=float)
+    _flag(p, T, "learning_rate", "Adam learning rate (the peak, with a schedule)", type=float)
+    _flag(p, T, "lr_schedule", "learning-rate schedule", choices=LR_SCHEDULES)
+    _flag(p, T, "warmup_epochs", "epochs of linear warm-up before the cosine decay", type=float)
+    _flag(p, T, "label_smoothing", "label smoothing of the training loss", type=float)
     _flag(p, T, "num_workers", "Ray Train workers (one per GPU on a GPU cluster)", type=int)
     _switch(p, "use_gpu", "one GPU per worker")
     _flag(p, T, "cpus_per_worker", "CPUs reserved per Train worker", type=float)
@@ -58,10 +64,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _flag(p, T, "max_failures", "worker failures to recover from (resume from the last checkpoint)", type=int)
     _switch(p, "overwrite", "replace a finished run in --output")
     _switch(p, "export_h5", "also write model.h5 (legacy format, as the notebook)")
+    _flag(p, T, "target_sensitivity", "operating point: the decision threshold is the highest whose validation "
+          "sensitivity reaches this; recorded in model.json and used by scoring", type=float)
     _flag(p, T, "bn_recal_batches", "clean training batches per epoch on which BatchNorm statistics are "
           "re-estimated before validation and the checkpoint (0: off)", type=int)
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="train without the notebook's augmentation")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="a named preset of the flags above (explicit flags "
+                   + "still win): " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()))
     p.add_argument("--smoke", action="store_true", help=f"tiny preset for a quick check: {SMOKE_TRAIN}")
 
 
@@ -75,7 +85,8 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     _flag(p, S, "gpus_per_actor", "GPUs per model actor (0 on CPU-only clusters)", type=float)
     _flag(p, S, "cpus_per_actor", "CPUs per model actor", type=float)
     _flag(p, S, "memory_per_actor_gb", "memory Ray reserves for each model actor, GiB", type=float)
-    _flag(p, S, "threshold", "P(Parasitized) at or above which a cell is called Parasitized", type=float)
+    _flag(p, S, "threshold", "P(Parasitized) at or above which a cell is called Parasitized; unset: the "
+          "model's operating point from its model.json, or 0.5 without one", type=float)
     _switch(p, "skip_scored", "skip images this model already scored under --output (nightly)")
     _flag(p, S, "run_id", "run identifier (default: UTC time + random suffix)")
 
@@ -88,10 +99,22 @@ def config_from_args(cls, args: argparse.Namespace, preset: dict[str, Any] | Non
 
 
 def train_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    return parse_train(argv)[0]
+
+
+def parse_train(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
+    """(config, resume): with ``--resume RUN_DIR`` the config only names the run directory; the
+    run's saved config replaces it (``train.plan_resume``)."""
     p = argparse.ArgumentParser(prog="malaria-ray train", description="Train the ResNet50V2 classifier with Ray Train.")
     add_train_args(p)
     args = p.parse_args(argv)
-    return config_from_args(TrainConfig, args, SMOKE_TRAIN if args.smoke else None)
+    if args.resume:
+        given = [a for a in (argv or sys.argv[1:]) if a.startswith("--") and a.split("=")[0] != "--resume"]
+        if given:
+            raise ConfigError(f"--resume RUN_DIR takes no other flag (the run's saved config applies): {' '.join(given)}")
+        return TrainConfig(data="(resume)", output=args.resume), True
+    preset = {**(RECIPES[args.recipe] if args.recipe else {}), **(SMOKE_TRAIN if args.smoke else {})}
+    return config_from_args(TrainConfig, args, preset), False
 
 
 def score_config(argv: Sequence[str] | None = None) -> ScoreConfig:
@@ -126,12 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _train(argv: list[str]) -> int:
     def go() -> int:
-        cfg = train_config(argv)  # before Ray starts: bad flags need no cluster
+        cfg, resume = parse_train(argv)  # before Ray starts: bad flags need no cluster
         from malaria_ray import runtime, train
 
-        plan = train.plan_run(cfg)  # bad data/output paths fail here, before any start-up cost
+        plan = train.plan_run(cfg, resume=resume)  # bad data/output paths fail here, before any start-up
         with runtime.ray_for("train"):
-            train.fit(cfg, plan)
+            train.fit(plan.cfg, plan)
         return 0
 
     return run_guarded(go)

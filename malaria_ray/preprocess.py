@@ -1,4 +1,4 @@
-"""Decode and resize cell images; the notebook's augmentation as one affine warp per image.
+"""Decode and resize cell images; the notebook's augmentation as one affine warp per image, in-graph.
 
 Decoding is numpy/PIL only, so it runs in plain Ray Data CPU tasks. Scaling (1/255) is *not*
 applied here: it is the first layer of the model, so it travels with the artifact and scoring
@@ -67,40 +67,51 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def augment_matrices(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` projective transforms (8 params each, output->input pixel map) for random
-    rotation, zoom, shift, shear and horizontal flip about the image centre."""
-    out = np.empty((n, 8), dtype=np.float32)
+def _affine(u, size: int, m):
+    """Projective transforms (8 params each, output->input pixel map) from uniforms ``u`` [n, 7] in
+    [0, 1): rotation, zoom x/y, shift x/y, shear, horizontal flip about the image centre, as one
+    affine map C . T . R . Sh . Z . C^-1. ``m`` is the array module: numpy on the host, TensorFlow
+    inside a compiled step; both compute the same matrices from the same draws."""
     c = (size - 1) / 2.0
-    for i in range(n):
-        theta = math.radians(rng.uniform(-ROTATION_DEG, ROTATION_DEG))
-        zx, zy = rng.uniform(1 - ZOOM, 1 + ZOOM, size=2)
-        tx, ty = rng.uniform(-SHIFT, SHIFT, size=2) * size
-        shear = math.radians(rng.uniform(-SHEAR, SHEAR))
-        flip = -1.0 if (HFLIP and rng.random() < 0.5) else 1.0
-        rot = np.array([[math.cos(theta), -math.sin(theta), 0], [math.sin(theta), math.cos(theta), 0], [0, 0, 1]])
-        shr = np.array([[1, -math.sin(shear), 0], [0, math.cos(shear), 0], [0, 0, 1]])
-        zoom = np.diag([zx * flip, zy, 1.0])
-        centre = np.array([[1, 0, c], [0, 1, c], [0, 0, 1]])
-        uncentre = np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1]])
-        shift = np.array([[1, 0, tx], [0, 1, ty], [0, 0, 1]])
-        m = centre @ shift @ rot @ shr @ zoom @ uncentre
-        m = m / m[2, 2]
-        out[i] = m.reshape(-1)[:8]
-    return out
+    theta = (2 * u[:, 0] - 1) * (ROTATION_DEG * math.pi / 180)
+    zx = 1 - ZOOM + 2 * ZOOM * u[:, 1]
+    zy = 1 - ZOOM + 2 * ZOOM * u[:, 2]
+    tx = (2 * u[:, 3] - 1) * SHIFT * size
+    ty = (2 * u[:, 4] - 1) * SHIFT * size
+    shear = (2 * u[:, 5] - 1) * (SHEAR * math.pi / 180)
+    flip = m.where(u[:, 6] < 0.5, -1.0, 1.0) if HFLIP else 1.0  # mirror with probability 1/2
+    a0, a1 = m.cos(theta) * zx * flip, -m.sin(theta + shear) * zy
+    a3, a4 = m.sin(theta) * zx * flip, m.cos(theta + shear) * zy
+    zero = 0 * a0
+    return m.stack([a0, a1, c + tx - (a0 + a1) * c, a3, a4, c + ty - (a3 + a4) * c, zero, zero], axis=1)
 
 
-def augment_batch(images: np.ndarray, rng: np.random.Generator):
-    """Warp a batch (N, H, W, 3) with fresh random transforms; returns a float32 ``tf.Tensor``."""
+def augment_matrices(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` random transforms on the host (numpy): the reference for ``augment_tf``."""
+    return _affine(rng.random((n, 7)), size, np).astype(np.float32)
+
+
+def augment_tf(images, seed):
+    """Warp a float32 batch (N, H, W, 3) with fresh random transforms, as TensorFlow ops: runs
+    inside the compiled train step, on the device that trains. ``seed``: int64 [2], one per step
+    (stateless: the same seed gives the same warp, so a resumed run repeats nothing by chance)."""
     import tensorflow as tf
 
-    n, h, w, _ = images.shape
-    transforms = augment_matrices(n, h, rng)
+    shape = tf.shape(images)
+    u = tf.random.stateless_uniform([shape[0], 7], seed=seed, dtype=tf.float32)
     return tf.raw_ops.ImageProjectiveTransformV3(
-        images=tf.convert_to_tensor(images, tf.float32),
-        transforms=tf.convert_to_tensor(transforms),
-        output_shape=tf.constant([h, w], tf.int32),
+        images=images,
+        transforms=_affine(u, images.shape[1], tf),
+        output_shape=shape[1:3],
         fill_value=tf.constant(0.0),
         interpolation="BILINEAR",
         fill_mode="NEAREST",  # ImageDataGenerator's default
     )
+
+
+def augment_batch(images: np.ndarray, rng: np.random.Generator):
+    """``augment_tf`` on a host batch with a seed drawn from ``rng``; returns a float32 ``tf.Tensor``."""
+    import tensorflow as tf
+
+    seed = tf.constant(rng.integers(0, 2**62, size=2), tf.int64)
+    return augment_tf(tf.convert_to_tensor(images, tf.float32), seed)

@@ -10,6 +10,7 @@ contention hangs a run). ``trainrun`` writes the run directory from the best che
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 import uuid
@@ -76,13 +77,22 @@ class Plan:
     cfg: TrainConfig
     listing: corpus.Listing
     val_mask: np.ndarray
+    run_name: str  # Ray Train's: a new one per run, the saved one when resuming
+    resumed: bool = False
 
 
-def plan_run(cfg: TrainConfig) -> Plan:
+def plan_run(cfg: TrainConfig, resume: bool = False) -> Plan:
     """Everything that can fail on bad input, checked before any Ray or TensorFlow start-up."""
+
+    if resume:
+        return plan_resume(cfg.output)
+    _prepare_output(cfg)
+    return _plan(cfg)
+
+
+def _plan(cfg: TrainConfig) -> Plan:
     from malaria_ray import synth
 
-    _prepare_output(cfg)
     listing = corpus.list_corpus(cfg.data)
     if cfg.max_images:
         listing = corpus.stable_subsample(listing, cfg.max_images, cfg.seed)
@@ -93,7 +103,24 @@ def plan_run(cfg: TrainConfig) -> Plan:
              f"{len(set(corpus.group_keys(listing)))} patients/slides; split={cfg.split}: "
              f"{int((~val_mask).sum())} train / {int(val_mask.sum())} val"
              + (f"; {len(listing.skipped)} non-image files skipped" if listing.skipped else ""))
-    return Plan(cfg, listing, val_mask)
+    # A reused name silently resumes an old run: every new run gets its own.
+    return Plan(cfg, listing, val_mask, f"train-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}")
+
+
+def plan_resume(run_dir: str) -> Plan:
+    """The plan of an interrupted run in ``run_dir``: its saved config (so the same corpus, split
+    and recipe) and Ray Train run name (so training continues from its latest checkpoint)."""
+    if storage.exists(storage.join(run_dir, checkpoint.FINISHED_MARKER)):
+        raise FileExistsError(f"{run_dir} holds a finished run: nothing to resume")
+    run_file = storage.join(run_dir, checkpoint.RUN_FILE)
+    if not storage.exists(run_file):
+        raise CorpusError(f"{run_dir} is not a malaria-ray training run ({checkpoint.RUN_FILE} missing): cannot resume")
+    saved = json.loads(storage.read_bytes(run_file))
+    cfg = dataclasses.replace(TrainConfig.from_dict(saved["config"]), output=run_dir)
+    storage.check_writable(run_dir)
+    plan = _plan(cfg)
+    log.info(f"resuming {run_dir} (Ray Train run {saved['run_name']}) with its saved config and split")
+    return dataclasses.replace(plan, run_name=saved["run_name"], resumed=True)
 
 
 def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
@@ -127,6 +154,8 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
         raise CorpusError(f"too few readable images: {n_train} train, {n_val} val for batch {cfg.batch_size}")
 
     fs, _ = storage.filesystem(cfg.output)
+    storage.write_json(storage.join(cfg.output, checkpoint.RUN_FILE),
+                       {"run_name": plan.run_name, "config": dataclasses.asdict(cfg)})
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": dataclasses.asdict(cfg), "steps_per_epoch": steps, "fault": faults.armed()},
@@ -136,8 +165,7 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
         ),
         datasets={"train": train_ds, "val": val_ds},
         run_config=ray.train.RunConfig(
-            # A reused name silently resumes an old run: every invocation gets its own.
-            name=f"train-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            name=plan.run_name,  # the same name and storage path continue from the latest checkpoint
             storage_path=_ray_storage_path(cfg.output),
             storage_filesystem=_arrow_fs(fs) if storage.is_remote(cfg.output) else None,
             checkpoint_config=ray.train.CheckpointConfig(
@@ -159,10 +187,14 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
 
 
 def _prepare_output(cfg: TrainConfig) -> None:
-    marker = storage.join(cfg.output, checkpoint.FINISHED_MARKER)
-    if storage.exists(marker):
-        if not cfg.overwrite:
+    finished = storage.exists(storage.join(cfg.output, checkpoint.FINISHED_MARKER))
+    started = finished or storage.exists(storage.join(cfg.output, checkpoint.RUN_FILE))
+    if started and not cfg.overwrite:
+        if finished:
             raise FileExistsError(f"{cfg.output} already holds a finished run; pass --overwrite to replace it")
+        raise FileExistsError(f"{cfg.output} holds an unfinished run: continue it with --resume {cfg.output}, "
+                              "or pass --overwrite to start over")
+    if started:
         fs, path = storage.filesystem(cfg.output)
         fs.rm(path, recursive=True)
     storage.check_writable(cfg.output)

@@ -36,7 +36,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tf.config.experimental.set_memory_growth(gpu, True)
     tf.get_logger().setLevel("WARNING")  # MultiWorkerMirroredStrategy logs every collective at INFO
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    fns = build_steps(cfg, strategy)
+    fns = build_steps(cfg, strategy, steps)
     recalibrate = bn_recalibrator(fns.model, fns.all_sum, world)
 
     start_epoch, history = 1, []
@@ -70,29 +70,51 @@ class Steps:
 
     model: Any
     optimizer: Any
-    train_step: Callable  # (x, y) -> (loss sum, hits) over the global batch; a collective
-    eval_step: Callable  # (x, y) -> (loss sum, hits) over this worker's batch
+    train_step: Callable  # (uint8 x, y, seed) -> (loss sum, hits) over the global batch; a collective
+    eval_step: Callable  # (uint8 x, y) -> (loss sum, hits) over this worker's batch
     all_sum: Callable  # tensor -> its sum over all workers; a collective
 
 
-def build_steps(cfg: TrainConfig, strategy) -> Steps:
+def learning_rate(cfg: TrainConfig, steps_per_epoch: int):
+    """``cfg.learning_rate``, constant (the notebook), or a cosine decay to 0 over the run after a
+    linear warm-up of ``cfg.warmup_epochs`` from 0. Keyed on the optimizer's step count, which the
+    checkpoint saves, so a resumed run continues the schedule where it stopped."""
+    import keras
+
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
+    if not warmup:
+        return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, total)
+    return keras.optimizers.schedules.CosineDecay(0.0, total - warmup, warmup_target=cfg.learning_rate,
+                                                  warmup_steps=warmup)
+
+
+def build_steps(cfg: TrainConfig, strategy, steps_per_epoch: int) -> Steps:
     import keras
     import tensorflow as tf
 
     from malaria_ray.model import build_model
+    from malaria_ray.preprocess import augment_tf
 
     with strategy.scope():
         model = build_model(cfg.image_size, cfg.weights, seed=cfg.seed)
-        optimizer = keras.optimizers.Adam(learning_rate=cfg.learning_rate)
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate(cfg, steps_per_epoch))
         optimizer.build(model.trainable_variables)
-    bce = keras.losses.BinaryCrossentropy(reduction=None)  # the notebook's loss, per example
+    # The notebook's loss, per example; label smoothing (a recipe option) only in training.
+    bce = keras.losses.BinaryCrossentropy(reduction=None, label_smoothing=cfg.label_smoothing)
+    bce_eval = keras.losses.BinaryCrossentropy(reduction=None)
 
     def hits(y, probs):
         return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, 1), tf.argmax(y, 1)), tf.float32))
 
     @tf.function
-    def train_step(x, y):
-        def replica_fn(x, y):
+    def train_step(x, y, seed):
+        def replica_fn(x, y, seed):
+            x = tf.cast(x, tf.float32)  # uint8 crosses to the device: 4x fewer bytes than float32
+            if cfg.augment:
+                x = augment_tf(x, seed)
             with tf.GradientTape() as tape:
                 probs = model(x, training=True)
                 loss = tf.nn.compute_average_loss(bce(y, probs), global_batch_size=cfg.batch_size)
@@ -100,14 +122,14 @@ def build_steps(cfg: TrainConfig, strategy) -> Steps:
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return loss * cfg.batch_size, hits(y, probs)
 
-        loss_sum, n_hits = strategy.run(replica_fn, args=(x, y))
+        loss_sum, n_hits = strategy.run(replica_fn, args=(x, y, seed))
         return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss_sum, axis=None),
                 strategy.reduce(tf.distribute.ReduceOp.SUM, n_hits, axis=None))
 
     @tf.function
     def eval_step(x, y):
-        probs = model(x, training=False)
-        return tf.reduce_sum(bce(y, probs)), hits(y, probs)
+        probs = model(tf.cast(x, tf.float32), training=False)
+        return tf.reduce_sum(bce_eval(y, probs)), hits(y, probs)
 
     @tf.function
     def all_sum(v):  # a collective: every worker calls it the same number of times
@@ -125,8 +147,6 @@ def run_epoch(cfg: TrainConfig, fns: Steps, shard, epoch: int, steps: int, local
     ``fault``: the test's armed fault (``malaria_ray.faults``), checked halfway through."""
     import tensorflow as tf
 
-    from malaria_ray.preprocess import augment_batch
-
     t0 = time.perf_counter()
     loss_sum = hits = seen = 0.0
     it = shard.iter_batches(batch_size=local_batch, drop_last=True, batch_format="numpy",
@@ -138,9 +158,8 @@ def run_epoch(cfg: TrainConfig, fns: Steps, shard, epoch: int, steps: int, local
             faults.maybe_fail(fault, "train.epoch", epoch)
         if step < cfg.bn_recal_batches:
             clean.append(batch["image"])  # uint8: 4x smaller than the float batch
-        x = batch["image"].astype(np.float32)
-        x = augment_batch(x, rng) if cfg.augment else tf.convert_to_tensor(x)
-        ls, h = fns.train_step(x, tf.one_hot(batch["label"], 2))
+        seed = tf.constant(rng.integers(0, 2**62, size=2), tf.int64)
+        ls, h = fns.train_step(tf.constant(batch["image"]), tf.one_hot(batch["label"], 2), seed)
         loss_sum, hits, seen = loss_sum + float(ls), hits + float(h), seen + cfg.batch_size
         if (step + 1) % max(1, steps // 4) == 0 and step + 1 < steps:  # progress on long epochs
             log(f"epoch {epoch} step {step + 1}/{steps}: loss {loss_sum / seen:.4f} "
@@ -155,7 +174,7 @@ def evaluate(fns: Steps, shard, local_batch: int) -> dict[str, float]:
 
     v = np.zeros(3, np.float32)  # val loss sum, hits, count on this worker
     for batch in shard.iter_batches(batch_size=local_batch, batch_format="numpy"):
-        ls, h = fns.eval_step(tf.convert_to_tensor(batch["image"], tf.float32), tf.one_hot(batch["label"], 2))
+        ls, h = fns.eval_step(tf.constant(batch["image"]), tf.one_hot(batch["label"], 2))
         v += (float(ls), float(h), len(batch["label"]))
     v = fns.all_sum(tf.constant(v)).numpy()
     return {"val_loss": float(v[0] / max(v[2], 1)), "val_accuracy": float(v[1] / max(v[2], 1))}

@@ -55,3 +55,30 @@ def test_augment_batch_changes_pixels_but_keeps_shape(sample_dir):
     assert out.shape == (4, 64, 64, 3)
     assert not np.allclose(out[0], img[0])
     assert abs(out.mean() - img.mean()) < 0.25 * img.mean()  # a warp, not a wipe
+
+
+@pytest.mark.tf
+def test_in_step_augmentation_computes_the_host_reference_matrices():
+    """The TensorFlow transforms (inside the compiled step) equal the numpy reference for the same
+    draws, and the closed form equals the notebook-style product of rotation, shear, zoom, shift."""
+    import math
+
+    import tensorflow as tf
+
+    u = np.random.default_rng(3).random((6, 7))
+    host = preprocess._affine(u, 64, np)
+    dev = preprocess._affine(tf.constant(u, tf.float32), 64, tf).numpy()
+    assert np.allclose(host, dev, atol=1e-4)
+    c = 63 / 2
+    for row, m in zip(u, host):
+        th, sh = math.radians((2 * row[0] - 1) * 20), math.radians((2 * row[5] - 1) * 0.05)
+        flip = -1.0 if row[6] < 0.5 else 1.0
+        rot = np.array([[math.cos(th), -math.sin(th), 0], [math.sin(th), math.cos(th), 0], [0, 0, 1]])
+        shear = np.array([[1, -math.sin(sh), 0], [0, math.cos(sh), 0], [0, 0, 1]])
+        zoom = np.diag([(0.95 + 0.1 * row[1]) * flip, 0.95 + 0.1 * row[2], 1.0])
+        shift = np.array([[1, 0, (2 * row[3] - 1) * 3.2], [0, 1, (2 * row[4] - 1) * 3.2], [0, 0, 1]])
+        centre, back = np.array([[1, 0, c], [0, 1, c], [0, 0, 1]]), np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1]])
+        assert np.allclose((centre @ shift @ rot @ shear @ zoom @ back).reshape(-1)[:8], m, atol=1e-9)
+    img = tf.constant(np.random.default_rng(0).random((2, 32, 32, 3)), tf.float32)
+    a, b, other = (preprocess.augment_tf(img, tf.constant(s, tf.int64)).numpy() for s in ([1, 2], [1, 2], [1, 3]))
+    assert np.array_equal(a, b) and not np.allclose(a, other), "stateless: one seed, one warp"
