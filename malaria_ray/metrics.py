@@ -124,3 +124,116 @@ class MetricsAccumulator:
         c = self.counts
         return {COL_THRESHOLD: float(self.threshold), COL_N_IMAGES: self.n_images, COL_N_ERRORS: self.n_errors,
                 COL_N_LABELLED: sum(c.values()), **c, **rates(**c), "roc_auc": self.auc()}
+
+
+# ---------------------------------------------------------------- operating point, intervals, calibration
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def threshold_for_sensitivity(y_true: np.ndarray, prob: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity (``prob >= t`` among positives) is at least ``target``.
+
+    Highest, because every lower threshold with the same sensitivity only loses specificity. It is
+    the ``ceil(target * n_pos)``-th largest positive probability; NaN without positives.
+    """
+    pos = np.sort(np.asarray(prob, dtype=np.float64)[np.asarray(y_true, dtype=bool)])[::-1]
+    if not len(pos):
+        return math.nan
+    k = max(1, math.ceil(round(target * len(pos), 9)))
+    return float(pos[min(k, len(pos)) - 1])
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (NaN, NaN for n = 0)."""
+    if n <= 0:
+        return math.nan, math.nan
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+BOOTSTRAP_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+
+
+def patient_bootstrap(y_true: np.ndarray, prob: np.ndarray, groups: np.ndarray, threshold: float,
+                      n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of ``BOOTSTRAP_METRICS`` from a bootstrap that resamples **groups**
+    (patients), with replacement, keeping each drawn patient's cells together: cells of one
+    patient are not independent, and a cell bootstrap would give intervals that are too narrow."""
+    y = np.asarray(y_true, dtype=bool)
+    p = np.asarray(prob, dtype=np.float64)
+    keys, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(keys))]
+    rng = np.random.default_rng(seed)
+    draws = {k: [] for k in BOOTSTRAP_METRICS}
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(keys), len(keys))])
+        c = counts(y[idx], p[idx], threshold)
+        r = rates(**c)
+        for k in ("accuracy", "sensitivity", "specificity"):
+            draws[k].append(r[k])
+        draws["roc_auc"].append(roc_auc(y[idx], p[idx]))
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out = {}
+    for k, v in draws.items():
+        v = np.asarray(v, dtype=np.float64)
+        v = v[~np.isnan(v)]
+        out[k] = (float(np.percentile(v, lo)), float(np.percentile(v, hi))) if len(v) else (math.nan, math.nan)
+    return out
+
+
+def brier(y_true: np.ndarray, prob: np.ndarray) -> float:
+    """Mean squared error of P(Parasitized) against the 0/1 label (lower is better)."""
+    y = np.asarray(y_true, dtype=np.float64)
+    return float(np.mean((np.asarray(prob, dtype=np.float64) - y) ** 2)) if len(y) else math.nan
+
+
+def reliability(y_true: np.ndarray, prob: np.ndarray, bins: int = 10) -> list[dict]:
+    """Per probability bin: count, mean predicted probability, observed fraction positive."""
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(prob, dtype=np.float64)
+    which = np.clip((p * bins).astype(int), 0, bins - 1)
+    return [{"bin": b, "n": int((which == b).sum()),
+             "mean_prob": float(p[which == b].mean()) if (which == b).any() else math.nan,
+             "frac_positive": float(y[which == b].mean()) if (which == b).any() else math.nan}
+            for b in range(bins)]
+
+
+# ---------------------------------------------------------------- evidence by slide and patient
+CALL_RULE = ("Parasitized when the Wilson 95% lower bound of the slide's (patient's) fraction of cells "
+             "called Parasitized exceeds the model's false-positive rate per cell (1 - validation "
+             "specificity at the operating point): more positive cells than false positives alone explain.")
+
+
+def group_evidence(slides: list, patients: list, labels: list, called_pos: np.ndarray,
+                   fp_rate: float) -> list[dict]:
+    """One row per slide (level "slide") and per patient (level "patient"): cells, cells called
+    Parasitized, parasitemia estimate with its Wilson 95% interval, the call by ``CALL_RULE``, and,
+    where cells carry labels, whether the group is infected (any cell labelled Parasitized)."""
+    rows = []
+    for level, keys in (("slide", list(zip(slides, patients))), ("patient", [(None, p) for p in patients])):
+        index: dict[tuple, list[int]] = {}
+        for i, k in enumerate(keys):
+            index.setdefault(k, []).append(i)
+        for (slide, patient), idx in sorted(index.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+            n, k = len(idx), int(np.sum(called_pos[idx]))
+            low, high = wilson_interval(k, n)
+            labelled = [labels[i] for i in idx if labels[i] in CLASS_NAMES]
+            rows.append({"level": level, "slide_id": slide, "patient_id": patient, "n_cells": n,
+                         "n_pred_parasitized": k, "parasitemia": k / n, "parasitemia_ci_low": low,
+                         "parasitemia_ci_high": high, "call_parasitized": bool(low > fp_rate),
+                         "infected": (POSITIVE_CLASS in labelled) if labelled else None})
+    return rows
+
+
+def group_rates(rows: list[dict], level: str) -> dict[str, float]:
+    """Sensitivity and specificity of the calls of one level against ``infected`` (labelled groups)."""
+    known = [r for r in rows if r["level"] == level and r["infected"] is not None]
+    c = {"tp": sum(r["call_parasitized"] and r["infected"] for r in known),
+         "fn": sum(not r["call_parasitized"] and r["infected"] for r in known),
+         "fp": sum(r["call_parasitized"] and not r["infected"] for r in known),
+         "tn": sum(not r["call_parasitized"] and not r["infected"] for r in known)}
+    r = rates(**c)
+    return {f"{level}_sensitivity": r["sensitivity"], f"{level}_specificity": r["specificity"],
+            f"{level}_n": len(known)}

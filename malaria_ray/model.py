@@ -124,18 +124,28 @@ def contract(model) -> dict:
             "classes": ["Parasitized", "Uninfected"], "positive_index": 0}
 
 
-def save_model(model, uri: str, h5: bool = False) -> str:
+def save_model(model, uri: str, h5: bool = False, operating_point: dict | None = None) -> str:
     """Write ``model.keras`` (+ ``model.json`` contract, optional ``model.h5``) under ``uri``;
-    returns the ``model_id`` (content hash of ``model.keras`` as written)."""
+    returns the ``model_id`` (content hash of ``model.keras`` as written). ``operating_point``
+    (``threshold``, ``target_sensitivity`` and how it was chosen) goes into ``model.json``."""
     with tempfile.TemporaryDirectory(prefix="malaria-ray-model-") as tmp:
         model.save(os.path.join(tmp, MODEL_FILE))
         model_id = file_id(os.path.join(tmp, MODEL_FILE))
         with open(os.path.join(tmp, CONTRACT_FILE), "w") as f:
-            json.dump({**contract(model), "model_id": model_id}, f, indent=2)
+            json.dump({**contract(model), **(operating_point or {}), "model_id": model_id}, f, indent=2)
         if h5:
             model.save(os.path.join(tmp, "model.h5"))
         storage.upload_dir(tmp, uri)
     return model_id
+
+
+def read_contract(uri: str) -> dict:
+    """``model.json`` beside the artifact (a run directory's), or {} where there is none."""
+    contract_uri = storage.join(uri.rsplit("/", 1)[0] if uri.endswith((".keras", ".h5")) else uri, CONTRACT_FILE)
+    try:
+        return json.loads(storage.read_bytes(contract_uri)) if storage.exists(contract_uri) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def artifact_uri(uri: str) -> str:

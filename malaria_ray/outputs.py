@@ -36,10 +36,11 @@ import pyarrow.parquet as pq
 from malaria_ray import storage
 from malaria_ray.config import CLASS_NAMES, POSITIVE_CLASS
 from malaria_ray.ingest import NO_IDS
+from malaria_ray.metrics import wilson_interval
 from malaria_ray.schema import (
-    COL_ERROR, COL_IMAGE_ID, COL_LABEL, COL_LEVEL, COL_MEAN_PROB, COL_FRAC_POS, COL_MODEL_ID, COL_N_CELLS,
-    COL_N_LABEL_NEG, COL_N_LABEL_POS, COL_N_PRED_POS, COL_PATIENT, COL_PRED, COL_PROB, COL_SLIDE, COL_URI,
-    METRICS_COLUMNS, PREDICTIONS_SCHEMA, SLIDES_SCHEMA,
+    COL_CALL, COL_ERROR, COL_FRAC_HIGH, COL_FRAC_LOW, COL_FRAC_POS, COL_IMAGE_ID, COL_LABEL, COL_LEVEL, COL_MEAN_PROB,
+    COL_MODEL_ID, COL_N_CELLS, COL_N_LABEL_NEG, COL_N_LABEL_POS, COL_N_PRED_POS, COL_PATIENT, COL_PRED, COL_PROB,
+    COL_SLIDE, COL_URI, METRICS_COLUMNS, PREDICTIONS_SCHEMA, SLIDES_SCHEMA,
 )
 
 PREDICTIONS_DIR, STAGING_DIR, RUNS_DIR = "predictions", "_staging", "runs"
@@ -215,13 +216,14 @@ def rebuild_metrics(root: str) -> pa.Table:
 _SUMS = (COL_N_CELLS, COL_N_PRED_POS, "sum_prob", COL_N_LABEL_POS, COL_N_LABEL_NEG)
 
 
-def rebuild_slides(root: str, model_id: str) -> pa.Table:
+def rebuild_slides(root: str, model_id: str, fp_rate: float | None = None) -> pa.Table:
     """Per-slide and per-patient roll-up of the current model's committed predictions.
 
     Streams the predictions batch by batch and sums each batch per (slide, patient) with Arrow's
     group-by, so memory grows with the number of slides, not of rows. An input (same bytes at the
     same uri) scored by this model in several runs (no --skip-scored) counts once, from its newest
-    run: ``_SeenInputs`` keeps 8 bytes per input for that.
+    run: ``_SeenInputs`` keeps 8 bytes per input for that. ``fp_rate``: the model's false-positive
+    rate per cell at its operating point, for the slide and patient calls (``metrics.CALL_RULE``).
     """
     cols = [COL_IMAGE_ID, COL_URI, COL_SLIDE, COL_PATIENT, COL_LABEL, COL_PROB, COL_PRED]
     seen, parts = _SeenInputs(), []
@@ -235,7 +237,8 @@ def rebuild_slides(root: str, model_id: str) -> pa.Table:
                                                                         for c in cols}))
     no_slide = pa.nulls(len(per_slide), pa.string())
     per_patient = _merge_sums([per_slide.set_column(per_slide.schema.get_field_index(COL_SLIDE), COL_SLIDE, no_slide)])
-    table = pa.concat_tables([_finish(per_patient, "patient", model_id), _finish(per_slide, "slide", model_id)])
+    table = pa.concat_tables([_finish(per_patient, "patient", model_id, fp_rate),
+                              _finish(per_slide, "slide", model_id, fp_rate)])
     storage.replace_file(storage.join(root, SLIDES_FILE), storage.table_bytes(table))
     return table
 
@@ -276,12 +279,16 @@ def _merge_sums(parts: list[pa.Table]) -> pa.Table:
     return t.rename_columns([c.removesuffix("_sum") for c in t.column_names])
 
 
-def _finish(t: pa.Table, level: str, model_id: str) -> pa.Table:
+def _finish(t: pa.Table, level: str, model_id: str, fp_rate: float | None) -> pa.Table:
     """The slides.parquet rows of one level, sorted by (slide_id, patient_id) with nulls first."""
     rows = sorted(t.to_pylist(), key=lambda r: (str(r[COL_SLIDE]), str(r[COL_PATIENT])))
-    return pa.Table.from_pylist([{
-        COL_LEVEL: level, COL_SLIDE: r[COL_SLIDE], COL_PATIENT: r[COL_PATIENT], COL_N_CELLS: r[COL_N_CELLS],
-        COL_N_PRED_POS: r[COL_N_PRED_POS], COL_FRAC_POS: r[COL_N_PRED_POS] / r[COL_N_CELLS],
-        COL_MEAN_PROB: r["sum_prob"] / r[COL_N_CELLS], COL_N_LABEL_POS: r[COL_N_LABEL_POS],
-        COL_N_LABEL_NEG: r[COL_N_LABEL_NEG], COL_MODEL_ID: model_id} for r in rows], schema=SLIDES_SCHEMA)
-
+    out = []
+    for r in rows:
+        low, high = wilson_interval(r[COL_N_PRED_POS], r[COL_N_CELLS])
+        out.append({
+            COL_LEVEL: level, COL_SLIDE: r[COL_SLIDE], COL_PATIENT: r[COL_PATIENT], COL_N_CELLS: r[COL_N_CELLS],
+            COL_N_PRED_POS: r[COL_N_PRED_POS], COL_FRAC_POS: r[COL_N_PRED_POS] / r[COL_N_CELLS],
+            COL_MEAN_PROB: r["sum_prob"] / r[COL_N_CELLS], COL_N_LABEL_POS: r[COL_N_LABEL_POS],
+            COL_N_LABEL_NEG: r[COL_N_LABEL_NEG], COL_MODEL_ID: model_id, COL_FRAC_LOW: low, COL_FRAC_HIGH: high,
+            COL_CALL: None if fp_rate is None else bool(low > fp_rate)})
+    return pa.Table.from_pylist(out, schema=SLIDES_SCHEMA)

@@ -58,10 +58,14 @@ METRICS_COLUMNS = (COL_RUN_ID, COL_MODEL_ID, COL_THRESHOLD, COL_N_IMAGES, COL_N_
 COL_LEVEL, COL_N_CELLS, COL_N_PRED_POS = "level", "n_cells", "n_pred_parasitized"
 COL_FRAC_POS, COL_MEAN_PROB = "frac_parasitized", "mean_prob"
 COL_N_LABEL_POS, COL_N_LABEL_NEG = "n_label_parasitized", "n_label_uninfected"
+# frac_parasitized is the parasitemia estimate; its Wilson 95% interval, and the call by
+# metrics.CALL_RULE (null where the model records no operating point to take a false-positive rate from).
+COL_FRAC_LOW, COL_FRAC_HIGH, COL_CALL = "frac_parasitized_ci_low", "frac_parasitized_ci_high", "call_parasitized"
 SLIDES_SCHEMA = pa.schema([(COL_LEVEL, pa.string()), (COL_SLIDE, pa.string()), (COL_PATIENT, pa.string()),
                            (COL_N_CELLS, pa.int64()), (COL_N_PRED_POS, pa.int64()), (COL_FRAC_POS, pa.float64()),
                            (COL_MEAN_PROB, pa.float64()), (COL_N_LABEL_POS, pa.int64()),
-                           (COL_N_LABEL_NEG, pa.int64()), (COL_MODEL_ID, pa.string())])
+                           (COL_N_LABEL_NEG, pa.int64()), (COL_MODEL_ID, pa.string()), (COL_FRAC_LOW, pa.float64()),
+                           (COL_FRAC_HIGH, pa.float64()), (COL_CALL, pa.bool_())])
 
 # ---------------------------------------------------------------- member URIs
 # An image inside an archive or a Parquet file is ``<container uri>#<member name>``. Only a

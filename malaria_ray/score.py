@@ -23,8 +23,8 @@ import numpy as np
 
 from malaria_ray import faults, ingest, logs, metrics, outputs, resources, sources, storage
 from malaria_ray import schema as S
-from malaria_ray.config import CLASS_NAMES, POSITIVE_CLASS, CorpusError, ScoreConfig
-from malaria_ray.model import ModelError, inspect_artifact
+from malaria_ray.config import CLASS_NAMES, DEFAULT_THRESHOLD, POSITIVE_CLASS, CorpusError, ScoreConfig
+from malaria_ray.model import ModelError, inspect_artifact, read_contract
 
 log = logs.get("score")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
@@ -141,6 +141,11 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
         except ray.exceptions.RayTaskError as exc:
             raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
     model_id, size = info["model_id"], info["image_size"]
+    contract = read_contract(cfg.model)
+    if cfg.threshold is None:  # the model's operating point, chosen on validation when it was trained
+        cfg = dataclasses.replace(cfg, threshold=float(contract.get("threshold", DEFAULT_THRESHOLD)))
+    # Slide calls need the false-positive rate at the threshold in use: known at the model's own.
+    fp_rate = 1 - contract["val_specificity"] if cfg.threshold == contract.get("threshold") else None
     skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else ingest.NO_IDS
 
     ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run_id, remote_env)
@@ -192,7 +197,7 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     _write_run_files(cfg, result, listing, size)
     writer.commit()
     outputs.rebuild_metrics(cfg.output)
-    outputs.rebuild_slides(cfg.output, model_id)
+    outputs.rebuild_slides(cfg.output, model_id, fp_rate)
     return result
 
 

@@ -34,12 +34,13 @@ def predict_dataset(model, ds, batch_size: int = 64) -> tuple[list[str], list[st
     return uris, ids, np.concatenate(labels), np.concatenate(probs).astype(np.float32)
 
 
-def predictions_table(uris, ids, labels, probs, errors: list[dict], model_id: str, run_id: str) -> pa.Table:
+def predictions_table(uris, ids, labels, probs, errors: list[dict], model_id: str, run_id: str,
+                      threshold: float = THRESHOLD) -> pa.Table:
     now = dt.datetime.now(dt.timezone.utc)
     all_uris = list(uris) + [e[S.COL_URI] for e in errors]
     described = [corpus.describe(u) for u in all_uris]  # (label, slide, patient)
     names = [CLASS_NAMES[int(i)] for i in labels] + [d[0] for d in described[len(uris):]]
-    preds = [CLASS_NAMES[0] if p >= THRESHOLD else CLASS_NAMES[1] for p in probs] + [None] * len(errors)
+    preds = [CLASS_NAMES[0] if p >= threshold else CLASS_NAMES[1] for p in probs] + [None] * len(errors)
     n = len(all_uris)
     return pa.Table.from_pydict({
         S.COL_IMAGE_ID: list(ids) + [e[S.COL_IMAGE_ID] or None for e in errors],
@@ -49,12 +50,15 @@ def predictions_table(uris, ids, labels, probs, errors: list[dict], model_id: st
         S.COL_LABEL: names,
         S.COL_PROB: list(probs) + [None] * len(errors),
         S.COL_PRED: preds,
-        S.COL_THRESHOLD: [THRESHOLD] * n,
+        S.COL_THRESHOLD: [threshold] * n,
         S.COL_MODEL_ID: [model_id] * n,
         S.COL_RUN_ID: [run_id] * n,
         S.COL_SCORED_AT: [now] * n,
         S.COL_ERROR: [None] * len(uris) + [e[S.COL_ERROR] for e in errors],
     }, schema=S.PREDICTIONS_SCHEMA)
+
+
+BOOTSTRAP_SAMPLES = 1000
 
 
 def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, best_ckpt, history: list[dict],
@@ -66,18 +70,30 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
     with best_ckpt.as_directory() as d:
         best, _ = model_mod.load_model(checkpoint.model_path(d))
         best_state = checkpoint.read_state(d)
-    model_id = model_mod.save_model(best, out, h5=cfg.export_h5)
-
     uris, ids, labels, probs = predict_dataset(best, val_ds)
+    y = labels == CLASS_NAMES.index(POSITIVE_CLASS)
+    op = operating_point(y, probs, cfg.target_sensitivity)
+    model_id = model_mod.save_model(best, out, h5=cfg.export_h5, operating_point=op)
+    threshold = op["threshold"]
+
     val_uris = set(np.asarray(listing.uris)[val_mask].tolist())
     val_errors = [e for e in unreadable if e[S.COL_URI] in val_uris]
-    preds = predictions_table(uris, ids, labels, probs, val_errors, model_id, run_id)
-    y = labels == CLASS_NAMES.index(POSITIVE_CLASS)
-    m = metrics.binary_metrics(y, probs, THRESHOLD)
-    metrics_row = {**m, S.COL_N_IMAGES: len(uris) + len(val_errors), S.COL_N_ERRORS: len(val_errors),
-                   S.COL_THRESHOLD: THRESHOLD, S.COL_MODEL_ID: model_id, S.COL_RUN_ID: run_id,
-                   "split": "val", "split_kind": cfg.split, "best_epoch": best_state["epoch"],
-                   "synthetic": cfg.synthetic}
+    preds = predictions_table(uris, ids, labels, probs, val_errors, model_id, run_id, threshold)
+    patients = np.asarray([corpus.describe(u)[2] or f"uri:{u}" for u in uris], dtype=object)
+    common = {S.COL_N_IMAGES: len(uris) + len(val_errors), S.COL_N_ERRORS: len(val_errors), S.COL_MODEL_ID: model_id,
+              S.COL_RUN_ID: run_id, "split": "val", "split_kind": cfg.split, "best_epoch": best_state["epoch"],
+              "synthetic": cfg.synthetic, "brier": metrics.brier(y, probs)}
+    groups = metrics.group_evidence([corpus.describe(u)[1] for u in uris], [corpus.describe(u)[2] for u in uris],
+                                    [CLASS_NAMES[int(i)] for i in labels], probs >= threshold,
+                                    1 - op["val_specificity"])
+    rows = []
+    for kind, t in (("operating_point", threshold), ("argmax", THRESHOLD)):
+        ci = metrics.patient_bootstrap(y, probs, patients, t, n_boot=BOOTSTRAP_SAMPLES, seed=cfg.seed)
+        rows.append({**metrics.binary_metrics(y, probs, t), S.COL_THRESHOLD: t, "threshold_kind": kind, **common,
+                     **{f"{k}_ci_{side}": v for k, (lo, hi) in ci.items() for side, v in (("low", lo), ("high", hi))},
+                     **(metrics.group_rates(groups, "patient") | metrics.group_rates(groups, "slide")
+                        if kind == "operating_point" else {})})
+    m = rows[0]
 
     bad = {e[S.COL_URI] for e in unreadable}
     split_tbl = pa.Table.from_pydict({
@@ -87,22 +103,42 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
         "readable": [u not in bad for u in listing.uris],
     })
     hist_tbl = pa.Table.from_pylist(history).select(list(checkpoint.HISTORY_COLUMNS))
-    cm = metrics.confusion_matrix(y, probs, THRESHOLD)
-    title = f"Validation ({cfg.split} split, best epoch {best_state['epoch']})" + (" - SYNTHETIC data" if cfg.synthetic else "")
-    resolved = {**dataclasses.asdict(cfg), **extra, "model_id": model_id, "best_epoch": best_state["epoch"]}
+    cm = metrics.confusion_matrix(y, probs, threshold)
+    title = (f"Validation ({cfg.split} split, best epoch {best_state['epoch']}, threshold {threshold:.3f})"
+             + (" - SYNTHETIC data" if cfg.synthetic else ""))
+    resolved = {**dataclasses.asdict(cfg), **extra, "model_id": model_id, "best_epoch": best_state["epoch"],
+                "operating_point": op}
 
     storage.write_text(storage.join(out, "config.json"), json.dumps(resolved, indent=2, sort_keys=True))
     storage.write_bytes(storage.join(out, "split.parquet"), storage.table_bytes(split_tbl))
     storage.write_bytes(storage.join(out, "predictions.parquet"), storage.table_bytes(preds))
-    storage.write_bytes(storage.join(out, "metrics.parquet"), storage.table_bytes(pa.Table.from_pylist([metrics_row])))
+    storage.write_bytes(storage.join(out, "metrics.parquet"), storage.table_bytes(pa.Table.from_pylist(rows)))
+    storage.write_bytes(storage.join(out, "patients.parquet"), storage.table_bytes(pa.Table.from_pylist(groups)))
     storage.write_bytes(storage.join(out, "plots", "curves.png"), report.curves_png(
         {k: [h[k] for h in history] for k in ("loss", "val_loss", "accuracy", "val_accuracy")}))
     storage.write_bytes(storage.join(out, "plots", "confusion_matrix.png"), report.confusion_png(cm, title))
-    storage.write_bytes(storage.join(out, checkpoint.FINISHED_MARKER), storage.table_bytes(hist_tbl))  # last: marks finished
+    storage.write_bytes(storage.join(out, "plots", "calibration.png"),
+                        report.calibration_png(metrics.reliability(y, probs), m["brier"]))
+    storage.write_text(storage.join(out, "model_card.md"), report.model_card(
+        resolved, listing, val_mask, rows, groups, history, len(unreadable)))
+    storage.write_bytes(storage.join(out, checkpoint.FINISHED_MARKER), storage.table_bytes(hist_tbl))  # last: finished
     return {"output": out, "model_id": model_id, "best_epoch": best_state["epoch"], "epochs": len(history),
-            "n_val": len(uris), "n_unreadable": len(unreadable), "synthetic": cfg.synthetic,
-            "split": cfg.split, **{k: metrics_row[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")},
-            "tp": m["tp"], "fp": m["fp"], "fn": m["fn"], "tn": m["tn"]}
+            "n_val": len(uris), "n_unreadable": len(unreadable), "synthetic": cfg.synthetic, "split": cfg.split,
+            "threshold": threshold, "target_sensitivity": cfg.target_sensitivity, "argmax_accuracy": rows[1]["accuracy"],
+            **{k: m[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc", "tp", "fp", "fn", "tn")},
+            **{k: m[k] for k in m if k.endswith(("_ci_low", "_ci_high"))}}
+
+
+def operating_point(y: np.ndarray, probs: np.ndarray, target: float) -> dict[str, Any]:
+    """The decision threshold for ``target`` sensitivity on the validation split, with the
+    validation sensitivity and specificity it gives (what ``model.json`` records)."""
+    t = metrics.threshold_for_sensitivity(y, probs, target)
+    if np.isnan(t):  # no positive cell in validation: keep the argmax
+        t = THRESHOLD
+    m = metrics.binary_metrics(y, probs, t)
+    return {"threshold": float(t), "target_sensitivity": float(target), "val_sensitivity": m["sensitivity"],
+            "val_specificity": m["specificity"],
+            "threshold_source": "chosen on this run's validation split (the same images its metrics describe)"}
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -111,6 +147,13 @@ def print_summary(s: dict[str, Any]) -> None:
           f"   run directory   {s['output']}\n"
           f"   model_id        {s['model_id']} (best epoch {s['best_epoch']} of {s['epochs']}, by val_loss)\n"
           f"   validation      {s['n_val']} images, {s['split']} split; unreadable images: {s['n_unreadable']}\n"
-          f"   accuracy {s['accuracy']:.4f}  sensitivity {s['sensitivity']:.4f}  "
-          f"specificity {s['specificity']:.4f}  ROC AUC {s['roc_auc']:.4f}\n"
+          f"   operating point threshold {s['threshold']:.4f} (target sensitivity {s['target_sensitivity']}); "
+          f"accuracy at argmax (0.5) {s['argmax_accuracy']:.4f}\n"
+          f"   accuracy {_ci(s, 'accuracy')}  sensitivity {_ci(s, 'sensitivity')}\n"
+          f"   specificity {_ci(s, 'specificity')}  ROC AUC {_ci(s, 'roc_auc')}\n"
+          f"   (95% intervals: bootstrap over patients)\n"
           f"   confusion (rows true P/U, cols pred P/U): [[{s['tp']} {s['fn']}] [{s['fp']} {s['tn']}]]", flush=True)
+
+
+def _ci(s: dict[str, Any], k: str) -> str:
+    return f"{s[k]:.4f} [{s[k + '_ci_low']:.3f}, {s[k + '_ci_high']:.3f}]"

@@ -26,3 +26,74 @@ def test_single_class_auc_is_nan_and_matrix_layout():
     assert math.isnan(metrics.roc_auc(np.ones(3, bool), np.array([0.1, 0.5, 0.9])))
     cm = metrics.confusion_matrix(np.array([1, 1, 0, 0]), np.array([0.9, 0.1, 0.8, 0.2]))
     assert cm.tolist() == [[1, 1], [1, 1]]
+
+
+def test_threshold_for_sensitivity_is_the_highest_that_reaches_the_target():
+    y = np.array([1, 1, 1, 1, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.4, 0.2, 0.3, 0.1, 0.85])
+    assert metrics.threshold_for_sensitivity(y, p, 0.75) == 0.4  # 3 of 4 positives at >= 0.4
+    assert metrics.threshold_for_sensitivity(y, p, 0.97) == 0.2  # all 4
+    assert metrics.threshold_for_sensitivity(y, p, 0.5) == 0.8
+    rng = np.random.default_rng(1)
+    y = rng.random(2000) < 0.5
+    p = np.clip(y * 0.4 + rng.random(2000) * 0.6, 0, 1)
+    for target in (0.9, 0.95, 0.97, 0.99):
+        t = metrics.threshold_for_sensitivity(y, p, target)
+        assert metrics.binary_metrics(y, p, t)["sensitivity"] >= target
+        above = p[y & (p > t)].min()  # the next positive probability up: falls short of the target
+        assert metrics.binary_metrics(y, p, above)["sensitivity"] < target
+    assert math.isnan(metrics.threshold_for_sensitivity(np.zeros(3, bool), np.ones(3), 0.9))
+
+
+def test_wilson_interval_known_values():
+    # Newcombe (1998), Statistics in Medicine 17:857, table I: 81/263 and 0/20 (method 3, Wilson).
+    lo, hi = metrics.wilson_interval(81, 263)
+    assert (round(lo, 4), round(hi, 4)) == (0.2553, 0.3662)
+    lo, hi = metrics.wilson_interval(0, 20)
+    assert lo == 0.0 and round(hi, 4) == 0.1611
+    lo, hi = metrics.wilson_interval(15, 148)
+    assert (round(lo, 4), round(hi, 4)) == (0.0624, 0.1605)
+    assert all(math.isnan(v) for v in metrics.wilson_interval(0, 0))
+
+
+def test_bootstrap_resamples_patients_not_cells():
+    """10 patients x 20 cells; 8 patients all right, 2 all wrong. A patient bootstrap's accuracy is a
+    count of right patients out of 10 (so only multiples of 0.1), and its interval is wide;
+    resampling cells would pretend 200 independent trials and give a much narrower one."""
+    y = np.tile([True, False], 100)
+    right = np.repeat([True] * 8 + [False] * 2, 20)
+    p = np.where(right, y, ~y).astype(float)
+    groups = np.repeat([f"P{i}" for i in range(10)], 20)
+    ci = metrics.patient_bootstrap(y, p, groups, 0.5, n_boot=2000, seed=0)
+    lo, hi = ci["accuracy"]
+    assert lo <= 0.6 and hi == 1.0, ci
+    assert round(lo * 10, 9) == int(round(lo * 10)), "accuracy of whole patients: multiples of 1/10"
+    cells = metrics.patient_bootstrap(y, p, np.arange(200), 0.5, n_boot=2000, seed=0)["accuracy"]
+    assert cells[1] - cells[0] < 0.5 * (hi - lo), (cells, ci)
+
+
+def test_group_evidence_and_call_rule():
+    slides = ["S1"] * 30 + ["S2"] * 30 + ["S3"] * 40
+    patients = ["P1"] * 30 + ["P1"] * 30 + ["C3"] * 40
+    labels = ["Parasitized"] * 30 + ["Uninfected"] * 30 + ["Uninfected"] * 40
+    called = np.array([True] * 15 + [False] * 15 + [False] * 30 + [True] * 2 + [False] * 38)
+    rows = metrics.group_evidence(slides, patients, labels, called, fp_rate=0.05)
+    by = {(r["level"], r["slide_id"], r["patient_id"]): r for r in rows}
+    s1 = by[("slide", "S1", "P1")]
+    assert (s1["n_cells"], s1["n_pred_parasitized"], s1["parasitemia"]) == (30, 15, 0.5)
+    assert (s1["parasitemia_ci_low"], s1["parasitemia_ci_high"]) == metrics.wilson_interval(15, 30)
+    assert s1["call_parasitized"] and s1["infected"]
+    c3 = by[("patient", None, "C3")]  # 2 of 40 called: within what a 5% false-positive rate explains
+    assert not c3["call_parasitized"] and c3["infected"] is False
+    p1 = by[("patient", None, "P1")]
+    assert p1["n_cells"] == 60 and p1["call_parasitized"] and p1["infected"]
+    assert metrics.group_rates(rows, "patient") == {"patient_sensitivity": 1.0, "patient_specificity": 1.0,
+                                                    "patient_n": 2}
+
+
+def test_brier_and_reliability():
+    y = np.array([1, 0, 1, 0])
+    p = np.array([0.9, 0.1, 0.6, 0.4])
+    assert math.isclose(metrics.brier(y, p), (0.01 + 0.01 + 0.16 + 0.16) / 4)
+    bins = metrics.reliability(y, p, bins=2)
+    assert [b["n"] for b in bins] == [2, 2] and bins[1]["frac_positive"] == 1.0
