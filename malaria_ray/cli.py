@@ -20,9 +20,10 @@ EXIT_USAGE = 2
 def _user_errors() -> tuple[type[BaseException], ...]:
     from malaria_ray.config import CorpusError
     from malaria_ray.model import ModelError
+    from malaria_ray.outputs import LeaseHeld
     from malaria_ray.storage import StorageError
 
-    return (ConfigError, CorpusError, ModelError, StorageError, FileExistsError)
+    return (ConfigError, CorpusError, ModelError, StorageError, FileExistsError, LeaseHeld)
 
 
 def _default(cls, name: str) -> Any:
@@ -87,8 +88,16 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     _flag(p, S, "memory_per_actor_gb", "memory Ray reserves for each model actor, GiB", type=float)
     _flag(p, S, "threshold", "P(Parasitized) at or above which a cell is called Parasitized; unset: the "
           "model's operating point from its model.json, or 0.5 without one", type=float)
-    _switch(p, "skip_scored", "skip images this model already scored under --output (nightly)")
-    _flag(p, S, "run_id", "run identifier (default: UTC time + random suffix)")
+    _switch(p, "skip_scored", "skip images this model already scored under --output (nightly; also completes "
+            "runs that were killed before they finished)")
+    _flag(p, S, "max_error_fraction", "error rows (unreadable images) above this share of the run's images: "
+          "the run commits, then exits 3 with one line, so schedulers report a failed night", type=float)
+    _flag(p, S, "commit_every_rows", "publish scored rows in a part of this many rows (a killed run keeps them)",
+          type=int)
+    _flag(p, S, "commit_every_minutes", "... or every this many minutes, whichever comes first", type=float)
+    _flag(p, S, "run_id", "run identifier (default: UTC time + random suffix); a used one is refused")
+    _flag(p, S, "manifest", "CSV or Parquet with path (relative to --input, or a full URI), slide_id, patient_id and "
+          "optional label: identity and labels for archives whose file names carry none (wins over names and folders)")
 
 
 def config_from_args(cls, args: argparse.Namespace, preset: dict[str, Any] | None = None):

@@ -145,7 +145,11 @@ class ScoreConfig(_Serialized):
     memory_per_actor_gb: float = 2.0  # 128 px, batch 64 on CPU measured ~1.4 GiB resident
     threshold: float | None = None  # None: the model's operating point (model.json), else DEFAULT_THRESHOLD
     skip_scored: bool = False
+    max_error_fraction: float = 0.05  # above it the run still commits, and exits 3 to page someone
+    commit_every_rows: int = 100_000  # a part of the predictions is published at this many rows ...
+    commit_every_minutes: float = 10.0  # ... or after this long, whichever comes first
     run_id: str | None = None  # default: UTC timestamp + short random suffix
+    manifest: str | None = None  # CSV/Parquet: path, slide_id, patient_id[, label]; wins over names and folders
 
     def __post_init__(self) -> None:
         for name in ("input", "model", "output"):
@@ -157,6 +161,10 @@ class ScoreConfig(_Serialized):
             raise ConfigError(f"--actors must be >= 1, got {self.actors}")
         if self.gpus_per_actor < 0:
             raise ConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+        if not 0.0 <= self.max_error_fraction <= 1.0:
+            raise ConfigError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
+        if self.commit_every_rows < 1 or self.commit_every_minutes <= 0:
+            raise ConfigError("--commit-every-rows must be >= 1 and --commit-every-minutes > 0")
         if self.memory_per_actor_gb <= 0:
             raise ConfigError(f"--memory-per-actor-gb must be > 0, got {self.memory_per_actor_gb}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:

@@ -19,7 +19,7 @@ import numpy as np
 
 from malaria_ray import sources
 from malaria_ray.config import CLASS_NAMES, CorpusError
-from malaria_ray.schema import STATUS_OK, path_within
+from malaria_ray.schema import CONTAINER_SUFFIXES, STATUS_OK, path_within, split_member_uri
 
 _SLIDE_RE = re.compile(r"^(C\d+.*?)_IMG_", re.IGNORECASE)
 _PATIENT_RE = re.compile(r"^C\d+[A-Z]?P(\d+)", re.IGNORECASE)
@@ -46,22 +46,53 @@ def parse_identity(name: str) -> Identity:
     return Identity(slide, f"C{int(c.group(1))}")
 
 
+LABEL_LEVELS = 2  # the image's own folder and the one above it; a class folder higher up labels nothing
+
+
 def label_of(path: str) -> str | None:
-    """The class named by the nearest ``Parasitized``/``Uninfected`` folder in ``path``."""
+    """The class named by a ``Parasitized``/``Uninfected`` folder that holds the image directly
+    (``Parasitized/cell.png``) or one level up (``Parasitized/slide-7/cell.png``). A class folder
+    further up (``Parasitized/2026/11/night/cell.png``) does not label it: archives get copied
+    under such names by accident, and a silent wrong label would poison the metrics."""
     parts = path.replace("\\", "/").split("/")[:-1]
-    for part in reversed(parts):
+    for part in reversed(parts[-LABEL_LEVELS:]):
         if part in CLASS_NAMES:
             return part
     return None
 
 
-def describe(uri: str, label_hint: str | None = None) -> tuple[str | None, str | None, str | None]:
-    """(label, slide_id, patient_id) of one image: a label the input carries itself wins over its
-    folder; identity from its file name (the member name inside an archive)."""
+def folder_slide(path: str) -> str | None:
+    """The slide of an image whose name carries none: its nearest folder that is not a class
+    folder; for an archive member at the archive's top, the archive's file name (no suffix)."""
+    container, member = split_member_uri(path)
+    inner = (member if member is not None else container).replace("\\", "/").split("/")[:-1]
+    for part in reversed(inner):
+        if part and part not in CLASS_NAMES:
+            return part
+    if member is not None:
+        name = posixpath.basename(container)
+        for suffix in CONTAINER_SUFFIXES:
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)] or None
+    return None
+
+
+def describe(uri: str, label_hint: str | None = None, slide_hint: str | None = None,
+             patient_hint: str | None = None) -> tuple[str | None, str | None, str | None]:
+    """(label, slide_id, patient_id) of one image, from the first source that has it:
+
+    1. what the input carries itself (a Parquet input's ``label``/``slide_id``/``patient_id``);
+    2. an NIH file name (``C33P1thinF_IMG_...``: slide and patient);
+    3. folders: the label from a class folder (``label_of``), the slide from the nearest other
+       folder (``folder_slide``); the patient stays unknown.
+
+    A scoring ``--manifest`` overrides all of these afterwards (``score.Identities``).
+    """
     path = path_within(uri)
     ident = parse_identity(path)
     label = label_hint if label_hint in CLASS_NAMES else label_of(path)
-    return label, ident.slide_id, ident.patient_id
+    slide = slide_hint or ident.slide_id or folder_slide(uri)
+    return label, slide, patient_hint or ident.patient_id
 
 
 @dataclass(frozen=True)
@@ -96,7 +127,7 @@ def list_corpus(data_uri: str) -> Listing:
     rows, skipped = [], [u for u in units.skipped if label_of(u) is not None]
     for kind, uri in zip(units.table.column("kind").to_pylist(), units.table.column("uri").to_pylist()):
         for row in sources.expand_unit({"kind": kind, "uri": uri}, with_data=False):
-            label, slide, patient = describe(row["uri"], row["label_hint"])
+            label, slide, patient = describe(row["uri"], row["label_hint"], row["slide_hint"], row["patient_hint"])
             if label is None:
                 continue
             if row["status"] != STATUS_OK:

@@ -17,8 +17,8 @@ import numpy as np
 from malaria_ray import corpus, sources
 from malaria_ray.preprocess import DecodeError, decode_image
 from malaria_ray.schema import (
-    COL_DATA, COL_ERROR, COL_IMAGE_ID, COL_LABEL, COL_LABEL_HINT, COL_PATIENT, COL_PIXELS, COL_SLIDE, COL_STATUS,
-    COL_URI, STATUS_ALREADY, STATUS_ERROR, STATUS_OK,
+    COL_DATA, COL_ERROR, COL_IMAGE_ID, COL_LABEL, COL_LABEL_HINT, COL_PATIENT, COL_PATIENT_HINT, COL_PIXELS, COL_SLIDE,
+    COL_SLIDE_HINT, COL_STATUS, COL_URI, STATUS_ALREADY, STATUS_ERROR, STATUS_OK,
 )
 
 NO_IDS = np.array([], dtype="S64")  # an empty skip list (read-only: never appended to in place)
@@ -43,7 +43,8 @@ def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.nd
         uri, data, err = batch[COL_URI][i], batch[COL_DATA][i], batch[COL_ERROR][i]
         if status[i] not in (STATUS_OK, STATUS_ERROR):
             continue  # non-images and empty archives travel on only to be counted
-        cols[COL_LABEL][i], cols[COL_SLIDE][i], cols[COL_PATIENT][i] = corpus.describe(uri, batch[COL_LABEL_HINT][i])
+        cols[COL_LABEL][i], cols[COL_SLIDE][i], cols[COL_PATIENT][i] = corpus.describe(
+            uri, batch[COL_LABEL_HINT][i], batch[COL_SLIDE_HINT][i], batch[COL_PATIENT_HINT][i])
         cols[COL_IMAGE_ID][i] = image_id_of(data if status[i] == STATUS_OK else None, uri)
         if in_sorted(skip_ids, cols[COL_IMAGE_ID][i]):
             status[i] = STATUS_ALREADY

@@ -15,11 +15,27 @@ DATEFMT = "%Y-%m-%d %H:%M:%S"
 ROOT = "malaria-ray"
 
 
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record is emitted (a redirect, a test's capture),
+    not the stream that was current when the handler was made."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup(level: int = logging.INFO) -> logging.Logger:
     """Attach one stdout handler to the project's root logger (idempotent)."""
     root = logging.getLogger(ROOT)
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _CurrentStdout()
         handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
         root.addHandler(handler)
         root.setLevel(level)

@@ -2,21 +2,23 @@
 
 Layout (``ROOT`` = ``--output``, local or ``s3://``)::
 
-    ROOT/predictions/<run_id>.parquet         one file per committed run (all rows of the run)
-    ROOT/predictions/_staging/<run_id>.parquet  being written; ``_`` makes every reader skip it
-    ROOT/metrics.parquet                        one row per committed run
-    ROOT/slides.parquet                         per slide and per patient, current model
+    ROOT/predictions/<run_id>.partNNNNN.parquet   the run's rows, one file per published part
+    ROOT/predictions/_staging/...                 the part being written; ``_`` makes every reader skip it
+    ROOT/metrics.parquet                          one row per finished run
+    ROOT/slides.parquet                           per slide and per patient, current model
     ROOT/runs/<run_id>/config.json, manifest.json, metrics.parquet, plots/confusion_matrix.png
 
-Commit protocol: a run streams its rows into ``predictions/_staging/<run_id>.parquet``; when the
-stream is complete it writes ``runs/<run_id>/`` (config, manifest, its metrics row) and then makes
-``predictions/<run_id>.parquet`` appear in one atomic step (a POSIX rename locally; on S3 one
-server-side copy, which creates the object whole or not at all). That step is the commit: a crash
-before it leaves only ``_staging`` files that no reader or later run counts (a later run deletes
-those older than a day: ``remove_stale_staging``). ``metrics.parquet``
-and ``slides.parquet`` are derived views rebuilt after the commit from committed runs only and
-replaced in one write (temp + rename locally; a single PUT on S3), so a crash between the commit
-and the rebuild heals on the next run.
+Commit protocol: a run writes ``runs/<run_id>/config.json`` and a manifest that says
+``"finished": false``, then streams its rows into a part in ``predictions/_staging/``. When a
+part is full (``--commit-every-rows`` rows or ``--commit-every-minutes``), it is published in one
+atomic step (a POSIX rename locally; on S3 one server-side copy, which creates the object whole or
+not at all) and the manifest lists it. At the end the last part is published and the manifest
+says ``"finished": true`` with the run's counts, beside its metrics row. A run killed at any point
+leaves whole published parts (readers and ``--skip-scored`` count them) and at most one ``_staging``
+file that none counts (a later run deletes those older than a day: ``remove_stale_staging``).
+``metrics.parquet`` and ``slides.parquet`` are derived views rebuilt at the end of a run from
+published files only and replaced in one write (temp + rename locally; a single PUT on S3), so a
+crash before the rebuild heals on the next run.
 
 Readers: ``pandas.read_parquet(ROOT/predictions)``, ``pyarrow.dataset.dataset(ROOT/predictions)``
 and DuckDB ``read_parquet('ROOT/predictions/*.parquet')``. Pure: imports neither Ray nor TF.
@@ -24,8 +26,12 @@ and DuckDB ``read_parquet('ROOT/predictions/*.parquet')``. Pure: imports neither
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import posixpath
+import re
+import time
 from typing import Iterator
 
 import numpy as np
@@ -40,7 +46,7 @@ from malaria_ray.metrics import wilson_interval
 from malaria_ray.schema import (
     COL_CALL, COL_ERROR, COL_FRAC_HIGH, COL_FRAC_LOW, COL_FRAC_POS, COL_IMAGE_ID, COL_LABEL, COL_LEVEL, COL_MEAN_PROB,
     COL_MODEL_ID, COL_N_CELLS, COL_N_LABEL_NEG, COL_N_LABEL_POS, COL_N_PRED_POS, COL_PATIENT, COL_PRED, COL_PROB,
-    COL_SLIDE, COL_URI, METRICS_COLUMNS, PREDICTIONS_SCHEMA, SLIDES_SCHEMA,
+    COL_SLIDE, COL_URI, METRIC_RATES, METRICS_COLUMNS, PREDICTIONS_SCHEMA, SLIDES_SCHEMA,
 )
 
 PREDICTIONS_DIR, STAGING_DIR, RUNS_DIR = "predictions", "_staging", "runs"
@@ -58,28 +64,57 @@ def run_uri(root: str, run_id: str) -> str:
     return storage.join(root, RUNS_DIR, run_id)
 
 
-class PredictionWriter:
-    """Streams prediction batches into the run's staging file; ``commit`` publishes it atomically."""
+PART_SUFFIX = re.compile(r"^(?P<run>.+)\.part(?P<part>\d{5})$")
 
-    def __init__(self, root: str, run_id: str) -> None:
+
+def part_name(run_id: str, part: int) -> str:
+    return f"{run_id}.part{part:05d}.parquet"
+
+
+class PredictionWriter:
+    """Streams a run's prediction batches into parts; each part is published whole, in one step,
+    once it holds ``part_rows`` rows or has been open ``part_seconds`` (and the last at ``commit``).
+
+    A run killed at any point keeps every published part: readers see whole files only, and the
+    next ``--skip-scored`` run skips what they hold. ``on_part(writer)`` runs after each publish
+    (the run's manifest records the parts). Without ``commit``, the open part stays in staging.
+    """
+
+    def __init__(self, root: str, run_id: str, part_rows: int = 100_000, part_seconds: float = 600.0,
+                 on_part=None) -> None:
         self.root, self.run_id = root, run_id
-        self.staging_uri = storage.join(predictions_uri(root), STAGING_DIR, f"{run_id}.parquet")
-        self.final_uri = storage.join(predictions_uri(root), f"{run_id}.parquet")
+        self.part_rows, self.part_seconds, self.on_part = part_rows, part_seconds, on_part
+        self.parts: list[str] = []  # URIs of the published parts, in order
+        self.rows = 0  # rows written, published or not
+        self.staging_uri: str | None = None
+        self._open = False
+
+    def _start(self) -> None:
+        name = part_name(self.run_id, len(self.parts) + 1)
+        self.staging_uri = storage.join(predictions_uri(self.root), STAGING_DIR, name)
+        self.final_uri = storage.join(predictions_uri(self.root), name)
         self._fs, self._path = storage.filesystem(self.staging_uri)
         self._fs.makedirs(posixpath.dirname(self._path), exist_ok=True)
         self._file = self._fs.open(self._path, "wb")
         self._writer = pq.ParquetWriter(self._file, PREDICTIONS_SCHEMA, compression="zstd")
         self._pending: list[pa.Table] = []
-        self._pending_rows = 0
-        self.rows = 0
+        self._pending_rows = self._part_rows = 0
+        self._started = time.monotonic()
+        self._open = True
 
     def write(self, table: pa.Table) -> None:
+        if not self._open:
+            self._start()
         table = normalize(table).combine_chunks()  # own buffers, not slices of Ray's larger blocks
         self._pending.append(table)
         self._pending_rows += table.num_rows
+        self._part_rows += table.num_rows
         self.rows += table.num_rows
         if self._pending_rows >= ROW_GROUP_ROWS:
             self._flush()
+        if self._part_rows >= self.part_rows or time.monotonic() - self._started >= self.part_seconds:
+            self.close()
+            self.commit()
 
     def _flush(self) -> None:
         if self._pending:
@@ -87,27 +122,39 @@ class PredictionWriter:
         self._pending, self._pending_rows = [], 0
 
     def close(self) -> None:
-        self._flush()
-        self._writer.close()
-        self._file.close()
-
-    def abort(self) -> None:
-        """Drop the staging file (best effort: a leftover is invisible to readers anyway)."""
-        try:
+        """Finish the open part's file in staging (not yet visible)."""
+        if self._open:
+            self._flush()
             self._writer.close()
             self._file.close()
-            self._fs.rm(self._path)
+            self._open = False
+            self._closed_part = True
+
+    def abort(self) -> None:
+        """Drop the unpublished part (best effort: a leftover is invisible to readers anyway);
+        published parts stay: they hold finished work."""
+        try:
+            self.close()
+            if getattr(self, "_closed_part", False):
+                self._fs.rm(self._path)
+                self._closed_part = False
         except Exception:  # noqa: BLE001 - already failing; the staging file is harmless
             pass
 
     def commit(self) -> None:
-        """The commit point: ``predictions/<run_id>.parquet`` appears whole, in one step."""
+        """Publish the closed part: ``predictions/<run_id>.partNNNNN.parquet`` appears whole, in one step."""
+        if not getattr(self, "_closed_part", False):
+            return
         fs, final = storage.filesystem(self.final_uri)
         if storage.is_remote(self.final_uri):
             fs.copy(self._path, final)  # server-side CopyObject: the object appears whole
             fs.rm(self._path)
         else:
             os.replace(self._path, final)
+        self._closed_part = False
+        self.parts.append(self.final_uri)
+        if self.on_part is not None:
+            self.on_part(self)
 
 
 def normalize(table: pa.Table) -> pa.Table:
@@ -154,13 +201,25 @@ def remove_stale_staging(root: str, max_age_s: float = STALE_STAGING_SECONDS) ->
     return removed
 
 
-def committed_runs(root: str) -> list[str]:
-    """Run ids whose predictions file is committed, oldest name first."""
+def committed_files(root: str) -> list[tuple[str, str]]:
+    """(run id, file name) of every published predictions file, oldest run and first part first."""
     fs, path = storage.filesystem(predictions_uri(root))
+    fs.invalidate_cache(path)  # other runs write here: never trust a cached listing
     if not fs.exists(path):
         return []
-    names = [posixpath.basename(p) for p in fs.ls(path, detail=False)]
-    return sorted(n[: -len(".parquet")] for n in names if n.endswith(".parquet") and not n.startswith(("_", ".")))
+    found = []
+    for name in (posixpath.basename(p) for p in fs.ls(path, detail=False)):
+        if not name.endswith(".parquet") or name.startswith(("_", ".")):
+            continue
+        stem = name[: -len(".parquet")]
+        m = PART_SUFFIX.match(stem)  # a whole-run file of earlier versions has no part suffix
+        found.append((m.group("run") if m else stem, int(m.group("part")) if m else 0, name))
+    return [(run, name) for run, _, name in sorted(found)]
+
+
+def committed_runs(root: str) -> list[str]:
+    """Run ids with at least one published predictions file, oldest name first."""
+    return list(dict.fromkeys(run for run, _ in committed_files(root)))
 
 
 def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool = False) -> Iterator[pa.RecordBatch]:
@@ -172,8 +231,8 @@ def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool =
     """
     fs, pred_path = storage.filesystem(predictions_uri(root))
     read = list(dict.fromkeys([*columns, COL_MODEL_ID, COL_ERROR]))
-    for run_id in reversed(committed_runs(root)):
-        with fs.open(posixpath.join(pred_path, f"{run_id}.parquet"), "rb") as f:
+    for _run_id, name in reversed(committed_files(root)):
+        with fs.open(posixpath.join(pred_path, name), "rb") as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP_ROWS, columns=read, use_threads=False):
                 keep = pc.equal(batch.column(COL_MODEL_ID), model_id)
                 if ok_only:
@@ -194,8 +253,44 @@ def scored_ids(root: str, model_id: str) -> np.ndarray:
     return np.unique(np.concatenate(chunks).astype(np.bytes_)) if chunks else NO_IDS
 
 
+MANIFEST_FILE = "manifest.json"
+
+
+def write_manifest(root: str, run_id: str, manifest: dict) -> None:
+    """``runs/<run_id>/manifest.json``, replaced whole (readers never see half of it)."""
+    storage.replace_file(storage.join(run_uri(root, run_id), MANIFEST_FILE),
+                         json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_manifest(root: str, run_id: str) -> dict | None:
+    uri = storage.join(run_uri(root, run_id), MANIFEST_FILE)
+    try:
+        return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+    except ValueError:
+        return None
+
+
+def unfinished_runs(root: str) -> list[str]:
+    """Runs that published rows but never finished (killed), and that no later run completed yet."""
+    out = []
+    for run_id in committed_runs(root):
+        m = read_manifest(root, run_id)
+        if m is None or (not m.get("finished") and not m.get("completed_by")):
+            out.append(run_id)
+    return out
+
+
+def mark_completed(root: str, run_id: str, by: str) -> None:
+    """Record in an unfinished run's manifest which later run completed it."""
+    m = read_manifest(root, run_id) or {"run_id": run_id, "finished": False}
+    write_manifest(root, run_id, {**m, "completed_by": by})
+
+
 def write_run_metrics(root: str, run_id: str, row: dict) -> None:
+    """The run's metrics row; a rate it cannot compute (an unlabelled archive) is null, not NaN."""
+    row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
     table = pa.Table.from_pylist([row]).select(list(METRICS_COLUMNS))
+    table = table.cast(pa.schema([pa.field(f.name, pa.float64()) if f.name in METRIC_RATES else f for f in table.schema]))
     storage.write_bytes(storage.join(run_uri(root, run_id), METRICS_FILE), storage.table_bytes(table))
 
 
@@ -292,3 +387,68 @@ def _finish(t: pa.Table, level: str, model_id: str, fp_rate: float | None) -> pa
             COL_N_LABEL_NEG: r[COL_N_LABEL_NEG], COL_MODEL_ID: model_id, COL_FRAC_LOW: low, COL_FRAC_HIGH: high,
             COL_CALL: None if fp_rate is None else bool(low > fp_rate)})
     return pa.Table.from_pylist(out, schema=SLIDES_SCHEMA)
+
+
+LEASE_FILE = "_lease.json"  # under ROOT; "_": no reader takes it for output
+LEASE_SECONDS = 15 * 60
+LEASE_SETTLE_SECONDS = 1.0
+
+
+class LeaseHeld(RuntimeError):
+    """Another run is writing under the same output root; the message says which and until when."""
+
+
+class Lease:
+    """One scoring run at a time per output root: a lease file with an expiry.
+
+    ``acquire`` takes the lease when there is none or it expired (a crashed run's lease lapses
+    ``seconds`` after its last renewal), writes it, waits ``LEASE_SETTLE_SECONDS`` and reads it back:
+    of two runs that start at once, the one whose write landed last holds it and the other refuses
+    (object stores offer no compare-and-swap through fsspec; the settle time covers the gap
+    between one run's check and its write). ``renew`` extends it as the run goes; ``release``
+    deletes it if this run still holds it.
+    """
+
+    def __init__(self, root: str, run_id: str, seconds: float = LEASE_SECONDS) -> None:
+        self.uri, self.run_id, self.seconds = storage.join(root, LEASE_FILE), run_id, seconds
+        self._renewed = 0.0
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(storage.read_bytes(self.uri)) if storage.exists(self.uri) else None
+        except (OSError, ValueError):
+            return None
+
+    def _write(self) -> None:
+        import socket
+
+        now = time.time()
+        storage.replace_file(self.uri, json.dumps({
+            "run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "renewed_at": now, "expires_at": now + self.seconds}).encode())
+        self._renewed = time.monotonic()
+
+    def _refuse_if_held(self) -> None:
+        held = self._read()
+        if held and held.get("run_id") != self.run_id and held.get("expires_at", 0) > time.time():
+            until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(held["expires_at"]))
+            raise LeaseHeld(f"another scoring run ({held.get('run_id')} on {held.get('host')}, pid {held.get('pid')}) "
+                            f"is writing under this output root; its lease runs until {until} unless renewed. "
+                            f"If that run is dead, wait for the lease to expire or delete {self.uri}")
+
+    def acquire(self) -> None:
+        self._refuse_if_held()
+        self._write()
+        time.sleep(LEASE_SETTLE_SECONDS)
+        self._refuse_if_held()
+
+    def renew(self) -> None:
+        """Extend the lease; cheap to call often (it writes at most every third of its length)."""
+        if time.monotonic() - self._renewed >= self.seconds / 3:
+            self._write()
+
+    def release(self) -> None:
+        held = self._read()
+        if held and held.get("run_id") == self.run_id:
+            fs, path = storage.filesystem(self.uri)
+            fs.rm(path)

@@ -20,6 +20,7 @@ COL_DATA = "data"  # encoded bytes of one image
 COL_STATUS = "status"
 COL_ERROR = "error"  # why a row could not be scored; None when it was
 COL_LABEL_HINT = "label_hint"  # a label an input carries itself (a Parquet ``label`` column)
+COL_SLIDE_HINT, COL_PATIENT_HINT = "slide_hint", "patient_hint"  # a Parquet input's slide_id / patient_id
 COL_PIXELS = "pixels"  # decoded uint8 [size, size, 3]
 
 # Row statuses: what a read task yields, then what decoding and scoring make of it.
@@ -27,6 +28,8 @@ STATUS_OK = "ok"  # bytes to score
 STATUS_ERROR = "error"  # an input that exists but could not be read or decoded: an error row
 STATUS_NON_IMAGE = "non_image"  # skipped and counted
 STATUS_EMPTY = "empty_archive"  # counted
+STATUS_HIDDEN = "hidden"  # an archive member under a "." or "_" folder, or named so (counted, not scored)
+STATUS_DUPLICATE = "duplicate_name"  # a second archive member of the same name (counted, not scored)
 STATUS_ALREADY = "already_scored"  # --skip-scored: this model scored the same bytes before
 STATUS_MODEL_ERROR = "model_error"  # a scoring actor whose model did not load: the run stops
 

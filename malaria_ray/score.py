@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import re
 import secrets
 import sys
@@ -23,7 +24,7 @@ import numpy as np
 
 from malaria_ray import faults, ingest, logs, metrics, outputs, resources, sources, storage
 from malaria_ray import schema as S
-from malaria_ray.config import CLASS_NAMES, DEFAULT_THRESHOLD, POSITIVE_CLASS, CorpusError, ScoreConfig
+from malaria_ray.config import CLASS_NAMES, DEFAULT_THRESHOLD, POSITIVE_CLASS, ConfigError, CorpusError, ScoreConfig
 from malaria_ray.model import ModelError, inspect_artifact, read_contract
 
 log = logs.get("score")
@@ -103,6 +104,8 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
     confusion: np.ndarray | None = None
     error_examples: list[str] = field(default_factory=list)
+    completes: list[str] = field(default_factory=list)  # earlier unfinished runs this one completed
+    parts: list[str] = field(default_factory=list)  # the predictions files this run published
 
     @property
     def rows(self) -> int:
@@ -115,19 +118,34 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     Raises CorpusError (input missing/unreadable/no images), ModelError, StorageError.
     """
     import pyarrow as pa
-    import pyarrow.compute as pc
-    import ray
 
     # The driver's Arrow work is a row group at a time in a process that lives for hours: the
     # system allocator returns what it frees (docs/benchmarks.md, driver memory).
     pa.set_memory_pool(pa.system_memory_pool())
     run_id = cfg.run_id or new_run_id()
-    if not _RUN_ID_RE.match(run_id):
-        raise CorpusError(f"--run-id {run_id!r} must be letters, digits, '_', '.', '-' (not starting with '_' or '.')")
+    if not _RUN_ID_RE.match(run_id) or outputs.PART_SUFFIX.match(run_id):
+        raise CorpusError(f"--run-id {run_id!r} must be letters, digits, '_', '.', '-' (not starting with '_' or '.', "
+                          "not ending in .partNNNNN)")
+    check_paths(cfg)
     listing = sources.list_units(cfg.input)
     if not len(listing):
         raise CorpusError(f"no images found in {cfg.input} ({len(listing.skipped)} non-image files skipped)")
     storage.check_writable(cfg.output)
+    if storage.exists(outputs.run_uri(cfg.output, run_id)) or run_id in outputs.committed_runs(cfg.output):
+        raise CorpusError(f"--run-id {run_id} was already used under {cfg.output}: a run id names one run")
+    lease = outputs.Lease(cfg.output, run_id)
+    lease.acquire()
+    try:
+        return _score_leased(cfg, run_id, listing, lease)
+    finally:
+        lease.release()
+
+
+def _score_leased(cfg: ScoreConfig, run_id: str, listing: sources.Listing, lease: outputs.Lease) -> RunResult:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
     stale = outputs.remove_stale_staging(cfg.output)
     if stale:
         log.info(f"removed {len(stale)} staging file(s) that crashed runs left in {cfg.output}: "
@@ -147,18 +165,37 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     # Slide calls need the false-positive rate at the threshold in use: known at the model's own.
     fp_rate = 1 - contract["val_specificity"] if cfg.threshold == contract.get("threshold") else None
     skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else ingest.NO_IDS
+    identities = sources.load_manifest(cfg.manifest, cfg.input) if cfg.manifest else {}
+    # Runs that were killed before they finished: with --skip-scored this run completes them.
+    unfinished = outputs.unfinished_runs(cfg.output) if cfg.skip_scored else []
 
     ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run_id, remote_env)
+    base = outputs.run_uri(cfg.output, run_id)
+    storage.write_text(storage.join(base, "config.json"), dataclasses.replace(cfg, run_id=run_id).to_json())
+    manifest = {"run_id": run_id, "model_id": model_id, "model": cfg.model, "input": cfg.input, "image_size": size,
+                "identity_manifest": cfg.manifest, "identity_manifest_rows": len(identities),
+                "threshold": cfg.threshold, "finished": False, "parts": [], "rows_committed": 0,
+                "completes": unfinished, "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                "units": {k: listing.count(k) for k in sources.UNIT_KINDS},
+                "commit": "rows are committed part by part: every file listed in `parts` is whole and final"}
 
-    counts = {"scored": 0, "errors": 0, S.STATUS_NON_IMAGE: len(listing.skipped),
-              S.STATUS_EMPTY: 0, S.STATUS_ALREADY: 0}
+    def on_part(w: outputs.PredictionWriter) -> None:
+        manifest.update(parts=[storage_name(u) for u in w.parts], rows_committed=w.rows)
+        outputs.write_manifest(cfg.output, run_id, manifest)
+
+    outputs.write_manifest(cfg.output, run_id, manifest)
+
+    counts = {"scored": 0, "errors": 0, S.STATUS_NON_IMAGE: len(listing.skipped), S.STATUS_EMPTY: 0,
+              S.STATUS_ALREADY: 0, S.STATUS_HIDDEN: 0, S.STATUS_DUPLICATE: 0}
     acc = metrics.MetricsAccumulator(cfg.threshold)
     examples: list[str] = []
-    writer = outputs.PredictionWriter(cfg.output, run_id)
+    writer = outputs.PredictionWriter(cfg.output, run_id, part_rows=cfg.commit_every_rows,
+                                      part_seconds=60 * cfg.commit_every_minutes, on_part=on_part)
     started = time.perf_counter()
     failure: str | None = None
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            lease.renew()
             status = batch.column(S.COL_STATUS)
             failed = batch.filter(pc.equal(status, S.STATUS_MODEL_ERROR))
             if failed.num_rows:  # the model did not load: stop here (``break`` shuts the executor down)
@@ -171,6 +208,8 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
             if not rows.num_rows:
                 continue
             rows = outputs.normalize(rows)
+            if identities:
+                rows = apply_manifest(rows, identities)
             acc.update(rows.column(S.COL_LABEL).to_pylist(),
                        rows.column(S.COL_PROB).to_numpy(zero_copy_only=False),
                        rows.column(S.COL_ERROR).to_pylist())
@@ -182,8 +221,10 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
         if failure is not None:
             raise ModelError(failure)
         writer.close()
-    except BaseException:
+    except BaseException as exc:
         writer.abort()
+        manifest.update(failed=f"{type(exc).__name__}: {exc}"[:500])
+        outputs.write_manifest(cfg.output, run_id, manifest)
         raise
     seconds = time.perf_counter() - started
     if writer.rows == 0 and counts[S.STATUS_ALREADY] == 0:
@@ -191,11 +232,23 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
         raise CorpusError(f"no images found in {cfg.input} ({counts[S.STATUS_NON_IMAGE]} non-image files, "
                           f"{counts[S.STATUS_EMPTY]} empty archives)")
 
-    result = RunResult(run_id, model_id, cfg.output, writer.final_uri, seconds, counts,
+    result = RunResult(run_id, model_id, cfg.output, outputs.predictions_uri(cfg.output), seconds, counts,
                        {S.COL_RUN_ID: run_id, S.COL_MODEL_ID: model_id, **acc.row()},
-                       acc.confusion() if acc.metrics_known else None, examples[:3])
-    _write_run_files(cfg, result, listing, size)
+                       acc.confusion() if acc.metrics_known else None, examples[:3], completes=unfinished)
+    outputs.write_run_metrics(cfg.output, run_id, result.metrics)
+    if result.confusion is not None:
+        from malaria_ray.report import confusion_png
+
+        storage.write_bytes(storage.join(base, "plots", "confusion_matrix.png"),
+                            confusion_png(result.confusion, f"Confusion matrix, run {run_id}"))
     writer.commit()
+    result.parts = [storage_name(u) for u in writer.parts]
+    manifest.update(parts=result.parts, rows_committed=writer.rows, finished=True, counts=counts,
+                    entries=sum(counts.values()), seconds=round(seconds, 3), ray_version=ray.__version__,
+                    finished_at=dt.datetime.now(dt.timezone.utc).isoformat())
+    outputs.write_manifest(cfg.output, run_id, manifest)
+    for earlier in unfinished:
+        outputs.mark_completed(cfg.output, earlier, run_id)
     outputs.rebuild_metrics(cfg.output)
     outputs.rebuild_slides(cfg.output, model_id, fp_rate)
     return result
@@ -234,27 +287,21 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
     )
 
 
-def _write_run_files(cfg: ScoreConfig, result: RunResult, listing: sources.Listing, size: int) -> None:
-    """runs/<run_id>/: config, manifest, metrics row, plot. Written before the commit point."""
-    import ray
+def apply_manifest(rows, identities: dict):
+    """``--manifest`` identity and labels over what names and folders gave (the manifest wins)."""
+    import pyarrow as pa
 
-    base = outputs.run_uri(cfg.output, result.run_id)
-    resolved = dataclasses.replace(cfg, run_id=result.run_id)
-    storage.write_text(storage.join(base, "config.json"), resolved.to_json())
-    outputs.write_run_metrics(cfg.output, result.run_id, result.metrics)
-    if result.confusion is not None:
-        from malaria_ray.report import confusion_png
+    uris = rows.column(S.COL_URI).to_pylist()
+    found = [identities.get(u) for u in uris]
+    for i, name in enumerate((S.COL_SLIDE, S.COL_PATIENT, S.COL_LABEL)):
+        old = rows.column(name).to_pylist()
+        new = [f[i] if f is not None and (f[i] is not None or name != S.COL_LABEL) else o for f, o in zip(found, old)]
+        rows = rows.set_column(rows.schema.get_field_index(name), name, pa.array(new, pa.string()))
+    return rows
 
-        storage.write_bytes(storage.join(base, "plots", "confusion_matrix.png"),
-                            confusion_png(result.confusion, f"Confusion matrix, run {result.run_id}"))
-    storage.write_json(storage.join(base, "manifest.json"), {
-        "run_id": result.run_id, "model_id": result.model_id, "model": cfg.model, "input": cfg.input,
-        "image_size": size, "predictions": result.predictions_uri, "rows": result.rows,
-        "counts": result.counts, "units": {k: listing.count(k) for k in (sources.KIND_IMAGE, sources.KIND_TAR,
-                                                                        sources.KIND_ZIP, sources.KIND_PARQUET)},
-        "seconds": round(result.seconds, 3), "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "ray_version": ray.__version__, "commit": "the run is committed when `predictions` exists",
-    })
+
+def storage_name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def summary(result: RunResult) -> str:
@@ -268,6 +315,9 @@ def summary(result: RunResult) -> str:
         f"  already scored    {c.get(S.STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored)",
         f"  non-images        {c.get(S.STATUS_NON_IMAGE, 0):>10,}  (skipped and counted)",
         f"  empty archives    {c.get(S.STATUS_EMPTY, 0):>10,}",
+        f"  hidden members    {c.get(S.STATUS_HIDDEN, 0):>10,}  (under '.'/'_' folders in archives; counted)",
+        f"  duplicate names   {c.get(S.STATUS_DUPLICATE, 0):>10,}  (a second archive member of one name; counted)",
+        f"  entries           {sum(c.values()):>10,}  (every file and archive member: the sum of the above)",
         f"  throughput        {rate:>10,.1f} images/s over {result.seconds:.1f} s",
     ]
     lines += [f"    error: {e}" for e in result.error_examples]
@@ -282,9 +332,13 @@ def summary(result: RunResult) -> str:
             f"  precision {m['precision']:.4f}  f1 {m['f1']:.4f}  roc_auc {m['roc_auc']:.4f}",
         ]
     else:
-        lines.append("  labels            none among the images scored in this run: no confusion matrix")
+        lines.append("  labels            none: an unlabelled archive (the normal night); no confusion matrix, "
+                     "and metrics.parquet holds nulls for the rates")
+    if result.completes:
+        lines.append(f"  completes         unfinished run(s) {', '.join(result.completes)}: their committed rows "
+                     "were kept and skipped here")
     lines += [
-        f"  predictions       {result.predictions_uri}",
+        f"  predictions       {result.predictions_uri}/ ({len(result.parts)} file(s) of this run)",
         f"  metrics, slides   {storage.join(result.output, outputs.METRICS_FILE)}, "
         f"{storage.join(result.output, outputs.SLIDES_FILE)}",
         f"  run files         {outputs.run_uri(result.output, result.run_id)}/",
@@ -293,10 +347,12 @@ def summary(result: RunResult) -> str:
 
 
 def preflight(cfg: ScoreConfig) -> None:
-    """The checks that need no Ray: the input exists and the model artifact is a classifier.
+    """The checks that need no Ray: the input exists, the output is not inside it, the model
+    artifact is a classifier.
 
     Entrypoints run this before Ray starts, so a mistyped path costs a second, not a cluster start.
     """
+    check_paths(cfg)
     fs, path = storage.filesystem(cfg.input)
     try:
         found = fs.exists(path)
@@ -307,8 +363,31 @@ def preflight(cfg: ScoreConfig) -> None:
     inspect_artifact(cfg.model)  # None for a legacy .h5: that one is checked inside Ray
 
 
+EXIT_TOO_MANY_ERRORS = 3
+
+
 def main(cfg: ScoreConfig) -> int:
-    """Run, print the summary, return 0 when the run committed (error rows included)."""
+    """Run, print the summary; 0 when the run committed with error rows within
+    ``--max-error-fraction``, 3 (one line on stderr) when it committed with more."""
     result = score_archive(cfg)
     print(summary(result), file=sys.stdout, flush=True)
+    rows = result.counts.get("scored", 0) + result.counts.get("errors", 0)
+    fraction = result.counts.get("errors", 0) / rows if rows else 0.0
+    if fraction > cfg.max_error_fraction:
+        print(f"malaria-ray: error: run {result.run_id} committed, but {result.counts.get('errors', 0)} of {rows} "
+              f"images ({fraction:.1%}) are error rows, above --max-error-fraction {cfg.max_error_fraction:g}",
+              file=sys.stderr, flush=True)
+        return EXIT_TOO_MANY_ERRORS
     return 0
+
+
+def check_paths(cfg: ScoreConfig) -> None:
+    """An output root inside the input would be read back as input the next night: refused."""
+    def norm(uri: str) -> str:
+        if storage.is_remote(uri):
+            return uri.replace("s3a://", "s3://", 1).rstrip("/") + "/"
+        return os.path.abspath(storage.local_path(uri)).rstrip("/") + "/"
+
+    if norm(cfg.output).startswith(norm(cfg.input)) or norm(cfg.output) == norm(cfg.input):
+        raise ConfigError(f"--output {cfg.output} is inside --input {cfg.input}: its Parquet files would be "
+                          "scored as input; put the output root elsewhere")

@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 from malaria_ray import storage
 from malaria_ray.config import CorpusError
 from malaria_ray.schema import (
-    COL_DATA, COL_ERROR, COL_LABEL_HINT, COL_STATUS, COL_URI, STATUS_EMPTY, STATUS_ERROR, STATUS_NON_IMAGE,
-    STATUS_OK, member_uri,
+    COL_DATA, COL_ERROR, COL_LABEL_HINT, COL_PATIENT_HINT, COL_SLIDE_HINT, COL_STATUS, COL_URI, STATUS_DUPLICATE,
+    STATUS_EMPTY, STATUS_ERROR, STATUS_HIDDEN, STATUS_NON_IMAGE, STATUS_OK, member_uri,
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")  # the one list of image file types
@@ -39,6 +39,8 @@ PARQUET_SUFFIXES = (".parquet",)
 
 # Unit kinds: what the driver lists.
 KIND_IMAGE, KIND_TAR, KIND_ZIP, KIND_PARQUET = "image", "tar", "zip", "parquet"
+KIND_BAD_NAME = "bad_name"  # a file whose name is not valid UTF-8: listed so that it becomes an error row
+UNIT_KINDS = (KIND_IMAGE, KIND_TAR, KIND_ZIP, KIND_PARQUET, KIND_BAD_NAME)
 
 # Parquet inputs: the first column found by these names (or the only binary column) holds bytes.
 PARQUET_BYTES_NAMES = ("image", "image_bytes", "bytes", "data", "content", "png")
@@ -78,6 +80,20 @@ def kind_of(path: str) -> str | None:
 HIDDEN_FOLDER_PREFIXES = (".", "_")  # staging folders, .git, macOS resource-fork folders
 
 
+def _undecodable(name: str) -> bool:
+    """A name decoded with surrogate escapes (the OS or tarfile met bytes that are not UTF-8)."""
+    try:
+        name.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _printable(name: str) -> str:
+    """``name`` with its undecodable bytes shown as ``\\xNN``: a string any table can hold."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _hidden(rel: str) -> bool:
     # Staging folders and dotfiles (.DS_Store, ._resource forks) are not part of an input.
     return any(part.startswith(HIDDEN_FOLDER_PREFIXES) for part in rel.split("/")[:-1])
@@ -111,12 +127,12 @@ def list_units(input_uri: str) -> Listing:
         for path in found:
             if _hidden(posixpath.relpath(path, base) if base else path):
                 continue
-            kind = kind_of(path)
+            kind = KIND_BAD_NAME if _undecodable(path) else kind_of(path)
             if kind is None:
                 skipped.append(prefix + path)
                 continue
             kinds.append(kind)
-            uris.append(prefix + path)
+            uris.append(prefix + (_printable(path) if kind == KIND_BAD_NAME else path))
             if len(uris) == 4096:  # Python strings only for a chunk: Arrow keeps ~100 B a path
                 chunks.append(pa.table({"kind": kinds, "uri": uris}))
                 kinds, uris = [], []
@@ -162,12 +178,16 @@ def _list_s3(fs, root: str, page_size: int = 1000) -> Iterator[str]:
 def rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
     """Rows from ``expand_unit`` as one numpy batch of object columns (what ``score.prepare_batch`` takes)."""
     return {k: np.array([r[k] for r in rows], dtype=object)
-            for k in (COL_URI, COL_DATA, COL_STATUS, COL_ERROR, COL_LABEL_HINT)}
+            for k in RAW_COLUMNS}
 
 
-def _row(uri: str, status: str, data: bytes | None = None, error: str | None = None,
-         label_hint: str | None = None) -> dict:
-    return {COL_URI: uri, COL_DATA: data, COL_STATUS: status, COL_ERROR: error, COL_LABEL_HINT: label_hint}
+RAW_COLUMNS = (COL_URI, COL_DATA, COL_STATUS, COL_ERROR, COL_LABEL_HINT, COL_SLIDE_HINT, COL_PATIENT_HINT)
+
+
+def _row(uri: str, status: str, data: bytes | None = None, error: str | None = None, label_hint: str | None = None,
+         slide_hint: str | None = None, patient_hint: str | None = None) -> dict:
+    return {COL_URI: uri, COL_DATA: data, COL_STATUS: status, COL_ERROR: error, COL_LABEL_HINT: label_hint,
+            COL_SLIDE_HINT: slide_hint, COL_PATIENT_HINT: patient_hint}
 
 
 def expand_unit(unit: dict, with_data: bool = True) -> Iterator[dict]:
@@ -177,7 +197,8 @@ def expand_unit(unit: dict, with_data: bool = True) -> Iterator[dict]:
     training listing learns what an archive holds.
     """
     kind, uri = unit["kind"], unit["uri"]
-    readers = {KIND_IMAGE: _read_image, KIND_TAR: _read_tar, KIND_ZIP: _read_zip, KIND_PARQUET: _read_parquet}
+    readers = {KIND_IMAGE: _read_image, KIND_TAR: _read_tar, KIND_ZIP: _read_zip, KIND_PARQUET: _read_parquet,
+               KIND_BAD_NAME: _read_bad_name}
     try:
         yield from readers[kind](uri, with_data)
     except Exception as exc:  # a unit that cannot be opened at all is one error row, not a crash
@@ -188,10 +209,29 @@ def _read_image(uri: str, with_data: bool) -> Iterator[dict]:
     yield _row(uri, STATUS_OK, data=storage.read_bytes(uri) if with_data else None)
 
 
-def _member_row(uri: str, name: str, read, with_data: bool) -> dict:
+def _read_bad_name(uri: str, with_data: bool) -> Iterator[dict]:
+    yield _row(uri, STATUS_ERROR, error="file name is not valid UTF-8 (undecodable bytes shown as \\xNN): "
+                                        "rename it to score it")
+
+
+def _member_row(uri: str, raw_name: str, read, with_data: bool, seen: set[str], link: str | None = None) -> dict:
+    """The row of one archive entry: every entry is scored, an error row or counted by its status."""
+    name = raw_name
+    while name.startswith(("./", "/")):  # `tar -C DIR -cf x.tar .` names members ./a/b.png
+        name = name[2:] if name.startswith("./") else name[1:]
+    if _undecodable(name):
+        return _row(member_uri(uri, _printable(name)), STATUS_ERROR,
+                    error="member name is not valid UTF-8 (undecodable bytes shown as \\xNN)")
     member = member_uri(uri, name)
+    if _hidden(name + "/x") or name.startswith("__MACOSX/"):
+        return _row(member, STATUS_HIDDEN)
+    if name in seen:
+        return _row(member, STATUS_DUPLICATE)
+    seen.add(name)
     if kind_of(name) != KIND_IMAGE:
         return _row(member, STATUS_NON_IMAGE)
+    if link is not None:
+        return _row(member, STATUS_ERROR, error=f"link member (-> {link}): links in archives are not followed")
     try:
         return _row(member, STATUS_OK, data=read() if with_data else None)
     except Exception as exc:  # CRC mismatch, truncated member, bad compression
@@ -205,11 +245,17 @@ def _read_tar(uri: str, with_data: bool) -> Iterator[dict]:
         # Stream mode ("r|*") reads members in order without seeking: works on any object store.
         try:
             with tarfile.open(fileobj=raw, mode="r|*") as tar:
+                seen: set[str] = set()
                 for member in tar:
-                    if not member.isfile() or _hidden(member.name + "/x"):
+                    if member.isdir():
                         continue
                     n += 1
-                    yield _member_row(uri, member.name, lambda m=member: tar.extractfile(m).read(), with_data)
+                    link = member.linkname if member.issym() or member.islnk() else None
+                    if not (member.isfile() or link is not None):  # device, fifo: not an image file
+                        yield _row(member_uri(uri, _printable(member.name)), STATUS_NON_IMAGE)
+                        continue
+                    yield _member_row(uri, member.name, lambda m=member: tar.extractfile(m).read(), with_data,
+                                      seen, link)
         except (tarfile.ReadError, EOFError, OSError) as exc:
             if n == 0 and "empty" in str(exc).lower():
                 yield _row(uri, STATUS_EMPTY)
@@ -227,18 +273,19 @@ def _read_zip(uri: str, with_data: bool) -> Iterator[dict]:
     with fs.open(path, "rb") as raw:
         # ZipFile seeks to the central directory and then to each member: ranged reads on S3.
         with zipfile.ZipFile(raw) as zf:
-            n = 0
+            n, seen = 0, set()
             for info in zf.infolist():
-                if info.is_dir() or _hidden(info.filename + "/x") or "__MACOSX/" in info.filename:
+                if info.is_dir():
                     continue
                 n += 1
-                yield _member_row(uri, info.filename, lambda i=info: zf.read(i), with_data)
+                yield _member_row(uri, info.filename, lambda i=info: zf.read(i), with_data, seen)
             if n == 0:
                 yield _row(uri, STATUS_EMPTY)
 
 
-def _parquet_columns(schema) -> tuple[str, str | None, str | None, bool]:
-    """(bytes column, path column, label column, bytes-in-struct) of a Parquet input's schema."""
+def _parquet_columns(schema) -> tuple[str, str | None, dict[str, str], bool]:
+    """(bytes column, path column, {hint: column} for label/slide_id/patient_id, bytes-in-struct)
+    of a Parquet input's schema."""
     import pyarrow as pa
 
     names = {n.lower(): n for n in schema.names}
@@ -250,8 +297,9 @@ def _parquet_columns(schema) -> tuple[str, str | None, str | None, bool]:
     if col is None:
         raise ValueError(f"no image-bytes column (binary) in {schema.names}")
     path_col = next((names[n] for n in PARQUET_PATH_NAMES if n in names), None)
-    label_col = names.get("label")
-    return col, path_col, label_col, col in structs
+    hints = {hint: names[n] for hint, n in (("label_hint", "label"), ("slide_hint", "slide_id"),
+                                            ("patient_hint", "patient_id")) if n in names}
+    return col, path_col, hints, col in structs
 
 
 def _read_parquet(uri: str, with_data: bool) -> Iterator[dict]:
@@ -260,8 +308,8 @@ def _read_parquet(uri: str, with_data: bool) -> Iterator[dict]:
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as raw:
         pf = pq.ParquetFile(raw)
-        col, path_col, label_col, in_struct = _parquet_columns(pf.schema_arrow)
-        cols = [c for c in (col if with_data else None, path_col, label_col) if c]
+        col, path_col, hints, in_struct = _parquet_columns(pf.schema_arrow)
+        cols = [c for c in (col if with_data else None, path_col, *hints.values()) if c]
         i = 0
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=cols):
             d = batch.to_pydict()
@@ -270,10 +318,55 @@ def _read_parquet(uri: str, with_data: bool) -> Iterator[dict]:
                 if in_struct:
                     value = (value or {}).get("bytes")
                 name = d[path_col][j] if path_col else None
-                label = d[label_col][j] if label_col else None
+                given = {h: d[c][j] for h, c in hints.items()}
                 yield _row(member_uri(uri, name or f"row={i}"), STATUS_OK,
                            data=(value if value is not None else b"") if with_data else None,
-                           label_hint=label if isinstance(label, str) else None)
+                           **{h: (str(v) if v is not None else None) for h, v in given.items()})
                 i += 1
         if i == 0:
             yield _row(uri, STATUS_EMPTY)
+
+
+MANIFEST_COLUMNS = ("path", "slide_id", "patient_id")  # required; "label" optional
+
+
+def load_manifest(manifest_uri: str, input_uri: str) -> dict[str, tuple[str | None, str | None, str | None]]:
+    """``--manifest``: {image uri: (slide_id, patient_id, label)} from a CSV or Parquet file.
+
+    ``path`` is relative to the input root (``Parasitized/a.png``, ``shard-0.tar#cells/a.png``) or
+    a full URI / absolute path; ``label`` (optional) must be a class name or empty. Raises
+    ``ConfigError`` for a manifest that cannot be used, with the reason.
+    """
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    from malaria_ray.config import CLASS_NAMES, ConfigError
+
+    try:
+        fs, path = storage.filesystem(manifest_uri)
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f) if manifest_uri.lower().endswith(".parquet") else pcsv.read_csv(
+                f, convert_options=pcsv.ConvertOptions(strings_can_be_null=True,
+                                                       column_types={c: pa.string() for c in (*MANIFEST_COLUMNS,
+                                                                                              "label")}))
+    except Exception as exc:  # missing file, bad CSV: the backend's type varies
+        raise ConfigError(f"--manifest {manifest_uri}: cannot read it: {type(exc).__name__}: {exc}") from exc
+    missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ConfigError(f"--manifest {manifest_uri} lacks column(s) {', '.join(missing)} "
+                          f"(needs {', '.join(MANIFEST_COLUMNS)}, optional label)")
+    cols = {c: table.column(c).to_pylist() for c in (*MANIFEST_COLUMNS, "label") if c in table.column_names}
+    labels = cols.get("label", [None] * table.num_rows)
+    bad = sorted({str(x) for x in labels if x not in (None, "", *CLASS_NAMES)})
+    if bad:
+        raise ConfigError(f"--manifest {manifest_uri}: label must be one of {', '.join(CLASS_NAMES)} or empty, "
+                          f"got {', '.join(bad[:5])}")
+    root = input_uri.rstrip("/")
+    out = {}
+    for p, slide, patient, label in zip(cols["path"], cols["slide_id"], cols["patient_id"], labels):
+        if not p:
+            continue
+        full = p if "://" in p or p.startswith("/") else (f"{root}/{p}" if storage.is_remote(root)
+                                                            else os.path.join(storage.local_path(root), p))
+        out[full] = (slide or None, patient or None, label or None)
+    return out

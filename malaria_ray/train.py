@@ -17,10 +17,14 @@ import uuid
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from malaria_ray import checkpoint, corpus, faults, ingest, logs, resources, storage, trainrun
 from malaria_ray.config import CLASS_NAMES, CorpusError, TrainConfig
-from malaria_ray.schema import COL_ERROR, COL_IMAGE_ID, COL_LABEL, COL_PIXELS, COL_STATUS, COL_URI, STATUS_ERROR, STATUS_OK
+from malaria_ray.schema import (
+    COL_ERROR, COL_IMAGE_ID, COL_LABEL, COL_PIXELS, COL_STATUS, COL_URI, STATUS_ERROR, STATUS_OK, split_member_uri,
+)
 
 DECODE_BATCH = 64
 log = logs.get("train")
@@ -51,7 +55,9 @@ def prepare_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainCo
 
     uris = np.asarray(listing.uris, dtype=object)
     keep, val = np.sort(uris.astype(str)), np.sort(uris[val_mask].astype(str))
-    units = listing.units
+    # Only the units that hold listed images (--max-images may keep a few of many).
+    containers = pa.array(sorted({split_member_uri(u)[0] for u in listing.uris}), pa.string())
+    units = listing.units.filter(pc.is_in(listing.units.column("uri"), value_set=containers))
     blocks = max(2, min(64, len(listing) // DECODE_BATCH))
     decoded = (
         ray.data.from_arrow(ingest.slices(units, blocks))

@@ -88,3 +88,125 @@ def test_bad_input_exits_2_with_one_line_and_no_ray_left(tmp_path):
         r = run(*cmd, cwd=tmp_path)
         errors = [line for line in r.stderr.splitlines() if line.startswith("malaria-ray: error:")]
         assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, (cmd, r.stderr[-2000:])
+
+
+def test_train_resumes_after_its_driver_is_killed(small_corpus, tmp_path):
+    """SIGKILL the training driver after its second checkpoint; its local Ray goes with it; the
+    same command refuses to start over the unfinished run; --resume finishes it from the last
+    checkpoint, with each epoch exactly once in history and the same split."""
+    import json
+    import signal
+    import time
+
+    args = ["malaria-ray", "train", "--data", str(small_corpus), "--output", "run", *TRAIN_FLAGS]
+    args[args.index("--epochs") + 1] = "8"
+    assert not _ray_processes()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 480
+    while True:
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no second checkpoint in time"
+        epochs = []
+        for state in (tmp_path / "run" / "checkpoints").rglob("state.json"):
+            try:
+                epochs.append(json.loads(state.read_text())["epoch"])
+            except ValueError:  # being written
+                pass
+        if max(epochs, default=0) >= 2:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 90
+    while _ray_processes():  # the local Ray shares the driver's fate
+        assert time.monotonic() < deadline, f"Ray outlived its killed driver: {_ray_processes()}"
+        time.sleep(1)
+    assert not (tmp_path / "run" / "history.parquet").exists(), "the run finished before the kill"
+    split_before = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 2 and "--resume" in r.stderr, r.stderr[-2000:]
+
+    r = run("malaria-ray", "train", "--resume", "run", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from checkpoint after epoch" in r.stdout
+    hist = pd.read_parquet(tmp_path / "run" / "history.parquet")
+    assert hist["epoch"].tolist() == list(range(1, 9)), hist
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert {k: resolved[k] for k in split_before if k != "output"} == {k: v for k, v in split_before.items()
+                                                                      if k != "output"}
+    split = pd.read_parquet(tmp_path / "run" / "split.parquet")
+    assert len(split) == len(list(small_corpus.rglob("*.png")))
+
+
+@pytest.fixture(scope="module")
+def night(sample_dir, tmp_path_factory) -> pathlib.Path:
+    """2,000 real NIH cells, as a night's folder."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("night")
+    for cls in ("Parasitized", "Uninfected"):
+        (root / cls).mkdir()
+        for p in sorted((sample_dir / cls).glob("*.png"))[:1000]:
+            shutil.copy(p, root / cls / p.name)
+    return root
+
+
+@pytest.mark.parametrize("kill", ["driver", "whole_ray"])
+def test_a_killed_scoring_night_keeps_what_it_scored(night, score_model, tmp_path, kill):
+    """SIGKILL the scoring driver (or, like a lost node, every process of its local Ray) after two
+    parts were committed; the parts stay readable by pandas, pyarrow and DuckDB; the next night with
+    --skip-scored scores only the rest, says it completed the killed run, and no row is doubled."""
+    import json
+    import signal
+    import time
+
+    import duckdb
+    import pyarrow.dataset as pads
+
+    args = ["malaria-ray", "score", "--input", str(night), "--model", str(score_model), "--output", "out",
+            "--skip-scored", "--commit-every-rows", "100", "--batch-size", "8"]
+    assert not _ray_processes()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    preds = tmp_path / "out" / "predictions"
+    deadline = time.monotonic() + 300
+    while len(list(preds.glob("*.part*.parquet"))) < 2:
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no two committed parts in time"
+        time.sleep(0.05)
+    if kill == "driver":
+        proc.send_signal(signal.SIGKILL)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 90
+    while _ray_processes():
+        assert time.monotonic() < deadline, f"Ray outlived its killed driver: {_ray_processes()}"
+        time.sleep(1)
+    first_id = next(iter(os.listdir(tmp_path / "out" / "runs")))
+    first = json.loads((tmp_path / "out" / "runs" / first_id / "manifest.json").read_text())
+    assert first["finished"] is False, "the run finished before the kill"
+    kept = pd.read_parquet(preds)
+    assert 200 <= len(kept) < 2000 and kept["uri"].is_unique
+    assert pads.dataset(str(preds), format="parquet").count_rows() == len(kept)
+    assert duckdb.connect().execute(f"select count(*) from read_parquet('{preds}/*.parquet')").fetchall() == [(len(kept),)]
+    assert len(first["parts"]) <= len(list(preds.glob("*.parquet")))
+
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"completes         unfinished run(s) {first_id}" in r.stdout, r.stdout[-2000:]
+    final = pd.read_parquet(preds)
+    assert len(final) == 2000 and final["uri"].is_unique, "exactly one row per input"
+    second_id = (set(os.listdir(tmp_path / "out" / "runs")) - {first_id}).pop()
+    second = json.loads((tmp_path / "out" / "runs" / second_id / "manifest.json").read_text())
+    assert second["finished"] is True and second["completes"] == [first_id]
+    assert second["counts"]["scored"] == 2000 - len(kept) < 2000
+    assert second["counts"]["already_scored"] == len(kept)
+    assert json.loads((tmp_path / "out" / "runs" / first_id / "manifest.json").read_text())["completed_by"] == second_id

@@ -96,8 +96,9 @@ def test_score_folder_outputs_and_incremental_rerun(ray_session, sample_dir, sco
     n_inputs = n + len(bad)
     n_errors = sum(1 for _, ok in bad.values() if not ok)
 
-    assert run_cli("--input", str(data), "--model", str(score_model), "--output", str(out),
-                   "--batch-size", "16", "--skip-scored", "--run-id", "20250101T000000Z-first") == 0
+    assert run_cli("--input", str(data), "--model", str(score_model), "--output", str(out),  # 10% bad on purpose
+                   "--batch-size", "16", "--skip-scored", "--run-id", "20250101T000000Z-first",
+                   "--max-error-fraction", "0.2") == 0
     text = capsys.readouterr().out
     assert "committed" in text and "true Parasitized" in text and str(out) in text
 
@@ -148,7 +149,7 @@ def test_mixed_archives_one_row_per_image(ray_session, sample_dir, score_model, 
     data.mkdir()
     expected = make_mixed_input(sample_dir, data)
     assert run_cli("--input", str(data), "--model", str(score_model), "--output", str(out),
-                   "--batch-size", "8") == 0
+                   "--batch-size", "8", "--max-error-fraction", "1") == 0  # bad members on purpose
     text = capsys.readouterr().out
     df = read_predictions(out)
     assert len(df) == expected["images"] and df[schema.COL_URI].is_unique
@@ -271,3 +272,118 @@ def test_s3_input_and_output_through_a_real_s3_server(ray_session, moto_s3, samp
     assert run_cli("--input", "s3://slides/archive/", "--model", str(score_model),
                    "--output", "s3://no-such-bucket/out") == 2
     assert "no-such-bucket" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+
+
+def test_scoring_uses_the_models_operating_point_unless_told(ray_session, sample_dir, score_model, tmp_path):
+    """A model.json threshold is what rows and metrics record, and slides get calls from its
+    false-positive rate; --threshold overrides it (and then slides make no call: the rate at
+    another threshold is unknown)."""
+    import json
+
+    import pandas as pd
+
+    from malaria_ray import score
+
+    model = tmp_path / "model"
+    shutil.copytree(score_model, model)
+    contract = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps({**contract, "threshold": 0.3, "val_specificity": 0.9}))
+    data = tmp_path / "in"
+    n = copy_cells(sample_dir, data, 6)
+    own = score.score_archive(ScoreConfig(input=str(data), model=str(model), output=str(tmp_path / "own")))
+    told = score.score_archive(ScoreConfig(input=str(data), model=str(model), output=str(tmp_path / "told"),
+                                           threshold=0.5))
+    for result, t in ((own, 0.3), (told, 0.5)):
+        df = read_predictions(pathlib.Path(result.output))
+        assert len(df) == n and (df[schema.COL_THRESHOLD] == t).all()
+        assert ((df[schema.COL_PROB] >= t) == (df[schema.COL_PRED] == "Parasitized")).all()
+        assert pd.read_parquet(pathlib.Path(result.output) / "metrics.parquet")[schema.COL_THRESHOLD].tolist() == [t]
+        assert json.loads((pathlib.Path(result.output) / "runs" / result.run_id / "config.json").read_text())[
+            "threshold"] == t
+    slides = pd.read_parquet(tmp_path / "own" / "slides.parquet")
+    assert slides[schema.COL_CALL].notna().all()
+    assert (slides[schema.COL_CALL] == (slides[schema.COL_FRAC_LOW] > 0.1)).all()
+    assert (slides[schema.COL_FRAC_LOW] <= slides[schema.COL_FRAC_POS]).all()
+    assert pd.read_parquet(tmp_path / "told" / "slides.parquet")[schema.COL_CALL].isna().all()
+
+
+def test_guards_a_bad_night_fails_loudly(ray_session, sample_dir, score_model, tmp_path, capsys):
+    """Error rows above --max-error-fraction: the rows commit and the exit code is 3 with one line;
+    a reused --run-id and an output root inside the input are refused with exit 2."""
+    data, out = tmp_path / "in", tmp_path / "out"
+    n = copy_cells(sample_dir, data, 4)
+    for i in range(2):
+        (data / "Uninfected" / f"broken-{i}.png").write_bytes(b"not a png")
+    args = ("--input", str(data), "--model", str(score_model), "--output", str(out), "--run-id", "night-1")
+    assert run_cli(*args) == 3  # 2 of 10 = 20% > 5% (the default)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("malaria-ray: error:")]
+    assert len(err) == 1 and "20.0%" in err[0] and "--max-error-fraction 0.05" in err[0], err
+    assert len(read_predictions(out)) == n + 2, "the rows are committed all the same"
+    assert run_cli(*args, "--max-error-fraction", "0.25") == 2  # the same --run-id again
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("malaria-ray: error:")]
+    assert len(err) == 1 and "already used" in err[0], err
+    assert len(read_predictions(out)) == n + 2
+    inside = ("--input", str(data), "--model", str(score_model), "--output", str(data / "scores"))
+    assert run_cli(*inside) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("malaria-ray: error:")]
+    assert len(err) == 1 and "inside --input" in err[0], err
+    assert not (data / "scores").exists()
+
+
+def test_two_runs_on_one_output_root_one_refuses(ray_session, sample_dir, score_model, tmp_path, capsys):
+    """While another run holds the root's lease, a run refuses with exit 2 and writes nothing; a
+    lease that expired (its run crashed) is taken over; a finished run leaves no lease behind."""
+    import json
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    n = copy_cells(sample_dir, data, 3)
+    other = outputs.Lease(str(out), "other-night")
+    other.acquire()
+    args = ("--input", str(data), "--model", str(score_model), "--output", str(out))
+    assert run_cli(*args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("malaria-ray: error:")]
+    assert len(err) == 1 and "other-night" in err[0] and "lease" in err[0], err
+    assert not (out / "predictions").exists()
+    lease = json.loads((out / outputs.LEASE_FILE).read_text())
+    (out / outputs.LEASE_FILE).write_text(json.dumps({**lease, "expires_at": lease["renewed_at"] - 1}))  # it crashed
+    assert run_cli(*args) == 0
+    assert len(read_predictions(out)) == n
+    assert not (out / outputs.LEASE_FILE).exists()
+
+
+def test_a_real_nightly_archive_without_nih_names(ray_session, sample_dir, score_model, tmp_path, capsys):
+    """Renamed cells in slide folders: folders give the slide, a --manifest gives patients and
+    labels and wins; without labels the metrics hold nulls, not NaN, and the summary says so."""
+    import pandas as pd
+
+    data = tmp_path / "night"
+    names = []
+    for slide in ("slide-A", "slide-B"):
+        (data / slide).mkdir(parents=True)
+        for i, p in enumerate(sorted((sample_dir / "Parasitized").glob("*.png"))[:3]):
+            (data / slide / f"cell-{i}.png").write_bytes(p.read_bytes())
+            names.append(f"{slide}/cell-{i}.png")
+    out = tmp_path / "plain"
+    assert run_cli("--input", str(data), "--model", str(score_model), "--output", str(out)) == 0
+    assert "an unlabelled archive" in capsys.readouterr().out
+    df = read_predictions(out)
+    assert sorted(set(df[schema.COL_SLIDE])) == ["slide-A", "slide-B"] and df[schema.COL_PATIENT].isna().all()
+    m = pd.read_parquet(out / "metrics.parquet").iloc[0]
+    assert m["n_labelled"] == 0 and all(m[k] is None or pd.isna(m[k]) for k in schema.METRIC_RATES)
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out / "metrics.parquet").column("accuracy").null_count == 1  # null, not NaN
+    slides = pd.read_parquet(out / "slides.parquet")
+    assert sorted(slides.loc[slides.level == "slide", schema.COL_SLIDE]) == ["slide-A", "slide-B"]
+
+    manifest = tmp_path / "identity.csv"
+    manifest.write_text("path,slide_id,patient_id,label\n" + "".join(
+        f"{n},{n.split('/')[0].upper()},PT-{n[6]},{'Parasitized' if n.endswith('0.png') else ''}\n" for n in names))
+    out = tmp_path / "with-manifest"
+    assert run_cli("--input", str(data), "--model", str(score_model), "--output", str(out),
+                   "--manifest", str(manifest)) == 0
+    df = read_predictions(out).sort_values(schema.COL_URI)
+    assert sorted(set(df[schema.COL_SLIDE])) == ["SLIDE-A", "SLIDE-B"]
+    assert sorted(set(df[schema.COL_PATIENT])) == ["PT-A", "PT-B"]
+    assert (df[schema.COL_LABEL] == "Parasitized").sum() == 2 and df[schema.COL_LABEL].isna().sum() == 4
+    assert pd.read_parquet(out / "metrics.parquet").iloc[0]["n_labelled"] == 2

@@ -318,3 +318,144 @@ def test_slide_rollup_counts_each_input_once_from_its_newest_run(tmp_path):
         assert (mine[schema.COL_N_LABEL_POS].to_numpy() == want["lab"].to_numpy()).all()
         assert np.allclose(mine[schema.COL_MEAN_PROB].to_numpy(), want["prob"].to_numpy(), atol=1e-6)
     assert got[schema.COL_LEVEL].tolist()[0] == "patient" and got[schema.COL_LEVEL].tolist()[-1] == "slide"
+
+
+def _rows(unit_kind: str, uri: str) -> list[dict]:
+    return list(sources.expand_unit({"kind": unit_kind, "uri": uri}))
+
+
+@pytest.fixture
+def ordinary_tree(sample_dir, tmp_path) -> pathlib.Path:
+    """A folder as a lab's tools leave it: class folders, a hidden and a private folder, a text file,
+    a symbolic and a hard link to images."""
+    root = tmp_path / "tree"
+    for cls in ("Parasitized", "Uninfected"):
+        (root / cls).mkdir(parents=True)
+        for p in real_pngs(sample_dir, cls, 2):
+            (root / cls / p.name).write_bytes(p.read_bytes())
+    (root / ".thumbs").mkdir()
+    (root / ".thumbs" / "t.png").write_bytes(real_pngs(sample_dir, "Uninfected", 1)[0].read_bytes())
+    (root / "_private").mkdir()
+    (root / "_private" / "p.png").write_bytes(real_pngs(sample_dir, "Uninfected", 1)[0].read_bytes())
+    (root / "notes.txt").write_text("counted, not scored\n")
+    first = sorted((root / "Parasitized").iterdir())[0]
+    (root / "Parasitized" / "zz-symlink.png").symlink_to(first.name)
+    os.link(first, root / "Parasitized" / "zz-hardlink.png")
+    return root
+
+
+def test_tar_made_with_tar_c_dir_dot_accounts_for_every_entry(ordinary_tree, tmp_path):
+    """`tar -C DIR -cf x.tar .` names members ./a/b.png (it was reported as an empty archive);
+    links, hidden and private members were skipped uncounted. Every entry now has one row."""
+    import subprocess
+
+    tar = tmp_path / "x.tar"
+    subprocess.run(["tar", "-C", str(ordinary_tree), "-cf", str(tar), "."], check=True)
+    listed = [line for line in subprocess.run(["tar", "-tvf", str(tar)], capture_output=True, text=True,
+                                              check=True).stdout.splitlines() if not line.startswith("d")]
+    rows = _rows("tar", str(tar))
+    assert len(rows) == len(listed) == 9, (rows, listed)
+    status = {r["uri"].split("#", 1)[1]: r["status"] for r in rows}
+    assert all(not name.startswith("./") for name in status), status
+    assert status["notes.txt"] == schema.STATUS_NON_IMAGE
+    assert status[".thumbs/t.png"] == status["_private/p.png"] == schema.STATUS_HIDDEN
+    assert status["Parasitized/zz-symlink.png"] == schema.STATUS_ERROR
+    # GNU tar stores the second path of a hard-linked file as a link member: one of the pair.
+    linked = [r for r in rows if r["status"] == schema.STATUS_ERROR]
+    assert len(linked) == 2 and all("links in archives are not followed" in r["error"] for r in linked)
+    assert sum(r["status"] == schema.STATUS_OK for r in rows) == 4
+    batch = prepare_batch(raw_batch(rows), 32)
+    ok = batch[schema.COL_STATUS] == schema.STATUS_OK
+    assert set(batch[schema.COL_LABEL][ok]) == {"Parasitized", "Uninfected"}
+
+
+def test_zip_duplicate_and_hidden_members_are_counted(sample_dir, tmp_path):
+    png = real_pngs(sample_dir, "Parasitized", 1)[0].read_bytes()
+    path = tmp_path / "dup.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("Parasitized/a.png", png)
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            zf.writestr("Parasitized/a.png", png)
+        zf.writestr("__MACOSX/Parasitized/._a.png", b"resource fork")
+        zf.writestr("./Uninfected/b.png", png)
+    status = [(r["uri"].split("#", 1)[1], r["status"]) for r in _rows("zip", str(path))]
+    assert status == [("Parasitized/a.png", schema.STATUS_OK), ("Parasitized/a.png", schema.STATUS_DUPLICATE),
+                      ("__MACOSX/Parasitized/._a.png", schema.STATUS_HIDDEN), ("Uninfected/b.png", schema.STATUS_OK)]
+
+
+def test_a_hash_in_a_loose_path_keeps_label_and_identity(sample_dir, tmp_path):
+    src = real_pngs(sample_dir, "Parasitized", 1)[0]
+    folder = tmp_path / "night #3" / "Parasitized"
+    folder.mkdir(parents=True)
+    (folder / src.name).write_bytes(src.read_bytes())
+    listing = sources.list_units(str(tmp_path))
+    out = prepare_batch(raw_batch([r for u in listing.table.to_pylist() for r in sources.expand_unit(u)]), 32)
+    assert out[schema.COL_STATUS].tolist() == [schema.STATUS_OK]
+    assert out[schema.COL_LABEL][0] == "Parasitized"
+    assert out[schema.COL_PATIENT][0] is not None and out[schema.COL_PATIENT][0].startswith("P")
+    assert schema.split_member_uri(out[schema.COL_URI][0]) == (out[schema.COL_URI][0], None)
+    assert schema.split_member_uri("s3://b/x.tar#a#b.png") == ("s3://b/x.tar", "a#b.png")
+
+
+def test_a_file_name_that_is_not_utf8_is_an_error_row_not_a_failed_run(sample_dir, tmp_path):
+    png = real_pngs(sample_dir, "Parasitized", 1)[0].read_bytes()
+    (tmp_path / "Parasitized").mkdir()
+    (tmp_path / "Parasitized" / "good.png").write_bytes(png)
+    with open(os.path.join(os.fsencode(tmp_path), b"Parasitized", b"caf\xe9-latin1.png"), "wb") as f:
+        f.write(png)
+    listing = sources.list_units(str(tmp_path))
+    assert listing.count(sources.KIND_BAD_NAME) == 1 and listing.count(sources.KIND_IMAGE) == 1
+    rows = [r for u in listing.table.to_pylist() for r in sources.expand_unit(u)]
+    bad = [r for r in rows if r["status"] == schema.STATUS_ERROR]
+    assert len(bad) == 1 and "not valid UTF-8" in bad[0]["error"] and "\\xe9" in bad[0]["uri"]
+    pa.table(raw_batch(rows))  # every value fits an Arrow string column: the run cannot fail on it
+
+
+def test_label_comes_only_from_the_images_folder_or_the_one_above():
+    from malaria_ray import corpus
+
+    assert corpus.label_of("night/Parasitized/a.png") == "Parasitized"
+    assert corpus.label_of("night/Uninfected/slide-7/a.png") == "Uninfected"
+    assert corpus.label_of("Parasitized/2026/11/night/a.png") is None  # far above: not a label
+    assert corpus.label_of("x.tar#Parasitized/a.png".split("#")[1]) == "Parasitized"
+
+
+def test_slide_and_patient_beyond_nih_names():
+    from malaria_ray import corpus
+
+    assert corpus.describe("/in/slide-17/cell-001.png") == (None, "slide-17", None)
+    assert corpus.describe("/in/slide-17/Parasitized/cell-001.png") == ("Parasitized", "slide-17", None)
+    assert corpus.describe("/in/slide-18.tar#cell-001.png") == (None, "slide-18", None)
+    assert corpus.describe("/in/night.zip#S9/Uninfected/c.png") == ("Uninfected", "S9", None)
+    nih = "/in/x/C33P1thinF_IMG_20150619_114756a_cell_179.png"
+    assert corpus.describe(nih)[1:] == ("C33P1thinF", "P1")  # NIH tokens win over folders
+    assert corpus.describe(nih, None, "S-given", "P-given") == (None, "S-given", "P-given")  # the input's own columns
+
+
+def test_parquet_inputs_bring_their_own_slide_and_patient(sample_dir, tmp_path):
+    png = real_pngs(sample_dir, "Uninfected", 1)[0].read_bytes()
+    path = tmp_path / "cells.parquet"
+    pq.write_table(pa.table({"image": [png, png], "path": ["a.png", "b.png"], "slide_id": ["S1", "S2"],
+                             "patient_id": ["Q1", None], "label": ["Uninfected", None]}), path)
+    out = prepare_batch(raw_batch(_rows("parquet", str(path))), 32)
+    assert out[schema.COL_SLIDE].tolist() == ["S1", "S2"]
+    assert out[schema.COL_PATIENT].tolist() == ["Q1", None]
+    assert out[schema.COL_LABEL].tolist() == ["Uninfected", None]
+
+
+def test_identity_manifest_loads_and_refuses_bad_ones(tmp_path):
+    from malaria_ray.config import ConfigError
+
+    good = tmp_path / "m.csv"
+    good.write_text("path,slide_id,patient_id,label\nday1/a.png,S1,P7,Parasitized\n"
+                    "shard.tar#b.png,S2,P8,\ns3://b/c.png,S3,,Uninfected\n")
+    m = sources.load_manifest(str(good), str(tmp_path / "in"))
+    assert m[str(tmp_path / "in" / "day1" / "a.png")] == ("S1", "P7", "Parasitized")
+    assert m[str(tmp_path / "in" / "shard.tar#b.png")] == ("S2", "P8", None)
+    assert m["s3://b/c.png"] == ("S3", None, "Uninfected")
+    (tmp_path / "bad.csv").write_text("path,slide_id,patient_id,label\na.png,S1,P1,malaria\n")
+    with pytest.raises(ConfigError, match="label must be one of"):
+        sources.load_manifest(str(tmp_path / "bad.csv"), str(tmp_path))
+    (tmp_path / "cols.csv").write_text("file,slide\na.png,S1\n")
+    with pytest.raises(ConfigError, match="lacks column"):
+        sources.load_manifest(str(tmp_path / "cols.csv"), str(tmp_path))
