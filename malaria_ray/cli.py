@@ -60,6 +60,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _flag(p, T, "split", "validation split: by patient (honest) or by image (the notebook's)", choices=SPLITS)
     _flag(p, T, "val_fraction", "share of images held out for validation", type=float)
     _flag(p, T, "weights", "initial ResNet50V2 weights: none, imagenet, or a URI of a notop .h5 file")
+    _flag(p, T, "weights_sha256", "sha256 of the --weights file; a file that differs is refused")
     _flag(p, T, "seed", "seed for split, init and augmentation", type=int)
     _flag(p, T, "max_images", "use a class-balanced subset of this many images", type=int)
     _flag(p, T, "max_failures", "worker failures to recover from (resume from the last checkpoint)", type=int)
@@ -90,6 +91,10 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
           "model's operating point from its model.json, or 0.5 without one", type=float)
     _switch(p, "skip_scored", "skip images this model already scored under --output (nightly; also completes "
             "runs that were killed before they finished)")
+    _flag(p, S, "max_member_mb", "archive members larger than this (MiB, from the header) are error rows, not read",
+          type=float)
+    _flag(p, S, "max_compression_ratio", "zip members that unpack to more than this times their packed size are "
+          "error rows, not read (zip bombs)", type=float)
     _flag(p, S, "max_error_fraction", "error rows (unreadable images) above this share of the run's images: "
           "the run commits, then exits 3 with one line, so schedulers report a failed night", type=float)
     _flag(p, S, "commit_every_rows", "publish scored rows in a part of this many rows (a killed run keeps them)",

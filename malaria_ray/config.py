@@ -36,7 +36,14 @@ class _Serialized:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        return json.dumps(redacted(dataclasses.asdict(self)), indent=2, sort_keys=True)
+
+
+def redacted(d: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config for files and logs: URI credentials and query strings removed."""
+    from malaria_ray.storage import redact
+
+    return {k: redact(v) if isinstance(v, str) else v for k, v in d.items()}
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class TrainConfig(_Serialized):
     split: str = "patient"
     val_fraction: float = 0.3
     weights: str = "none"
+    weights_sha256: str | None = None  # checked against a --weights file before Keras reads it
     seed: int = 0
     max_images: int | None = None
     max_failures: int = 2
@@ -145,6 +153,8 @@ class ScoreConfig(_Serialized):
     memory_per_actor_gb: float = 2.0  # 128 px, batch 64 on CPU measured ~1.4 GiB resident
     threshold: float | None = None  # None: the model's operating point (model.json), else DEFAULT_THRESHOLD
     skip_scored: bool = False
+    max_member_mb: float = 64.0  # an archive member larger than this is an error row, not read
+    max_compression_ratio: float = 100.0  # a zip member unpacking to more than this x its packed size: error row
     max_error_fraction: float = 0.05  # above it the run still commits, and exits 3 to page someone
     commit_every_rows: int = 100_000  # a part of the predictions is published at this many rows ...
     commit_every_minutes: float = 10.0  # ... or after this long, whichever comes first
@@ -161,6 +171,8 @@ class ScoreConfig(_Serialized):
             raise ConfigError(f"--actors must be >= 1, got {self.actors}")
         if self.gpus_per_actor < 0:
             raise ConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+        if self.max_member_mb <= 0 or self.max_compression_ratio < 1:
+            raise ConfigError("--max-member-mb must be > 0 and --max-compression-ratio >= 1")
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ConfigError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
         if self.commit_every_rows < 1 or self.commit_every_minutes <= 0:

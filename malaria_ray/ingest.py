@@ -59,8 +59,8 @@ def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.nd
     return {COL_URI: np.asarray(batch[COL_URI], dtype=object), COL_STATUS: status, COL_PIXELS: pixels, **cols}
 
 
-def read_and_prepare(units: dict[str, np.ndarray], image_size: int, skip_ids: np.ndarray,
-                     batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def read_and_prepare(units: dict[str, np.ndarray], image_size: int, skip_ids: np.ndarray, batch_size: int,
+                     limits: sources.Limits = sources.DEFAULT_LIMITS) -> Iterator[dict[str, np.ndarray]]:
     """Listed units -> prepared batches of ``batch_size`` rows, in one CPU task.
 
     Reading and decoding share a task, so the raw bytes never pass through Ray's object store:
@@ -69,7 +69,7 @@ def read_and_prepare(units: dict[str, np.ndarray], image_size: int, skip_ids: np
     """
     rows: list[dict] = []
     for kind, uri in zip(units["kind"], units["uri"]):
-        for row in sources.expand_unit({"kind": kind, "uri": uri}):
+        for row in sources.expand_unit({"kind": kind, "uri": uri}, limits=limits):
             rows.append(row)
             if len(rows) == batch_size:
                 yield prepare_batch(sources.rows_to_batch(rows), image_size, skip_ids)

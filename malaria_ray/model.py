@@ -27,7 +27,8 @@ class ModelError(RuntimeError):
     """A model or weights file that cannot be used; the message is shown to the user as is."""
 
 
-def build_model(image_size: int = 128, weights: str = "none", seed: int | None = None):
+def build_model(image_size: int = 128, weights: str = "none", seed: int | None = None,
+                weights_sha256: str | None = None):
     """ResNet50V2(include_top=False) -> AveragePooling2D(4) -> Flatten -> Dense(128, relu)
     -> Dropout(0.5) -> Dense(2, softmax), behind a Rescaling(1/255) input layer."""
     import keras
@@ -49,16 +50,22 @@ def build_model(image_size: int = 128, weights: str = "none", seed: int | None =
     outputs = keras.layers.Dense(2, activation="softmax", name="probs")(x)
     model = keras.Model(inputs, outputs, name="malaria_resnet50v2")
     if weights != "none":
-        load_base_weights(base, weights)
+        load_base_weights(base, weights, weights_sha256)
     return model
 
 
-def load_base_weights(base, weights: str) -> None:
-    """``imagenet`` (Keras cache or download) or a URI of a ResNet50V2 notop weights .h5 file."""
+def load_base_weights(base, weights: str, sha256: str | None = None) -> None:
+    """``imagenet`` (Keras cache or download) or a URI of a ResNet50V2 notop weights .h5 file;
+    with ``sha256``, a file whose content hash differs is refused before Keras reads it."""
     if weights == "imagenet":
         path = _imagenet_path()
     else:
         path = _fetch(weights)
+    if sha256:
+        with open(path, "rb") as f:
+            got = hashlib.file_digest(f, "sha256").hexdigest()
+        if got != sha256.lower():
+            raise ModelError(f"weights {storage.redact(weights)}: sha256 {got} does not match --weights-sha256 {sha256}")
     try:
         base.load_weights(path)
     except Exception as exc:
@@ -100,7 +107,8 @@ def _fetch(uri: str) -> str:
         with fsspec.open(uri, "rb", **opts) as src, open(path, "wb") as dst:
             shutil.copyfileobj(src, dst)
     except Exception as exc:
-        raise ModelError(f"cannot download {uri}: {type(exc).__name__}: {exc}") from exc
+        raise ModelError(f"cannot download {storage.redact(uri)}: {type(exc).__name__}: "
+                         f"{storage.redact(str(exc))}") from exc
     return path
 
 
@@ -186,12 +194,31 @@ def inspect_artifact(uri: str) -> dict:
     if _find_class(config, "Lambda"):
         raise ModelError(f"{uri} is not a loadable Keras model: it contains a Lambda layer (arbitrary Python "
                          "code), which safe_mode refuses to load")
-    shapes = [layer.get("config", {}).get("batch_shape") for layer in config.get("config", {}).get("layers", [])
-              if layer.get("class_name") == "InputLayer"]
+    layers = config.get("config", {}).get("layers", [])
+    inputs = [layer for layer in layers if layer.get("class_name") == "InputLayer"]
+    shapes = [layer.get("config", {}).get("batch_shape") for layer in inputs]
     shape = shapes[0] if len(shapes) == 1 else None
     if not shape or len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
         raise ModelError(f"{uri} is not a malaria-ray classifier (inputs {shapes})")
+    rescales = [(la.get("config", {}).get("scale"), la.get("config", {}).get("offset", 0.0)) for la in layers
+                if la.get("class_name") == "Rescaling" and _fed_by(la, inputs[0].get("config", {}).get("name"))]
+    check_scaling(uri, rescales)
     return {"image_size": int(shape[1]), "model_id": model_id}
+
+
+def check_scaling(uri: str, rescales: list[tuple]) -> None:
+    """The preprocessing contract: the input layer feeds a Rescaling(1/255) layer, so raw 0..255
+    pixels are right. Anything else (the notebook's own .h5 expects 0..1 input and has no such
+    layer) would be scored with the wrong scaling, silently: refused."""
+    ok = [r for r in rescales if r[0] is not None and abs(float(r[0]) - SCALE) < 1e-9 and not float(r[1] or 0.0)]
+    if not ok:
+        raise ModelError(f"{uri}: its input scaling cannot be verified (no Rescaling(1/255) layer on its input; "
+                         f"found {rescales or 'none'}): scoring would feed it the wrong pixel range. Re-save it with "
+                         "malaria-ray (model.build_model puts the scaling inside the model)")
+
+
+def _fed_by(layer: dict, input_name: str | None) -> bool:
+    return input_name is not None and f'"keras_history": ["{input_name}"' in json.dumps(layer.get("inbound_nodes"))
 
 
 def _find_class(node, name: str) -> bool:
@@ -242,4 +269,7 @@ def load_model(uri: str):
     shape = model.input_shape
     if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or model.output_shape[-1] != 2:
         raise ModelError(f"{uri} is not a malaria-ray classifier (input {shape}, output {model.output_shape})")
+    first = model.layers[1] if len(model.layers) > 1 else None
+    check_scaling(uri, [(getattr(first, "scale", None), getattr(first, "offset", 0.0))]
+                  if type(first).__name__ == "Rescaling" else [])
     return model, file_id(path)

@@ -12,8 +12,11 @@ import math
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+# The only decoders Pillow may use: what microscopes and slide scanners write. Every other format
+# (and its decoder's attack surface) is refused before any of its bytes are parsed as an image.
+FORMATS = ("PNG", "JPEG", "TIFF")
 # Largest image we agree to decode (pixels). NIH cells are ~130x130; whole slides are ~5,000x4,000.
 MAX_PIXELS = 64_000_000
 RESAMPLE = Image.Resampling.BILINEAR
@@ -37,16 +40,21 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as im:
                 w, h = im.size
                 if w * h > MAX_PIXELS:
                     raise DecodeError(f"image too large ({w}x{h} > {MAX_PIXELS} pixels): possible decompression bomb")
+                if getattr(im, "n_frames", 1) > 1:
+                    raise DecodeError(f"{im.format} with {im.n_frames} frames: one cell image per file is scored, "
+                                      "not the first frame of a stack")
                 im.load()
-                rgb = _to_rgb(im)
+                rgb = _to_rgb(ImageOps.exif_transpose(im))  # a camera's EXIF orientation, applied
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(f"decompression bomb refused: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise DecodeError(f"not a decodable image ({'/'.join(FORMATS)} only): {exc}") from exc
     except Exception as exc:  # PIL raises many types for bad bytes (UnidentifiedImageError, OSError, SyntaxError)
         raise DecodeError(f"not a decodable image: {type(exc).__name__}: {exc}") from exc
     if rgb.size != (size, size):

@@ -172,7 +172,8 @@ def _score_leased(cfg: ScoreConfig, run_id: str, listing: sources.Listing, lease
     ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run_id, remote_env)
     base = outputs.run_uri(cfg.output, run_id)
     storage.write_text(storage.join(base, "config.json"), dataclasses.replace(cfg, run_id=run_id).to_json())
-    manifest = {"run_id": run_id, "model_id": model_id, "model": cfg.model, "input": cfg.input, "image_size": size,
+    manifest = {"run_id": run_id, "model_id": model_id, "model": storage.redact(cfg.model),
+                "input": storage.redact(cfg.input), "image_size": size,
                 "identity_manifest": cfg.manifest, "identity_manifest_rows": len(identities),
                 "threshold": cfg.threshold, "finished": False, "parts": [], "rows_committed": 0,
                 "completes": unfinished, "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -270,7 +271,8 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
     # ~256 loose images per read task; an archive per task where there are few units.
     ds = ray.data.from_arrow(ingest.slices(listing.table, max(4, len(listing) // 256)))
     ds = ds.map_batches(ingest.read_and_prepare, batch_size=None, batch_format="numpy", num_cpus=1,
-                        fn_kwargs={"image_size": size, "skip_ids": skip_ids, "batch_size": cfg.batch_size},
+                        fn_kwargs={"image_size": size, "skip_ids": skip_ids, "batch_size": cfg.batch_size,
+                                   "limits": sources.Limits(int(cfg.max_member_mb * 2**20), cfg.max_compression_ratio)},
                         **remote_args)
     return ds.map_batches(
         Scorer, batch_size=cfg.batch_size, batch_format="numpy",

@@ -48,6 +48,18 @@ PARQUET_PATH_NAMES = ("uri", "path", "filename", "file_name", "name")
 PARQUET_BATCH_ROWS = 256
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Caps checked on an archive member's header before any of its bytes are read: over either
+    is an error row, never an out-of-memory kill (a zip bomb declares a small packed size)."""
+
+    member_bytes: int = 64 * 2**20  # --max-member-mb
+    compression_ratio: float = 100.0  # --max-compression-ratio (zip members: unpacked / packed)
+
+
+DEFAULT_LIMITS = Limits()
+
+
 @dataclass
 class Listing:
     """What the driver found under an input: units to read, and loose files it skipped.
@@ -190,7 +202,7 @@ def _row(uri: str, status: str, data: bytes | None = None, error: str | None = N
             COL_SLIDE_HINT: slide_hint, COL_PATIENT_HINT: patient_hint}
 
 
-def expand_unit(unit: dict, with_data: bool = True) -> Iterator[dict]:
+def expand_unit(unit: dict, with_data: bool = True, limits: Limits = DEFAULT_LIMITS) -> Iterator[dict]:
     """Rows (one per image, member or Parquet row) of one listed unit; never raises for bad data.
 
     ``with_data=False`` names the images without reading their bytes (``data`` stays None): how a
@@ -200,21 +212,22 @@ def expand_unit(unit: dict, with_data: bool = True) -> Iterator[dict]:
     readers = {KIND_IMAGE: _read_image, KIND_TAR: _read_tar, KIND_ZIP: _read_zip, KIND_PARQUET: _read_parquet,
                KIND_BAD_NAME: _read_bad_name}
     try:
-        yield from readers[kind](uri, with_data)
+        yield from readers[kind](uri, with_data, limits)
     except Exception as exc:  # a unit that cannot be opened at all is one error row, not a crash
         yield _row(uri, STATUS_ERROR, error=f"cannot read {kind}: {type(exc).__name__}: {exc}")
 
 
-def _read_image(uri: str, with_data: bool) -> Iterator[dict]:
+def _read_image(uri: str, with_data: bool, limits: Limits) -> Iterator[dict]:
     yield _row(uri, STATUS_OK, data=storage.read_bytes(uri) if with_data else None)
 
 
-def _read_bad_name(uri: str, with_data: bool) -> Iterator[dict]:
+def _read_bad_name(uri: str, with_data: bool, limits: Limits) -> Iterator[dict]:
     yield _row(uri, STATUS_ERROR, error="file name is not valid UTF-8 (undecodable bytes shown as \\xNN): "
                                         "rename it to score it")
 
 
-def _member_row(uri: str, raw_name: str, read, with_data: bool, seen: set[str], link: str | None = None) -> dict:
+def _member_row(uri: str, raw_name: str, read, with_data: bool, seen: set[str], link: str | None = None,
+                size: int = 0, packed: int = 0, limits: Limits = DEFAULT_LIMITS) -> dict:
     """The row of one archive entry: every entry is scored, an error row or counted by its status."""
     name = raw_name
     while name.startswith(("./", "/")):  # `tar -C DIR -cf x.tar .` names members ./a/b.png
@@ -232,13 +245,19 @@ def _member_row(uri: str, raw_name: str, read, with_data: bool, seen: set[str], 
         return _row(member, STATUS_NON_IMAGE)
     if link is not None:
         return _row(member, STATUS_ERROR, error=f"link member (-> {link}): links in archives are not followed")
+    if size > limits.member_bytes:
+        return _row(member, STATUS_ERROR, error=f"member is {size / 2**20:.1f} MiB, over the "
+                                                f"{limits.member_bytes / 2**20:g} MiB cap (--max-member-mb): not read")
+    if packed and size / packed > limits.compression_ratio:
+        return _row(member, STATUS_ERROR, error=f"member unpacks {size / packed:.0f}x its packed size, over the "
+                                                f"{limits.compression_ratio:g}x cap (--max-compression-ratio): not read")
     try:
         return _row(member, STATUS_OK, data=read() if with_data else None)
     except Exception as exc:  # CRC mismatch, truncated member, bad compression
         return _row(member, STATUS_ERROR, error=f"corrupt archive member: {type(exc).__name__}: {exc}")
 
 
-def _read_tar(uri: str, with_data: bool) -> Iterator[dict]:
+def _read_tar(uri: str, with_data: bool, limits: Limits) -> Iterator[dict]:
     fs, path = storage.filesystem(uri)
     n = 0
     with fs.open(path, "rb") as raw:
@@ -255,7 +274,7 @@ def _read_tar(uri: str, with_data: bool) -> Iterator[dict]:
                         yield _row(member_uri(uri, _printable(member.name)), STATUS_NON_IMAGE)
                         continue
                     yield _member_row(uri, member.name, lambda m=member: tar.extractfile(m).read(), with_data,
-                                      seen, link)
+                                      seen, link, size=member.size, limits=limits)
         except (tarfile.ReadError, EOFError, OSError) as exc:
             if n == 0 and "empty" in str(exc).lower():
                 yield _row(uri, STATUS_EMPTY)
@@ -268,7 +287,7 @@ def _read_tar(uri: str, with_data: bool) -> Iterator[dict]:
         yield _row(uri, STATUS_EMPTY)
 
 
-def _read_zip(uri: str, with_data: bool) -> Iterator[dict]:
+def _read_zip(uri: str, with_data: bool, limits: Limits) -> Iterator[dict]:
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as raw:
         # ZipFile seeks to the central directory and then to each member: ranged reads on S3.
@@ -278,7 +297,8 @@ def _read_zip(uri: str, with_data: bool) -> Iterator[dict]:
                 if info.is_dir():
                     continue
                 n += 1
-                yield _member_row(uri, info.filename, lambda i=info: zf.read(i), with_data, seen)
+                yield _member_row(uri, info.filename, lambda i=info: zf.read(i), with_data, seen,
+                                  size=info.file_size, packed=info.compress_size, limits=limits)
             if n == 0:
                 yield _row(uri, STATUS_EMPTY)
 
@@ -302,7 +322,7 @@ def _parquet_columns(schema) -> tuple[str, str | None, dict[str, str], bool]:
     return col, path_col, hints, col in structs
 
 
-def _read_parquet(uri: str, with_data: bool) -> Iterator[dict]:
+def _read_parquet(uri: str, with_data: bool, limits: Limits) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(uri)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import posixpath
 from typing import Any
 
@@ -39,6 +40,18 @@ WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFA
 def worker_env(extra: tuple[str, ...] = ()) -> dict[str, str]:
     """The part of this process's environment that Ray tasks and actors must share."""
     return {k: os.environ[k] for k in (*WORKER_ENV, *extra) if k in os.environ}
+
+
+_SECRET_PARTS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@|\?[^\s#'\"]*", re.IGNORECASE)
+
+
+def redact(text: str | None) -> str | None:
+    """``text`` with URI credentials (``user:pass@``) and query strings (presigned-URL signatures,
+    tokens) removed: what may appear in config.json, manifests, error rows and logs."""
+    if not text:
+        return text
+    return _SECRET_PARTS.sub(lambda m: (m.group("scheme") + "<redacted>@") if m.group("scheme") else "?<redacted>",
+                             text)
 
 
 def is_remote(uri: str) -> bool:

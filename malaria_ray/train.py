@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from malaria_ray import checkpoint, corpus, faults, ingest, logs, resources, storage, trainrun
+from malaria_ray import checkpoint, config, corpus, faults, ingest, logs, resources, storage, trainrun
 from malaria_ray.config import CLASS_NAMES, CorpusError, TrainConfig
 from malaria_ray.schema import (
     COL_ERROR, COL_IMAGE_ID, COL_LABEL, COL_PIXELS, COL_STATUS, COL_URI, STATUS_ERROR, STATUS_OK, split_member_uri,
@@ -123,6 +123,9 @@ def plan_resume(run_dir: str) -> Plan:
         raise CorpusError(f"{run_dir} is not a malaria-ray training run ({checkpoint.RUN_FILE} missing): cannot resume")
     saved = json.loads(storage.read_bytes(run_file))
     cfg = dataclasses.replace(TrainConfig.from_dict(saved["config"]), output=run_dir)
+    if "<redacted>" in cfg.weights:  # a signed --weights URL is not kept; the checkpoint holds the weights
+        log.info("the run's --weights URL carried credentials that were not saved: resuming from its checkpoint")
+        cfg = dataclasses.replace(cfg, weights="none", weights_sha256=None)
     storage.check_writable(run_dir)
     plan = _plan(cfg)
     log.info(f"resuming {run_dir} (Ray Train run {saved['run_name']}) with its saved config and split")
@@ -161,7 +164,7 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
 
     fs, _ = storage.filesystem(cfg.output)
     storage.write_json(storage.join(cfg.output, checkpoint.RUN_FILE),
-                       {"run_name": plan.run_name, "config": dataclasses.asdict(cfg)})
+                       {"run_name": plan.run_name, "config": config.redacted(dataclasses.asdict(cfg))})
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": dataclasses.asdict(cfg), "steps_per_epoch": steps, "fault": faults.armed()},

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from malaria_ray import checkpoint, corpus, metrics, report, storage
 from malaria_ray import schema as S
+from malaria_ray import config
 from malaria_ray.config import CLASS_NAMES, DEFAULT_THRESHOLD, POSITIVE_CLASS, TrainConfig
 
 THRESHOLD = DEFAULT_THRESHOLD  # argmax of a 2-way softmax, as the notebook
@@ -106,7 +107,7 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
     cm = metrics.confusion_matrix(y, probs, threshold)
     title = (f"Validation ({cfg.split} split, best epoch {best_state['epoch']}, threshold {threshold:.3f})"
              + (" - SYNTHETIC data" if cfg.synthetic else ""))
-    resolved = {**dataclasses.asdict(cfg), **extra, "model_id": model_id, "best_epoch": best_state["epoch"],
+    resolved = {**config.redacted(dataclasses.asdict(cfg)), **extra, "model_id": model_id, "best_epoch": best_state["epoch"],
                 "operating_point": op}
 
     storage.write_text(storage.join(out, "config.json"), json.dumps(resolved, indent=2, sort_keys=True))

@@ -99,7 +99,7 @@ def build_steps(cfg: TrainConfig, strategy, steps_per_epoch: int) -> Steps:
     from malaria_ray.preprocess import augment_tf
 
     with strategy.scope():
-        model = build_model(cfg.image_size, cfg.weights, seed=cfg.seed)
+        model = build_model(cfg.image_size, cfg.weights, seed=cfg.seed, weights_sha256=cfg.weights_sha256)
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate(cfg, steps_per_epoch))
         optimizer.build(model.trainable_variables)
     # The notebook's loss, per example; label smoothing (a recipe option) only in training.

@@ -72,6 +72,15 @@ def test_weights_downloaded_from_local_http_server(tmp_path):
             np.testing.assert_array_equal(a, b)
         with pytest.raises(model_mod.ModelError, match="cannot download"):
             model_mod.build_model(32, weights=url.replace("notop", "missing"))
+        import hashlib
+
+        digest = hashlib.sha256((tmp_path / "notop.weights.h5").read_bytes()).hexdigest()
+        got = model_mod.build_model(32, weights=url, seed=3, weights_sha256=digest).get_layer("resnet50v2")
+        np.testing.assert_array_equal(src.get_weights()[0], got.get_weights()[0])
+        signed = url + "?X-Amz-Signature=deadbeef&X-Amz-Credential=AKIAEXAMPLE"
+        with pytest.raises(model_mod.ModelError, match="does not match --weights-sha256") as err:
+            model_mod.build_model(32, weights=signed, weights_sha256="0" * 64)
+        assert "deadbeef" not in str(err.value) and "AKIAEXAMPLE" not in str(err.value)
     finally:
         server.shutdown()
 
@@ -107,3 +116,25 @@ def test_imagenet_weights_come_from_the_keras_cache(tmp_path, monkeypatch):
     got = model_mod.build_model(32, weights="imagenet", seed=1).get_layer("resnet50v2")
     for a, b in zip(src.get_weights(), got.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.tf
+def test_a_model_whose_input_scaling_cannot_be_verified_is_refused(tmp_path):
+    """The notebook's own artifact expects 0..1 input and has no Rescaling layer: scoring it with raw
+    pixels would be silently wrong, so both the driver's inspection and the actor's load refuse it."""
+    import keras
+
+    inp = keras.Input((32, 32, 3))
+    x = keras.applications.ResNet50V2(include_top=False, weights=None, input_shape=(32, 32, 3))(inp)
+    out = keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(x))
+    notebook = keras.Model(inp, out)
+    notebook.save(tmp_path / "notebook.keras")
+    notebook.save(tmp_path / "notebook.h5")
+    with pytest.raises(model_mod.ModelError, match="input scaling cannot be verified"):
+        model_mod.inspect_artifact(str(tmp_path / "notebook.keras"))
+    for name in ("notebook.keras", "notebook.h5"):
+        with pytest.raises(model_mod.ModelError, match="input scaling cannot be verified"):
+            model_mod.load_model(str(tmp_path / name))
+    ours = model_mod.build_model(32, seed=0)
+    model_mod.save_model(ours, str(tmp_path / "ours"))
+    assert model_mod.inspect_artifact(str(tmp_path / "ours"))["image_size"] == 32

@@ -82,3 +82,31 @@ def test_in_step_augmentation_computes_the_host_reference_matrices():
     img = tf.constant(np.random.default_rng(0).random((2, 32, 32, 3)), tf.float32)
     a, b, other = (preprocess.augment_tf(img, tf.constant(s, tf.int64)).numpy() for s in ([1, 2], [1, 2], [1, 3]))
     assert np.array_equal(a, b) and not np.allclose(a, other), "stateless: one seed, one warp"
+
+
+def test_decoding_is_limited_to_scanner_formats_and_is_honest_about_them(sample_dir):
+    """Only PNG, JPEG and TIFF are decoded; a multi-frame TIFF is refused, not read as its first
+    frame; a JPEG's EXIF orientation is applied."""
+    src = Image.open(next((sample_dir / "Parasitized").glob("*.png"))).convert("RGB")
+    for fmt in ("BMP", "GIF", "WEBP"):
+        buf = io.BytesIO()
+        src.save(buf, format=fmt)
+        with pytest.raises(preprocess.DecodeError, match=r"not a decodable image \(PNG/JPEG/TIFF only\)"):
+            preprocess.decode_image(buf.getvalue(), 32)
+    buf = io.BytesIO()
+    src.save(buf, format="TIFF", save_all=True, append_images=[src.rotate(90)])
+    with pytest.raises(preprocess.DecodeError, match="2 frames"):
+        preprocess.decode_image(buf.getvalue(), 32)
+    buf = io.BytesIO()
+    src.save(buf, format="TIFF")
+    assert preprocess.decode_image(buf.getvalue(), 32).shape == (32, 32, 3)
+    # A tall image stored sideways with EXIF orientation 6 ("rotate 90 CW to display") decodes upright.
+    tall = Image.new("RGB", (40, 80), (255, 255, 255))
+    tall.paste((255, 0, 0), (0, 0, 40, 20))  # red band at the top of the upright image
+    sideways = tall.transpose(Image.Transpose.ROTATE_90)  # what the camera stored: 80 x 40
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    sideways.save(buf, format="JPEG", exif=exif, quality=95)
+    out = preprocess.decode_image(buf.getvalue(), 80)
+    assert out[:10].mean(axis=(0, 1))[0] > 200 and out[:10].mean(axis=(0, 1))[1] < 80, "top band is red"

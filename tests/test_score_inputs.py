@@ -459,3 +459,32 @@ def test_identity_manifest_loads_and_refuses_bad_ones(tmp_path):
     (tmp_path / "cols.csv").write_text("file,slide\na.png,S1\n")
     with pytest.raises(ConfigError, match="lacks column"):
         sources.load_manifest(str(tmp_path / "cols.csv"), str(tmp_path))
+
+
+def test_archive_members_over_the_caps_are_error_rows_not_reads(sample_dir, tmp_path):
+    """A zip bomb (tiny packed, huge unpacked) and an oversized tar member are refused from their
+    headers: error rows, and not one of their bytes is decompressed."""
+    import subprocess
+
+    png = real_pngs(sample_dir, "Parasitized", 1)[0].read_bytes()
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("Parasitized/ok.png", png)
+        zf.writestr("Parasitized/bomb.png", b"\0" * (80 * 2**20))  # 80 MiB of zeros packs to ~80 KB
+    limits = sources.Limits(member_bytes=64 * 2**20, compression_ratio=100)
+    rows = {r["uri"].split("#")[1]: r for r in sources.expand_unit({"kind": "zip", "uri": str(bomb)}, limits=limits)}
+    assert rows["Parasitized/ok.png"]["status"] == schema.STATUS_OK
+    assert rows["Parasitized/bomb.png"]["status"] == schema.STATUS_ERROR and rows["Parasitized/bomb.png"]["data"] is None
+    assert "--max-member-mb" in rows["Parasitized/bomb.png"]["error"]
+    small = sources.Limits(member_bytes=2**30, compression_ratio=100)
+    rows = {r["uri"].split("#")[1]: r for r in sources.expand_unit({"kind": "zip", "uri": str(bomb)}, limits=small)}
+    assert "--max-compression-ratio" in rows["Parasitized/bomb.png"]["error"]
+    big = tmp_path / "big"
+    (big / "Uninfected").mkdir(parents=True)
+    (big / "Uninfected" / "huge.png").write_bytes(os.urandom(3 * 2**20))
+    (big / "Uninfected" / "ok.png").write_bytes(png)
+    subprocess.run(["tar", "-C", str(big), "-czf", str(tmp_path / "big.tar.gz"), "Uninfected"], check=True)
+    rows = {r["uri"].split("#")[1]: r for r in sources.expand_unit(
+        {"kind": "tar", "uri": str(tmp_path / "big.tar.gz")}, limits=sources.Limits(member_bytes=2**20))}
+    assert rows["Uninfected/huge.png"]["status"] == schema.STATUS_ERROR and "3.0 MiB" in rows["Uninfected/huge.png"]["error"]
+    assert rows["Uninfected/ok.png"]["status"] == schema.STATUS_OK

@@ -52,3 +52,16 @@ def test_importing_modules_loads_neither_ray_nor_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_credentials_and_signatures_never_reach_config_files():
+    from malaria_ray import storage
+    from malaria_ray.config import ScoreConfig, TrainConfig
+
+    assert storage.redact("https://b.s3.amazonaws.com/w.h5?X-Amz-Signature=abc&X-Amz-Credential=K") == \
+        "https://b.s3.amazonaws.com/w.h5?<redacted>"
+    assert storage.redact("s3://AKIA:secret@bucket/x.tar#a.png") == "s3://<redacted>@bucket/x.tar#a.png"
+    assert storage.redact("/data/night #3/a.png") == "/data/night #3/a.png"
+    text = ScoreConfig(input="s3://u:pw@b/in", model="https://h/m.keras?token=SECRET", output="/o").to_json()
+    text += TrainConfig(data="/d", output="/o", weights="https://h/w.h5?X-Amz-Signature=SECRET").to_json()
+    assert "SECRET" not in text and "pw@" not in text and "<redacted>" in text
