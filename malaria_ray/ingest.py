@@ -18,7 +18,7 @@ from malaria_ray import corpus, sources
 from malaria_ray.preprocess import DecodeError, decode_image
 from malaria_ray.schema import (
     COL_DATA, COL_ERROR, COL_IMAGE_ID, COL_LABEL, COL_LABEL_HINT, COL_PATIENT, COL_PATIENT_HINT, COL_PIXELS, COL_SLIDE,
-    COL_SLIDE_HINT, COL_STATUS, COL_URI, STATUS_ALREADY, STATUS_ERROR, STATUS_OK,
+    COL_SLIDE_HINT, COL_SOURCE_VERSION, COL_STATUS, COL_URI, STATUS_ALREADY, STATUS_ERROR, STATUS_OK,
 )
 
 NO_IDS = np.array([], dtype="S64")  # an empty skip list (read-only: never appended to in place)
@@ -56,7 +56,8 @@ def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.nd
             pixels[i] = decode_image(bytes(data), image_size)
         except DecodeError as exc:
             status[i], cols[COL_ERROR][i] = STATUS_ERROR, str(exc)
-    return {COL_URI: np.asarray(batch[COL_URI], dtype=object), COL_STATUS: status, COL_PIXELS: pixels, **cols}
+    return {COL_URI: np.asarray(batch[COL_URI], dtype=object), COL_STATUS: status, COL_PIXELS: pixels,
+            COL_SOURCE_VERSION: np.asarray(batch.get(COL_SOURCE_VERSION, [None] * n), dtype=object), **cols}
 
 
 def read_and_prepare(units: dict[str, np.ndarray], image_size: int, skip_ids: np.ndarray, batch_size: int,
@@ -68,8 +69,11 @@ def read_and_prepare(units: dict[str, np.ndarray], image_size: int, skip_ids: np
     batch of bytes, however large the archive.
     """
     rows: list[dict] = []
-    for kind, uri in zip(units["kind"], units["uri"]):
+    versions = units["version"] if "version" in units else [None] * len(units["uri"])
+    for kind, uri, version in zip(units["kind"], units["uri"], versions):
         for row in sources.expand_unit({"kind": kind, "uri": uri}, limits=limits):
+            if kind == sources.KIND_IMAGE:  # a loose file: its listing version names its bytes
+                row[COL_SOURCE_VERSION] = version
             rows.append(row)
             if len(rows) == batch_size:
                 yield prepare_batch(sources.rows_to_batch(rows), image_size, skip_ids)

@@ -26,6 +26,7 @@ and DuckDB ``read_parquet('ROOT/predictions/*.parquet')``. Pure: imports neither
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -46,7 +47,7 @@ from malaria_ray.metrics import wilson_interval
 from malaria_ray.schema import (
     COL_CALL, COL_ERROR, COL_FRAC_HIGH, COL_FRAC_LOW, COL_FRAC_POS, COL_IMAGE_ID, COL_LABEL, COL_LEVEL, COL_MEAN_PROB,
     COL_MODEL_ID, COL_N_CELLS, COL_N_LABEL_NEG, COL_N_LABEL_POS, COL_N_PRED_POS, COL_PATIENT, COL_PRED, COL_PROB,
-    COL_SLIDE, COL_URI, METRIC_RATES, METRICS_COLUMNS, PREDICTIONS_SCHEMA, SLIDES_SCHEMA,
+    COL_SLIDE, COL_SOURCE_VERSION, COL_URI, METRIC_RATES, METRICS_COLUMNS, PREDICTIONS_SCHEMA, SLIDES_SCHEMA,
 )
 
 PREDICTIONS_DIR, STAGING_DIR, RUNS_DIR = "predictions", "_staging", "runs"
@@ -161,11 +162,15 @@ def normalize(table: pa.Table) -> pa.Table:
     """Prediction rows in ``PREDICTIONS_SCHEMA``: null where a value is missing.
 
     Ray Data turns an all-None object column of a block into doubles (NaN), and a row that was not
-    scored carries NaN as its probability; both become proper nulls here.
+    scored carries NaN as its probability; both become proper nulls here, as does a column the
+    producer does not have (``source_version`` outside loose files).
     """
 
     cols = []
     for f in PREDICTIONS_SCHEMA:
+        if f.name not in table.column_names:
+            cols.append(pa.nulls(table.num_rows, f.type))
+            continue
         col = table.column(f.name)
         if pa.types.is_string(f.type) and not pa.types.is_string(col.type):
             col = pa.array([x if isinstance(x, str) else None for x in col.to_pylist()], pa.string())
@@ -233,7 +238,10 @@ def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool =
     read = list(dict.fromkeys([*columns, COL_MODEL_ID, COL_ERROR]))
     for _run_id, name in reversed(committed_files(root)):
         with fs.open(posixpath.join(pred_path, name), "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP_ROWS, columns=read, use_threads=False):
+            pf = pq.ParquetFile(f)
+            if not set(read) <= set(pf.schema_arrow.names):  # a file of an earlier version lacks a column
+                continue
+            for batch in pf.iter_batches(batch_size=ROW_GROUP_ROWS, columns=read, use_threads=False):
                 keep = pc.equal(batch.column(COL_MODEL_ID), model_id)
                 if ok_only:
                     keep = pc.and_(keep, pc.is_null(batch.column(COL_ERROR)))
@@ -251,6 +259,21 @@ def scored_ids(root: str, model_id: str) -> np.ndarray:
     chunks = [pc.drop_null(batch.column(0)).to_numpy(zero_copy_only=False)
               for batch in _model_batches(root, model_id, [COL_IMAGE_ID])]
     return np.unique(np.concatenate(chunks).astype(np.bytes_)) if chunks else NO_IDS
+
+
+def source_key(uri: str, version: str) -> int:
+    """64-bit key of a loose file's (uri, listing version)."""
+    return int.from_bytes(hashlib.blake2b(f"{uri}\0{version}".encode(), digest_size=8).digest(), "little")
+
+
+def scored_sources(root: str, model_id: str) -> np.ndarray:
+    """Sorted ``source_key`` of every loose file this model scored under ``root`` with a listing
+    version (size and mtime, or size and ETag): a listed file with the same key has the same bytes
+    and need not be read again (--skip-scored). 8 bytes per file in the driver."""
+    keys = [np.fromiter((source_key(u, v) for u, v in zip(b.column(0).to_pylist(), b.column(1).to_pylist())
+                         if v is not None), dtype=np.uint64)
+            for b in _model_batches(root, model_id, [COL_URI, COL_SOURCE_VERSION])]
+    return np.unique(np.concatenate(keys)) if keys else np.array([], dtype=np.uint64)
 
 
 MANIFEST_FILE = "manifest.json"

@@ -41,12 +41,14 @@ COL_THRESHOLD = "threshold"
 COL_MODEL_ID = "model_id"
 COL_RUN_ID = "run_id"
 COL_SCORED_AT = "scored_at"
+COL_SOURCE_VERSION = "source_version"  # a loose file's size:mtime or size:ETag when listed; null in archives
 
 PREDICTIONS_SCHEMA = pa.schema([
     (COL_IMAGE_ID, pa.string()), (COL_URI, pa.string()), (COL_SLIDE, pa.string()),
     (COL_PATIENT, pa.string()), (COL_LABEL, pa.string()), (COL_PROB, pa.float32()),
     (COL_PRED, pa.string()), (COL_THRESHOLD, pa.float64()), (COL_MODEL_ID, pa.string()),
     (COL_RUN_ID, pa.string()), (COL_SCORED_AT, pa.timestamp("us", tz="UTC")), (COL_ERROR, pa.string()),
+    (COL_SOURCE_VERSION, pa.string()),
 ])
 
 # ---------------------------------------------------------------- metrics.parquet

@@ -78,8 +78,8 @@ class Scorer:
         pred = np.where(prob >= self.threshold, POSITIVE_CLASS, CLASS_NAMES[1]).astype(object)
         pred[~ok] = None
         now = np.datetime64(dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), "us")
-        out = {k: batch[k] for k in (S.COL_IMAGE_ID, S.COL_URI, S.COL_SLIDE,
-                                     S.COL_PATIENT, S.COL_LABEL, S.COL_ERROR, S.COL_STATUS)}
+        out = {k: batch[k] for k in (S.COL_IMAGE_ID, S.COL_URI, S.COL_SLIDE, S.COL_PATIENT, S.COL_LABEL, S.COL_ERROR,
+                                     S.COL_STATUS, S.COL_SOURCE_VERSION)}
         return {**out, S.COL_PROB: prob, S.COL_PRED: pred,
                 S.COL_THRESHOLD: np.full(n, self.threshold), S.COL_MODEL_ID: np.full(n, self.model_id, dtype=object),
                 S.COL_RUN_ID: np.full(n, self.run_id, dtype=object), S.COL_SCORED_AT: np.full(n, now)}
@@ -106,6 +106,7 @@ class RunResult:
     error_examples: list[str] = field(default_factory=list)
     completes: list[str] = field(default_factory=list)  # earlier unfinished runs this one completed
     parts: list[str] = field(default_factory=list)  # the predictions files this run published
+    unchanged: int = 0  # already scored, known from the listing (size and mtime/ETag) without reading
 
     @property
     def rows(self) -> int:
@@ -165,6 +166,9 @@ def _score_leased(cfg: ScoreConfig, run_id: str, listing: sources.Listing, lease
     # Slide calls need the false-positive rate at the threshold in use: known at the model's own.
     fp_rate = 1 - contract["val_specificity"] if cfg.threshold == contract.get("threshold") else None
     skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else ingest.NO_IDS
+    unchanged = 0
+    if cfg.skip_scored:  # loose files listed as they were when this model scored them: not read again
+        listing, unchanged = skip_unchanged(listing, outputs.scored_sources(cfg.output, model_id))
     identities = sources.load_manifest(cfg.manifest, cfg.input) if cfg.manifest else {}
     # Runs that were killed before they finished: with --skip-scored this run completes them.
     unfinished = outputs.unfinished_runs(cfg.output) if cfg.skip_scored else []
@@ -187,7 +191,7 @@ def _score_leased(cfg: ScoreConfig, run_id: str, listing: sources.Listing, lease
     outputs.write_manifest(cfg.output, run_id, manifest)
 
     counts = {"scored": 0, "errors": 0, S.STATUS_NON_IMAGE: len(listing.skipped), S.STATUS_EMPTY: 0,
-              S.STATUS_ALREADY: 0, S.STATUS_HIDDEN: 0, S.STATUS_DUPLICATE: 0}
+              S.STATUS_ALREADY: unchanged, S.STATUS_HIDDEN: 0, S.STATUS_DUPLICATE: 0}
     acc = metrics.MetricsAccumulator(cfg.threshold)
     examples: list[str] = []
     writer = outputs.PredictionWriter(cfg.output, run_id, part_rows=cfg.commit_every_rows,
@@ -235,7 +239,8 @@ def _score_leased(cfg: ScoreConfig, run_id: str, listing: sources.Listing, lease
 
     result = RunResult(run_id, model_id, cfg.output, outputs.predictions_uri(cfg.output), seconds, counts,
                        {S.COL_RUN_ID: run_id, S.COL_MODEL_ID: model_id, **acc.row()},
-                       acc.confusion() if acc.metrics_known else None, examples[:3], completes=unfinished)
+                       acc.confusion() if acc.metrics_known else None, examples[:3], completes=unfinished,
+                       unchanged=unchanged)
     outputs.write_run_metrics(cfg.output, run_id, result.metrics)
     if result.confusion is not None:
         from malaria_ray.report import confusion_png
@@ -245,8 +250,8 @@ def _score_leased(cfg: ScoreConfig, run_id: str, listing: sources.Listing, lease
     writer.commit()
     result.parts = [storage_name(u) for u in writer.parts]
     manifest.update(parts=result.parts, rows_committed=writer.rows, finished=True, counts=counts,
-                    entries=sum(counts.values()), seconds=round(seconds, 3), ray_version=ray.__version__,
-                    finished_at=dt.datetime.now(dt.timezone.utc).isoformat())
+                    entries=sum(counts.values()), unchanged_in_listing=unchanged, seconds=round(seconds, 3),
+                    ray_version=ray.__version__, finished_at=dt.datetime.now(dt.timezone.utc).isoformat())
     outputs.write_manifest(cfg.output, run_id, manifest)
     for earlier in unfinished:
         outputs.mark_completed(cfg.output, earlier, run_id)
@@ -289,6 +294,21 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
     )
 
 
+def skip_unchanged(listing: sources.Listing, scored: np.ndarray) -> tuple[sources.Listing, int]:
+    """``listing`` without the loose images whose (uri, version) this model already scored, and
+    how many were dropped. Archive members and unversioned files go on to the content-hash check."""
+    import pyarrow as pa
+
+    if not len(scored) or not len(listing):
+        return listing, 0
+    t = listing.table
+    keys = np.fromiter((outputs.source_key(u, v) if k == sources.KIND_IMAGE and v is not None else 0
+                        for k, u, v in zip(t.column("kind").to_pylist(), t.column("uri").to_pylist(),
+                                           t.column("version").to_pylist())), dtype=np.uint64, count=t.num_rows)
+    same = np.isin(keys, scored) & (keys != 0)
+    return sources.Listing(t.filter(pa.array(~same)), listing.skipped), int(same.sum())
+
+
 def apply_manifest(rows, identities: dict):
     """``--manifest`` identity and labels over what names and folders gave (the manifest wins)."""
     import pyarrow as pa
@@ -314,7 +334,8 @@ def summary(result: RunResult) -> str:
         f"malaria-ray score: run {result.run_id} committed (model {result.model_id})",
         f"  images scored     {c.get('scored', 0):>10,}",
         f"  error rows        {c.get('errors', 0):>10,}",
-        f"  already scored    {c.get(S.STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored)",
+        f"  already scored    {c.get(S.STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored; "
+        f"{result.unchanged:,} unchanged in the listing, not read)",
         f"  non-images        {c.get(S.STATUS_NON_IMAGE, 0):>10,}  (skipped and counted)",
         f"  empty archives    {c.get(S.STATUS_EMPTY, 0):>10,}",
         f"  hidden members    {c.get(S.STATUS_HIDDEN, 0):>10,}  (under '.'/'_' folders in archives; counted)",

@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 from malaria_ray import storage
 from malaria_ray.config import CorpusError
 from malaria_ray.schema import (
-    COL_DATA, COL_ERROR, COL_LABEL_HINT, COL_PATIENT_HINT, COL_SLIDE_HINT, COL_STATUS, COL_URI, STATUS_DUPLICATE,
+    COL_DATA, COL_ERROR, COL_LABEL_HINT, COL_PATIENT_HINT, COL_SLIDE_HINT, COL_SOURCE_VERSION, COL_STATUS, COL_URI,
+    STATUS_DUPLICATE,
     STATUS_EMPTY, STATUS_ERROR, STATUS_HIDDEN, STATUS_NON_IMAGE, STATUS_OK, member_uri,
 )
 
@@ -121,22 +122,22 @@ def list_units(input_uri: str) -> Listing:
     """
     fs, root = storage.filesystem(input_uri)
     prefix = storage.protocol_prefix(input_uri)
-    skipped, chunks, kinds, uris = [], [], [], []
+    skipped, chunks, kinds, uris, versions = [], [], [], [], []
     try:
         if fs.isfile(root):
-            found, base = iter([root]), posixpath.dirname(root)
+            found, base = iter([(root, _version(fs.info(root)))]), posixpath.dirname(root)
         elif fs.isdir(root):
             base = root
             if storage.is_s3(input_uri):
                 found = _list_s3(fs, root)
             elif storage.is_remote(input_uri):  # another fsspec store: its own find, cache dropped
-                found = iter(sorted(fs.find(root)))
+                found = iter(sorted((p, None) for p in fs.find(root)))
                 fs.invalidate_cache()
             else:
                 found = _walk_sorted(root)
         else:
             raise CorpusError(f"input {input_uri} does not exist")
-        for path in found:
+        for path, version in found:
             if _hidden(posixpath.relpath(path, base) if base else path):
                 continue
             kind = KIND_BAD_NAME if _undecodable(path) else kind_of(path)
@@ -145,32 +146,46 @@ def list_units(input_uri: str) -> Listing:
                 continue
             kinds.append(kind)
             uris.append(prefix + (_printable(path) if kind == KIND_BAD_NAME else path))
+            versions.append(version)
             if len(uris) == 4096:  # Python strings only for a chunk: Arrow keeps ~100 B a path
-                chunks.append(pa.table({"kind": kinds, "uri": uris}))
-                kinds, uris = [], []
+                chunks.append(_units_table(kinds, uris, versions))
+                kinds, uris, versions = [], [], []
     except CorpusError:
         raise
     except Exception as exc:  # missing bucket, denied, bad endpoint: the backend's type varies
         raise CorpusError(f"cannot list input {input_uri}: {type(exc).__name__}: {exc}") from exc
-    chunks.append(pa.table({"kind": pa.array(kinds, pa.string()), "uri": pa.array(uris, pa.string())}))
+    chunks.append(_units_table(kinds, uris, versions))
     return Listing(pa.concat_tables(chunks), skipped)
 
 
-def _walk_sorted(folder: str) -> Iterator[str]:
-    """Files under a local ``folder`` in sorted order of their full paths, holding one directory's
-    entries per level. A folder sorts as its name plus ``/``, exactly where ``sorted()`` of the
-    full paths would put its files. Folders ``_hidden`` would drop are not entered."""
+def _units_table(kinds: list, uris: list, versions: list) -> pa.Table:
+    return pa.table({"kind": pa.array(kinds, pa.string()), "uri": pa.array(uris, pa.string()),
+                     "version": pa.array(versions, pa.string())})
+
+
+def _version(info: dict) -> str | None:
+    """``size:etag`` or ``size:mtime`` of an fsspec info dict: what changes when the bytes do."""
+    tag = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+    return f"{info.get('size')}:{tag}" if tag is not None else None
+
+
+def _walk_sorted(folder: str) -> Iterator[tuple[str, str]]:
+    """(path, ``size:mtime_ns``) of the files under a local ``folder``, in sorted order of their
+    full paths, holding one directory's entries per level. A folder sorts as its name plus ``/``,
+    exactly where ``sorted()`` of the full paths would put its files. Folders ``_hidden`` would
+    drop are not entered."""
     with os.scandir(folder) as it:
-        entries = sorted((e.name + "/" if e.is_dir() else e.name, e.path) for e in it)
-    for key, path in entries:
+        entries = sorted((e.name + "/" if e.is_dir() else e.name, e.path, e) for e in it)
+    for key, path, entry in entries:
         if not key.endswith("/"):
-            yield path
+            st = entry.stat()
+            yield path, f"{st.st_size}:{st.st_mtime_ns}"
         elif not key.startswith(HIDDEN_FOLDER_PREFIXES):
             yield from _walk_sorted(path)
 
 
-def _list_s3(fs, root: str, page_size: int = 1000) -> Iterator[str]:
-    """Every object under the S3 prefix ``root`` ("bucket/key/prefix") as "bucket/key", one
+def _list_s3(fs, root: str, page_size: int = 1000) -> Iterator[tuple[str, str]]:
+    """Every object under the S3 prefix ``root`` ("bucket/key/prefix") as ("bucket/key", ``size:etag``), one
     ``ListObjectsV2`` page at a time (each page retried by s3fs). S3 returns keys in UTF-8 byte
     order, which is Python's ``sorted`` order of the full paths, so nothing is held to sort.
     Folder markers (keys ending in ``/``) are not objects to read."""
@@ -181,7 +196,7 @@ def _list_s3(fs, root: str, page_size: int = 1000) -> Iterator[str]:
         page = fs.call_s3("list_objects_v2", **request)
         for obj in page.get("Contents", ()):
             if not obj["Key"].endswith("/"):
-                yield f"{bucket}/{obj['Key']}"
+                yield f"{bucket}/{obj['Key']}", f"{obj['Size']}:{obj['ETag']}"
         if not page.get("IsTruncated"):
             return
         request["ContinuationToken"] = page["NextContinuationToken"]
@@ -193,13 +208,14 @@ def rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
             for k in RAW_COLUMNS}
 
 
-RAW_COLUMNS = (COL_URI, COL_DATA, COL_STATUS, COL_ERROR, COL_LABEL_HINT, COL_SLIDE_HINT, COL_PATIENT_HINT)
+RAW_COLUMNS = (COL_URI, COL_DATA, COL_STATUS, COL_ERROR, COL_LABEL_HINT, COL_SLIDE_HINT, COL_PATIENT_HINT,
+               COL_SOURCE_VERSION)
 
 
 def _row(uri: str, status: str, data: bytes | None = None, error: str | None = None, label_hint: str | None = None,
          slide_hint: str | None = None, patient_hint: str | None = None) -> dict:
     return {COL_URI: uri, COL_DATA: data, COL_STATUS: status, COL_ERROR: error, COL_LABEL_HINT: label_hint,
-            COL_SLIDE_HINT: slide_hint, COL_PATIENT_HINT: patient_hint}
+            COL_SLIDE_HINT: slide_hint, COL_PATIENT_HINT: patient_hint, COL_SOURCE_VERSION: None}
 
 
 def expand_unit(unit: dict, with_data: bool = True, limits: Limits = DEFAULT_LIMITS) -> Iterator[dict]:

@@ -56,6 +56,7 @@ def predictions_table(uris, ids, labels, probs, errors: list[dict], model_id: st
         S.COL_RUN_ID: [run_id] * n,
         S.COL_SCORED_AT: [now] * n,
         S.COL_ERROR: [None] * len(uris) + [e[S.COL_ERROR] for e in errors],
+        S.COL_SOURCE_VERSION: [None] * n,
     }, schema=S.PREDICTIONS_SCHEMA)
 
 

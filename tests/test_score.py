@@ -387,3 +387,36 @@ def test_a_real_nightly_archive_without_nih_names(ray_session, sample_dir, score
     assert sorted(set(df[schema.COL_PATIENT])) == ["PT-A", "PT-B"]
     assert (df[schema.COL_LABEL] == "Parasitized").sum() == 2 and df[schema.COL_LABEL].isna().sum() == 4
     assert pd.read_parquet(out / "metrics.parquet").iloc[0]["n_labelled"] == 2
+
+
+def test_skip_scored_trusts_an_unchanged_listing_and_hashes_the_rest(ray_session, sample_dir, score_model,
+                                                                      tmp_path, capsys):
+    """A loose file listed with the size and mtime it had when this model scored it is skipped
+    without being read (proved by changing its bytes behind an unchanged size and mtime); a
+    touched file is read and recognised by its content hash; a changed file is scored again."""
+    import json
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    n = copy_cells(sample_dir, data, 3)
+    args = ("--input", str(data), "--model", str(score_model), "--output", str(out), "--skip-scored")
+    assert run_cli(*args) == 0
+    files = sorted(data.rglob("*.png"))
+    same_stat, touched, changed = files[0], files[1], files[2]
+    st = same_stat.stat()
+    blob = bytearray(same_stat.read_bytes())
+    blob[-5] ^= 0xFF  # other bytes, same size: only a read would notice
+    same_stat.write_bytes(bytes(blob))
+    os.utime(same_stat, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    changed.write_bytes(sorted((sample_dir / "Uninfected").glob("*.png"))[-1].read_bytes())
+    capsys.readouterr()
+    assert run_cli(*args) == 0
+    text = capsys.readouterr().out
+    assert f"already scored    {n - 1:>10,}" in text and f"{n - 2:,} unchanged in the listing, not read" in text
+    assert "images scored              1" in text
+    run = sorted((out / "runs").iterdir())[-1]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["unchanged_in_listing"] == n - 2 and manifest["counts"]["scored"] == 1
+    df = read_predictions(out)
+    assert df[schema.COL_SOURCE_VERSION].notna().all()
+    assert len(df) == n + 1 and (df[schema.COL_URI] == str(changed)).sum() == 2

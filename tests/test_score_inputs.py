@@ -174,8 +174,9 @@ def test_s3_listing_streams_pages_in_sorted_order(moto_s3, tmp_path):
     fs.pipe("listing/in/a/marker/", b"")  # a console-made "folder"
     fs.pipe("listing/in-2/elsewhere.png", b"x")  # shares the prefix string, not the folder
 
-    paged = list(sources._list_s3(fs, "listing/in", page_size=3))
+    paged = [p for p, _version in sources._list_s3(fs, "listing/in", page_size=3)]
     assert paged == sorted(p for p in fs.find("listing/in") if not p.endswith("/"))
+    assert all(v.startswith("1:") for _, v in sources._list_s3(fs, "listing/in"))  # size:ETag
     assert len(paged) == len(names)
     s3 = sources.list_units("s3://listing/in")
     local = sources.list_units(str(tmp_path))
@@ -222,6 +223,7 @@ def prediction_table(run_id: str, n: int) -> pa.Table:
         schema.COL_PROB: np.linspace(0, 1, n).astype(np.float32), schema.COL_PRED: ["Uninfected"] * n,
         schema.COL_THRESHOLD: [0.5] * n, schema.COL_MODEL_ID: ["m"] * n, schema.COL_RUN_ID: [run_id] * n,
         schema.COL_SCORED_AT: np.full(n, np.datetime64("2025-01-01T00:00:00", "us")), schema.COL_ERROR: [None] * n,
+        schema.COL_SOURCE_VERSION: pa.nulls(n, pa.string()),
     })
 
 
