@@ -174,6 +174,8 @@ def _score_leased(cfg: ScoreConfig, run_id: str, listing: sources.Listing, lease
     unfinished = outputs.unfinished_runs(cfg.output) if cfg.skip_scored else []
 
     ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run_id, remote_env)
+    if cfg.gpus_per_actor:
+        resources.require_visible_gpu("--gpus-per-actor", remote_env.get("runtime_env"))
     base = outputs.run_uri(cfg.output, run_id)
     storage.write_text(storage.join(base, "config.json"), dataclasses.replace(cfg, run_id=run_id).to_json())
     manifest = {"run_id": run_id, "model_id": model_id, "model": storage.redact(cfg.model),

@@ -152,6 +152,7 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
     cpus_per_worker = _cpus_per_worker(cfg, cluster.get("CPU", 1.0))
     if cfg.use_gpu:
         resources.note_missing_gpus(cfg.num_workers, cluster.get("GPU", 0.0), "--use-gpu", "train")
+        resources.require_visible_gpu("--use-gpu", {"env_vars": storage.worker_env()})
     train_ds, val_ds, unreadable = prepare_datasets(listing, val_mask, cfg)
     if unreadable:
         log.info(f"{len(unreadable)} unreadable images left out:")

@@ -153,7 +153,7 @@ def head():
            "--node-ip-address", "127.0.0.1", "--port", str(gcs),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
            "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-           "--num-cpus", "2", "--num-gpus", "0", "--temp-dir", str(temp_dir / "ray")]
+           "--num-cpus", "2", "--num-gpus", "1", "--temp-dir", str(temp_dir / "ray")]
     log = open(temp_dir / "head.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     h = Head(f"http://127.0.0.1:{dashboard}", env, token, secret, temp_dir, proc)
@@ -289,6 +289,26 @@ def test_a_job_with_bad_input_fails_with_a_meaningful_exit(head, runtime_env_fil
         "--output", str(tmp_path / "out")])
     assert sub.rc != 0 and sub.status == "FAILED"
     assert "malaria-ray: error:" in sub.logs, sub.logs[-2000:]
+
+
+def test_gpu_flags_on_a_gpu_tensorflow_cannot_use_fail_at_once(head, runtime_env_file, corpus, train_run, tmp_path):
+    """The head advertises one logical GPU (`ray start --num-gpus 1`) that TensorFlow on this CPU
+    machine cannot see: --use-gpu and --gpus-per-actor get it assigned (CUDA_VISIBLE_DEVICES=0)
+    and fail at once with one line and exit 2, instead of running on CPU while holding it."""
+    jobs = {
+        "train": ["jobs/train.py", "--data", str(corpus), "--output", str(tmp_path / "run"), "--image-size", "32",
+                  "--epochs", "1", "--use-gpu", "--max-images", "40"],
+        "score": ["jobs/score.py", "--input", str(corpus), "--model", str(train_run[1]),
+                  "--output", str(tmp_path / "scores"), "--gpus-per-actor", "1"],
+    }
+    for name, args in jobs.items():
+        sub = _submit(head, runtime_env_file, args)
+        assert sub.rc != 0 and sub.status == "FAILED", (name, sub.logs[-3000:])
+        lines = [line for line in sub.logs.splitlines() if line.startswith("malaria-ray: error:")]
+        assert len(lines) == 1 and "sees no GPU in TensorFlow" in lines[0], (name, sub.logs[-3000:])
+        assert "CUDA_VISIBLE_DEVICES=0" in lines[0], lines
+        assert "Traceback" not in sub.logs, (name, sub.logs[-3000:])
+    assert not (tmp_path / "scores" / "predictions").exists() and not (tmp_path / "run" / "history.parquet").exists()
 
 
 def test_planted_secret_appears_in_no_log_and_no_output(head, train_run, score_run):
