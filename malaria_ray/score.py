@@ -164,7 +164,8 @@ def _score_leased(cfg: ScoreConfig, run_id: str, listing: sources.Listing, lease
     if cfg.threshold is None:  # the model's operating point, chosen on validation when it was trained
         cfg = dataclasses.replace(cfg, threshold=float(contract.get("threshold", DEFAULT_THRESHOLD)))
     # Slide calls need the false-positive rate at the threshold in use: known at the model's own.
-    fp_rate = 1 - contract["val_specificity"] if cfg.threshold == contract.get("threshold") else None
+    own = cfg.threshold == contract.get("threshold") and contract.get("val_specificity") is not None
+    fp_rate = 1 - contract["val_specificity"] if own else None
     skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else ingest.NO_IDS
     unchanged = 0
     if cfg.skip_scored:  # loose files listed as they were when this model scored them: not read again
