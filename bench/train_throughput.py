@@ -118,7 +118,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--steps", type=int, default=15, help="timed steps per round of each bare variant")
-    p.add_argument("--bare-only", choices=("on", "off"), help=argparse.SUPPRESS)  # the oneDNN subprocess
+    p.add_argument("--bare-only", choices=("on", "off"), help="time only the bare step in this environment and "
+                   "print it as JSON (the oneDNN subprocess; bench/gpu_check.sh on a GPU)")
     a = p.parse_args()
     listing = corpus.stable_subsample(corpus.list_corpus(a.data), a.images, seed=0)
     train_part = listing.subset(np.flatnonzero(~corpus.split_random(listing, 0.3, seed=0)))

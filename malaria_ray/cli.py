@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from typing import Any, Callable, Sequence
 
-from malaria_ray.config import LR_SCHEDULES, RECIPES, SMOKE_TRAIN, SPLITS, ConfigError, ScoreConfig, TrainConfig
+from malaria_ray.config import LR_SCHEDULES, PRECISIONS, RECIPES, SMOKE_TRAIN, SPLITS, ConfigError, ScoreConfig, TrainConfig
 
 # Each kind of error a user can act on; anything else is a bug and keeps its traceback.
 EXIT_USAGE = 2
@@ -54,6 +54,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _flag(p, T, "lr_schedule", "learning-rate schedule", choices=LR_SCHEDULES)
     _flag(p, T, "warmup_epochs", "epochs of linear warm-up before the cosine decay", type=float)
     _flag(p, T, "label_smoothing", "label smoothing of the training loss", type=float)
+    _flag(p, T, "precision", "fp32, or bf16: mixed bfloat16 compute with float32 weights and softmax "
+          "(GPUs with bf16 units; CPUs with AVX512_BF16/AMX)", choices=PRECISIONS)
     _flag(p, T, "num_workers", "Ray Train workers (one per GPU on a GPU cluster)", type=int)
     _switch(p, "use_gpu", "one GPU per worker")
     _flag(p, T, "cpus_per_worker", "CPUs reserved per Train worker", type=float)

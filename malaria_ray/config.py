@@ -17,6 +17,7 @@ POSITIVE_CLASS = "Parasitized"
 DEFAULT_THRESHOLD = 0.5  # P(Parasitized) at or above which a cell is called Parasitized (argmax)
 SPLITS = ("patient", "random")
 LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -57,6 +58,7 @@ class TrainConfig(_Serialized):
     lr_schedule: str = "constant"  # the notebook's; "cosine": decay to 0 over the run
     warmup_epochs: float = 0.0  # linear warm-up from 0 before the cosine decay
     label_smoothing: float = 0.0
+    precision: str = "fp32"  # "bf16": mixed bfloat16 compute, float32 variables and softmax
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -101,6 +103,8 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
     if cfg.recipe is not None and cfg.recipe not in RECIPES:
         raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
     if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs:

@@ -47,7 +47,8 @@ def build_model(image_size: int = 128, weights: str = "none", seed: int | None =
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(128, activation="relu", name="dense_head")(x)
     x = keras.layers.Dropout(0.5, name="dropout_head")(x)
-    outputs = keras.layers.Dense(2, activation="softmax", name="probs")(x)
+    # float32 probabilities whatever the compute precision (mixed bfloat16 keeps the softmax exact)
+    outputs = keras.layers.Dense(2, activation="softmax", name="probs", dtype="float32")(x)
     model = keras.Model(inputs, outputs, name="malaria_resnet50v2")
     if weights != "none":
         load_base_weights(base, weights, weights_sha256)

@@ -98,6 +98,7 @@ def build_steps(cfg: TrainConfig, strategy, steps_per_epoch: int) -> Steps:
     from malaria_ray.model import build_model
     from malaria_ray.preprocess import augment_tf
 
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if cfg.precision == "bf16" else "float32")
     with strategy.scope():
         model = build_model(cfg.image_size, cfg.weights, seed=cfg.seed, weights_sha256=cfg.weights_sha256)
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate(cfg, steps_per_epoch))

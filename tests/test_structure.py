@@ -65,3 +65,28 @@ def test_credentials_and_signatures_never_reach_config_files():
     text = ScoreConfig(input="s3://u:pw@b/in", model="https://h/m.keras?token=SECRET", output="/o").to_json()
     text += TrainConfig(data="/d", output="/o", weights="https://h/w.h5?X-Amz-Signature=SECRET").to_json()
     assert "SECRET" not in text and "pw@" not in text and "<redacted>" in text
+
+
+def test_gpu_check_script_dry_run_commands_are_valid():
+    """bench/gpu_check.sh --dry-run prints what it would run on a GPU machine: every training
+    command parses with the CLI, and every bench flag exists in that bench's --help."""
+    import pathlib
+    import shlex
+
+    from malaria_ray import cli
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
+                         timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HOME": "/tmp"})
+    assert out.returncode == 0, out.stderr
+    commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+    trains = [c for c in commands if c[1:4] == ["-m", "malaria_ray.cli", "train"]]
+    assert [cli.parse_train(c[4:])[0].precision for c in trains] == ["bf16", "fp32"]
+    assert all(cli.parse_train(c[4:])[0].use_gpu for c in trains)
+    benches = [c for c in commands if c[1].startswith("bench/")]
+    assert len(benches) == 2
+    for c in benches:
+        helptext = subprocess.run([sys.executable, str(repo / c[1]), "--help"], capture_output=True, text=True,
+                                  timeout=120, cwd=repo).stdout
+        for flag in (a for a in c[2:] if a.startswith("--")):
+            assert flag in helptext, (c[1], flag)

@@ -145,3 +145,29 @@ def test_batchnorm_recalibration_makes_inference_mode_match_batch_statistics(sam
     bn_recalibrator(model)([x.astype(np.uint8)])
     assert gap() < 1e-3 < before, (gap(), before)
     assert [la.momentum for la in model._flatten_layers() if hasattr(la, "moving_mean")] == momenta
+
+
+@pytest.mark.tf
+def test_bf16_precision_trains_with_float32_weights_and_probabilities(sample_dir):
+    """--precision bf16: layers compute in bfloat16, variables and the softmax stay float32, and a
+    step on real cells lowers the loss; the policy is reset for what runs next in this process."""
+    import keras
+    import tensorflow as tf
+
+    from malaria_ray.preprocess import decode_image
+    from malaria_ray.worker import build_steps
+
+    files = sorted((sample_dir / "Parasitized").glob("*.png"))[:8] + sorted((sample_dir / "Uninfected").glob("*.png"))[:8]
+    x = tf.constant(np.stack([decode_image(f.read_bytes(), 32) for f in files]))
+    y = tf.one_hot([0] * 8 + [1] * 8, 2)
+    cfg = TrainConfig(data="d", output="o", image_size=32, batch_size=16, precision="bf16", augment=False)
+    try:
+        fns = build_steps(cfg, tf.distribute.get_strategy(), steps_per_epoch=4)
+        conv = next(la for la in fns.model.get_layer("resnet50v2").layers if isinstance(la, keras.layers.Conv2D))
+        assert conv.compute_dtype == "bfloat16" and conv.kernel.dtype == "float32"
+        assert fns.model.output.dtype == "float32"
+        seed = tf.constant([0, 0], tf.int64)
+        losses = [float(fns.train_step(x, y, seed)[0]) for _ in range(4)]
+        assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
