@@ -78,11 +78,17 @@ class Scorer:
         pred = np.where(prob >= self.threshold, POSITIVE_CLASS, CLASS_NAMES[1]).astype(object)
         pred[~ok] = None
         now = np.datetime64(dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), "us")
-        out = {k: batch[k] for k in (S.COL_IMAGE_ID, S.COL_URI, S.COL_SLIDE, S.COL_PATIENT, S.COL_LABEL, S.COL_ERROR,
-                                     S.COL_STATUS, S.COL_SOURCE_VERSION)}
+        # Text columns pass through as str or None: a column that was all null in the block arrives
+        # as float NaN, and passing that on would give blocks of one column two Arrow types.
+        out = {k: _text(batch[k]) for k in (S.COL_IMAGE_ID, S.COL_URI, S.COL_SLIDE, S.COL_PATIENT, S.COL_LABEL,
+                                            S.COL_ERROR, S.COL_STATUS, S.COL_SOURCE_VERSION)}
         return {**out, S.COL_PROB: prob, S.COL_PRED: pred,
                 S.COL_THRESHOLD: np.full(n, self.threshold), S.COL_MODEL_ID: np.full(n, self.model_id, dtype=object),
                 S.COL_RUN_ID: np.full(n, self.run_id, dtype=object), S.COL_SCORED_AT: np.full(n, now)}
+
+
+def _text(values: np.ndarray) -> np.ndarray:
+    return np.array([v if isinstance(v, str) else None for v in values], dtype=object)
 
 
 def inspect_model(model_uri: str) -> dict:
