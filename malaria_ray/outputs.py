@@ -438,12 +438,29 @@ class LeaseHeld(RuntimeError):
     """Another run is writing under the same output root; the message says which and until when."""
 
 
+def _dead_here(held: dict) -> bool:
+    """Whether the lease holder ran on this host and its process is gone (killed, OOM): its lease
+    need not be waited out."""
+    import socket
+
+    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return False
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 class Lease:
     """One scoring run at a time per output root: a lease file with an expiry.
 
-    ``acquire`` takes the lease when there is none or it expired (a crashed run's lease lapses
-    ``seconds`` after its last renewal), writes it, waits ``LEASE_SETTLE_SECONDS`` and reads it back:
-    of two runs that start at once, the one whose write landed last holds it and the other refuses
+    ``acquire`` takes the lease when there is none, it expired (a crashed run's lease lapses
+    ``seconds`` after its last renewal), or its holder ran on this host and its process is gone;
+    it writes the lease, waits ``LEASE_SETTLE_SECONDS`` and reads it back: of two runs that start
+    at once, the one whose write landed last holds it and the other refuses
     (object stores offer no compare-and-swap through fsspec; the settle time covers the gap
     between one run's check and its write). ``renew`` extends it as the run goes; ``release``
     deletes it if this run still holds it.
@@ -470,7 +487,8 @@ class Lease:
 
     def _refuse_if_held(self) -> None:
         held = self._read()
-        if held and held.get("run_id") != self.run_id and held.get("expires_at", 0) > time.time():
+        if held and held.get("run_id") != self.run_id and held.get("expires_at", 0) > time.time() \
+                and not _dead_here(held):
             until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(held["expires_at"]))
             raise LeaseHeld(f"another scoring run ({held.get('run_id')} on {held.get('host')}, pid {held.get('pid')}) "
                             f"is writing under this output root; its lease runs until {until} unless renewed. "

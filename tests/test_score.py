@@ -420,3 +420,20 @@ def test_skip_scored_trusts_an_unchanged_listing_and_hashes_the_rest(ray_session
     df = read_predictions(out)
     assert df[schema.COL_SOURCE_VERSION].notna().all()
     assert len(df) == n + 1 and (df[schema.COL_URI] == str(changed)).sum() == 2
+
+
+def test_a_lease_whose_holder_died_on_this_host_is_taken_over(tmp_path):
+    """A killed run's lease need not be waited out when it ran here and its process is gone."""
+    import json
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lease = outputs.Lease(str(tmp_path), "killed-night")
+    lease.acquire()
+    held = json.loads((tmp_path / outputs.LEASE_FILE).read_text())
+    (tmp_path / outputs.LEASE_FILE).write_text(json.dumps({**held, "pid": int(dead.stdout)}))
+    outputs.Lease(str(tmp_path), "next-night").acquire()  # no LeaseHeld
+    assert json.loads((tmp_path / outputs.LEASE_FILE).read_text())["run_id"] == "next-night"
+    with pytest.raises(outputs.LeaseHeld, match="next-night"):
+        outputs.Lease(str(tmp_path), "third").acquire()  # the holder (this process) is alive
