@@ -81,11 +81,12 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
     val_uris = set(np.asarray(listing.uris)[val_mask].tolist())
     val_errors = [e for e in unreadable if e[S.COL_URI] in val_uris]
     preds = predictions_table(uris, ids, labels, probs, val_errors, model_id, run_id, threshold)
-    patients = np.asarray([corpus.describe(u)[2] or f"uri:{u}" for u in uris], dtype=object)
+    described = [corpus.describe(u) for u in uris]  # (label, slide, patient), once per image
+    patients = np.asarray([d[2] or f"uri:{u}" for d, u in zip(described, uris)], dtype=object)
     common = {S.COL_N_IMAGES: len(uris) + len(val_errors), S.COL_N_ERRORS: len(val_errors), S.COL_MODEL_ID: model_id,
               S.COL_RUN_ID: run_id, "split": "val", "split_kind": cfg.split, "best_epoch": best_state["epoch"],
               "synthetic": cfg.synthetic, "brier": metrics.brier(y, probs)}
-    groups = metrics.group_evidence([corpus.describe(u)[1] for u in uris], [corpus.describe(u)[2] for u in uris],
+    groups = metrics.group_evidence([d[1] for d in described], [d[2] for d in described],
                                     [CLASS_NAMES[int(i)] for i in labels], probs >= threshold,
                                     1 - op["val_specificity"])
     rows = []
