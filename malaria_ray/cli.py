@@ -11,7 +11,18 @@ import dataclasses
 import sys
 from typing import Any, Callable, Sequence
 
-from malaria_ray.config import LR_SCHEDULES, PRECISIONS, RECIPES, SMOKE_TRAIN, SPLITS, ConfigError, ScoreConfig, TrainConfig
+from malaria_ray.config import (
+    LR_REFERENCE_BATCH,
+    LR_SCALINGS,
+    LR_SCHEDULES,
+    PRECISIONS,
+    RECIPES,
+    SMOKE_TRAIN,
+    SPLITS,
+    ConfigError,
+    ScoreConfig,
+    TrainConfig,
+)
 
 # Each kind of error a user can act on; anything else is a bug and keeps its traceback.
 EXIT_USAGE = 2
@@ -50,7 +61,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _flag(p, T, "image_size", "input size in pixels (square)", type=int)
     _flag(p, T, "epochs", "training epochs", type=int)
     _flag(p, T, "batch_size", "global batch size, split across workers", type=int)
-    _flag(p, T, "learning_rate", "Adam learning rate (the peak, with a schedule)", type=float)
+    _flag(p, T, "batch_size_per_worker", "images per worker per step; the global batch is this times "
+          "--num-workers (instead of --batch-size)", type=int)
+    _flag(p, T, "learning_rate", f"Adam learning rate (the peak, with a schedule) at a global batch of "
+          f"{LR_REFERENCE_BATCH}", type=float)
+    _flag(p, T, "lr_scaling", f"scale --learning-rate by the global batch / {LR_REFERENCE_BATCH}: none, "
+          "sqrt (Adam's rule) or linear", choices=LR_SCALINGS)
     _flag(p, T, "lr_schedule", "learning-rate schedule", choices=LR_SCHEDULES)
     _flag(p, T, "warmup_epochs", "epochs of linear warm-up before the cosine decay", type=float)
     _flag(p, T, "label_smoothing", "label smoothing of the training loss", type=float)
@@ -129,7 +145,11 @@ def parse_train(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
         if given:
             raise ConfigError(f"--resume RUN_DIR takes no other flag (the run's saved config applies): {' '.join(given)}")
         return TrainConfig(data="(resume)", output=args.resume), True
+    if args.batch_size is not None and args.batch_size_per_worker is not None:
+        raise ConfigError("give --batch-size (global) or --batch-size-per-worker, not both")
     preset = {**(RECIPES[args.recipe] if args.recipe else {}), **(SMOKE_TRAIN if args.smoke else {})}
+    if args.batch_size_per_worker is not None:
+        preset.pop("batch_size", None)  # the per-worker form replaces a preset's global batch
     return config_from_args(TrainConfig, args, preset), False
 
 

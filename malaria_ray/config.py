@@ -18,6 +18,10 @@ DEFAULT_THRESHOLD = 0.5  # P(Parasitized) at or above which a cell is called Par
 SPLITS = ("patient", "random")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
+# --lr-scaling: "none" trains at --learning-rate whatever the batch; "sqrt" (the rule for Adam) and
+# "linear" (the rule for SGD) scale it by the global batch over the notebook's batch of 32.
+LR_SCALINGS = ("none", "sqrt", "linear")
+LR_REFERENCE_BATCH = 32
 
 
 class ConfigError(ValueError):
@@ -54,7 +58,9 @@ class TrainConfig(_Serialized):
     image_size: int = 128
     epochs: int = 30
     batch_size: int = 32  # global: split across workers
-    learning_rate: float = 1e-3  # Keras Adam default, as the notebook
+    batch_size_per_worker: int | None = None  # set: the global batch is this x num_workers
+    learning_rate: float = 1e-3  # Keras Adam default, as the notebook; at the reference batch with lr_scaling
+    lr_scaling: str = "none"  # how learning_rate follows a global batch other than LR_REFERENCE_BATCH
     lr_schedule: str = "constant"  # the notebook's; "cosine": decay to 0 over the run
     warmup_epochs: float = 0.0  # linear warm-up from 0 before the cosine decay
     label_smoothing: float = 0.0
@@ -78,7 +84,18 @@ class TrainConfig(_Serialized):
     target_sensitivity: float = 0.97  # the operating point: threshold chosen on validation for this
 
     def __post_init__(self) -> None:
+        if self.batch_size_per_worker is not None:
+            if self.batch_size_per_worker < 1:
+                raise ConfigError(f"--batch-size-per-worker must be >= 1, got {self.batch_size_per_worker}")
+            object.__setattr__(self, "batch_size", self.batch_size_per_worker * self.num_workers)
         validate_train(self)
+
+    @property
+    def peak_learning_rate(self) -> float:
+        """The learning rate training uses: ``learning_rate`` scaled from LR_REFERENCE_BATCH to the
+        global batch by ``lr_scaling`` (docs/training.md, "Batch size and learning rate")."""
+        ratio = self.batch_size / LR_REFERENCE_BATCH
+        return self.learning_rate * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[self.lr_scaling]
 
 
 def validate_train(cfg: TrainConfig) -> None:
@@ -105,6 +122,8 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.lr_scaling not in LR_SCALINGS:
+        raise ConfigError(f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}, got {cfg.lr_scaling!r}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
     if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs:

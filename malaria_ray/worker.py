@@ -35,7 +35,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)
     tf.get_logger().setLevel("WARNING")  # MultiWorkerMirroredStrategy logs every collective at INFO
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    implementation = collective_implementation(cfg.use_gpu)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(
+            implementation=getattr(tf.distribute.experimental.CommunicationImplementation, implementation)))
+    log(f"{world} worker(s), {implementation} collectives, global batch {cfg.batch_size} "
+        f"({cfg.batch_size // world} per worker), peak learning rate {cfg.peak_learning_rate:g}")
     fns = build_steps(cfg, strategy, steps)
     recalibrate = bn_recalibrator(fns.model, fns.all_sum, world)
 
@@ -64,6 +69,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         save_and_report(fns, row, history, rank)
 
 
+def collective_implementation(use_gpu: bool) -> str:
+    """NCCL all-reduce between GPUs (device to device, NVLink/InfiniBand where present); RING
+    (gRPC through the hosts) on CPUs, where NCCL cannot run. TensorFlow's AUTO picks RING for
+    MultiWorkerMirroredStrategy whatever the devices, which sends every GPU's gradients through host
+    memory and the network stack."""
+    return "NCCL" if use_gpu else "RING"
+
+
 @dataclass
 class Steps:
     """The model, its optimizer and the compiled functions every epoch calls."""
@@ -76,18 +89,20 @@ class Steps:
 
 
 def learning_rate(cfg: TrainConfig, steps_per_epoch: int):
-    """``cfg.learning_rate``, constant (the notebook), or a cosine decay to 0 over the run after a
-    linear warm-up of ``cfg.warmup_epochs`` from 0. Keyed on the optimizer's step count, which the
+    """``cfg.peak_learning_rate`` (``--learning-rate`` scaled to the global batch by ``--lr-scaling``),
+    constant (the notebook), or a cosine decay to 0 over the run after a linear warm-up of
+    ``cfg.warmup_epochs`` from 0. Keyed on the optimizer's step count, which the
     checkpoint saves, so a resumed run continues the schedule where it stopped."""
     import keras
 
+    peak = cfg.peak_learning_rate
     if cfg.lr_schedule == "constant":
-        return cfg.learning_rate
+        return peak
     total = cfg.epochs * steps_per_epoch
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
     if not warmup:
-        return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, total)
-    return keras.optimizers.schedules.CosineDecay(0.0, total - warmup, warmup_target=cfg.learning_rate,
+        return keras.optimizers.schedules.CosineDecay(peak, total)
+    return keras.optimizers.schedules.CosineDecay(0.0, total - warmup, warmup_target=peak,
                                                   warmup_steps=warmup)
 
 
@@ -149,8 +164,10 @@ def run_epoch(cfg: TrainConfig, fns: Steps, shard, epoch: int, steps: int, local
     import tensorflow as tf
 
     t0 = time.perf_counter()
-    loss_sum = hits = seen = 0.0
-    it = shard.iter_batches(batch_size=local_batch, drop_last=True, batch_format="numpy",
+    # Loss and hits add up on the device; the host reads them only at the progress lines and at the
+    # end, so no step waits for the previous one to finish (a float() per step would).
+    totals, seen = tf.zeros([2], tf.float32), 0
+    it = shard.iter_batches(batch_size=local_batch, drop_last=True, batch_format="numpy", prefetch_batches=2,
                             local_shuffle_buffer_size=max(4 * local_batch, 256),
                             local_shuffle_seed=int(rng.integers(1 << 31)))
     clean: list[np.ndarray] = []
@@ -160,11 +177,12 @@ def run_epoch(cfg: TrainConfig, fns: Steps, shard, epoch: int, steps: int, local
         if step < cfg.bn_recal_batches:
             clean.append(batch["image"])  # uint8: 4x smaller than the float batch
         seed = tf.constant(rng.integers(0, 2**62, size=2), tf.int64)
-        ls, h = fns.train_step(tf.constant(batch["image"]), tf.one_hot(batch["label"], 2), seed)
-        loss_sum, hits, seen = loss_sum + float(ls), hits + float(h), seen + cfg.batch_size
+        totals += tf.stack(fns.train_step(tf.constant(batch["image"]), tf.one_hot(batch["label"], 2), seed))
+        seen += cfg.batch_size
         if (step + 1) % max(1, steps // 4) == 0 and step + 1 < steps:  # progress on long epochs
-            log(f"epoch {epoch} step {step + 1}/{steps}: loss {loss_sum / seen:.4f} "
+            log(f"epoch {epoch} step {step + 1}/{steps}: loss {float(totals[0]) / seen:.4f} "
                 f"({seen / (time.perf_counter() - t0):.1f} images/s)")
+    loss_sum, hits = (float(v) for v in totals.numpy())
     stats = {"loss": loss_sum / max(seen, 1), "accuracy": hits / max(seen, 1), "train_images": seen}
     return stats, clean
 

@@ -37,7 +37,7 @@ def test_two_workers_train_resume_after_killed_worker_and_write_run(corpus_with_
     # releasing it; another process can take it before TF binds ("Could not start gRPC server",
     # seen once in CI), and Train retries that start like any worker failure.
     cfg = TrainConfig(data=str(corpus_with_bad_files), output=str(out), image_size=32, epochs=3,
-                      batch_size=32, num_workers=2, max_failures=2, seed=0)
+                      batch_size_per_worker=16, num_workers=2, max_failures=2, seed=0)
     marker = tmp_path / "killed-worker"
     monkeypatch.setenv(faults.ENV, faults.spec("train.epoch", 2, str(marker)))
     summary = train.fit(cfg)
@@ -53,6 +53,7 @@ def test_two_workers_train_resume_after_killed_worker_and_write_run(corpus_with_
     keras.models.load_model(out / "model.keras", safe_mode=True)
     cfg_saved = json.loads((out / "config.json").read_text())
     assert cfg_saved["num_workers"] == 2 and cfg_saved["split"] == "patient"
+    assert cfg_saved["batch_size"] == 32 and cfg_saved["batch_size_per_worker"] == 16
 
     split = pd.read_parquet(out / "split.parquet")
     assert len(split) == len(corpus.list_corpus(str(corpus_with_bad_files)))
@@ -85,6 +86,39 @@ def test_two_workers_train_resume_after_killed_worker_and_write_run(corpus_with_
                  for df in (pd.read_parquet(scored.predictions_uri), preds))
     assert len(got) == len(want) > 0
     assert np.allclose(got.loc[want.index, "prob_parasitized"], want["prob_parasitized"], atol=1e-5)
+
+
+@pytest.mark.tf
+def test_learning_rate_follows_schedule_and_batch_scaling(tmp_path):
+    from malaria_ray.cli import parse_train
+    from malaria_ray.config import ConfigError
+    from malaria_ray.worker import collective_implementation, learning_rate
+
+    base = {"data": "d", "output": str(tmp_path), "epochs": 4, "learning_rate": 1e-3}
+    assert learning_rate(TrainConfig(**base), 10) == 1e-3  # the notebook: constant
+    cos = learning_rate(TrainConfig(**base, lr_schedule="cosine", warmup_epochs=1), 10)
+    got = [float(cos(s)) for s in (0, 5, 10, 25, 40)]
+    assert np.allclose(got, [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9), got  # linear up over 10 steps, cosine to 0
+    # The global batch: given directly, or per worker; the learning rate scales from a batch of 32.
+    per_worker = TrainConfig(**base, batch_size_per_worker=64, num_workers=4)
+    assert per_worker.batch_size == 256
+    assert per_worker.peak_learning_rate == 1e-3  # --lr-scaling none: as given
+    assert np.isclose(TrainConfig(**base, batch_size=256, num_workers=4, lr_scaling="sqrt").peak_learning_rate,
+                      1e-3 * 8 ** 0.5)
+    linear = TrainConfig(**base, batch_size_per_worker=64, num_workers=4, lr_scaling="linear")
+    assert np.isclose(linear.peak_learning_rate, 8e-3) and np.isclose(float(learning_rate(linear, 10)), 8e-3)
+    assert TrainConfig.from_dict(json.loads(linear.to_json())) == linear  # a resumed run keeps its batch
+    cfg, _ = parse_train(["--data", "d", "--output", "o", "--recipe", "cpu", "--num-workers", "2",
+                          "--batch-size-per-worker", "48", "--lr-scaling", "sqrt"])
+    assert (cfg.batch_size, cfg.image_size, cfg.lr_scaling) == (96, 64, "sqrt")
+    with pytest.raises(ConfigError, match="not both"):
+        parse_train(["--data", "d", "--output", "o", "--batch-size", "64", "--batch-size-per-worker", "16"])
+    with pytest.raises(ConfigError, match="--lr-scaling"):
+        TrainConfig(**base, lr_scaling="cubic")
+    with pytest.raises(ConfigError, match="--batch-size-per-worker"):
+        TrainConfig(**base, batch_size_per_worker=0)
+    # Gradients: NCCL between GPUs, RING (through the hosts) on CPUs.
+    assert (collective_implementation(True), collective_implementation(False)) == ("NCCL", "RING")
 
 
 def _cli(*args):
