@@ -7,12 +7,17 @@ SAMPLE ?= $(abspath ../shared/data/nih_malaria)
 DATA ?=
 OUT ?= demo-out
 DEMO_FLAGS ?= --image-size 64 --epochs 3 --batch-size 32 --num-workers 1
+# The cluster image (Dockerfile), tagged with the project's version; cluster/ names it under a
+# registry: `make image IMAGE=registry.example.com/malaria-ray:$(VERSION)`, then `docker push` it.
+VERSION := $(shell sed -n 's/^version *= *"\(.*\)"$$/\1/p' pyproject.toml)
+IMAGE ?= malaria-ray:$(VERSION)
+DOCKER ?= docker
 
 export MALARIA_SAMPLE_DIR ?= $(SAMPLE)
 # TensorFlow logs its CPU feature banner at import; keep the demo and test output readable.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench image clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +51,12 @@ test-fast: venv
 bench: venv
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/score_throughput.py
+
+image:
+	@command -v $(DOCKER) >/dev/null 2>&1 || { \
+	  echo "make image: '$(DOCKER)' not found; install Docker (https://docs.docker.com/engine/install/) to build the cluster image" >&2; \
+	  exit 2; }
+	$(DOCKER) build -t $(IMAGE) .
 
 clean:
 	rm -rf $(OUT) .pytest_cache

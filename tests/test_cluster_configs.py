@@ -1,17 +1,21 @@
-"""Every file under cluster/ parses and carries the fields that make it run.
+"""Every file under cluster/, and the cluster image they run, parses and carries what makes it run.
 
-Pure and fast: YAML, the CLI's own flag parsers and Ray's own cluster-config validation; no Ray
-runtime, no TensorFlow, no network. What is checked here is what breaks a cluster run silently or
-late: an entrypoint naming a script or flag that does not exist, an image that is not the pinned
-Ray, a pip pin that drifted from pyproject.toml, a GPU worker that asks for no GPU, auth off.
+Pure and fast: YAML, the Dockerfile's text, `make -n`, the CLI's own flag parsers and Ray's own
+cluster-config validation; no Ray runtime, no TensorFlow, no Docker, no network. What is checked
+here is what breaks a cluster run silently or late: an entrypoint naming a script or flag that does
+not exist, an image built on another Ray or with pins that drifted from pyproject.toml, a config
+naming another image than `make image` builds, a GPU worker that asks for no GPU or may land on a
+CPU node, auth off.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import pathlib
 import re
 import shlex
+import subprocess
 import tomllib
 
 import pytest
@@ -39,6 +43,9 @@ def _ray_version() -> str:
 
 RAY_VERSION = _ray_version()
 RAY_GPU_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311-gpu"
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+# The node label the GPU worker groups select (set by NVIDIA GPU Feature Discovery).
+GPU_NODE_LABEL = {"nvidia.com/gpu.present": "true"}
 
 
 def _expected_pip() -> list[str]:
@@ -46,6 +53,90 @@ def _expected_pip() -> list[str]:
     deps = [d for d in PYPROJECT["project"]["dependencies"] if not d.startswith("ray[")]
     (gpu_tf,) = PYPROJECT["project"]["optional-dependencies"]["gpu"]
     return [gpu_tf if d.startswith("tensorflow==") else d for d in deps]
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (INSTRUCTION, arguments), continuation lines joined."""
+    instructions, pending = [], ""
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        word, _, args = pending.strip().partition(" ")
+        instructions.append((word.upper(), args.strip()))
+        pending = ""
+    assert not pending, "Dockerfile ends inside a continued line"
+    return instructions
+
+
+def _docker_args(kind: str) -> list[list[str]]:
+    return [shlex.split(args) for instr, args in _dockerfile() if instr == kind]
+
+
+def _image_copies() -> dict[str, str]:
+    """Build-context path -> path in the image, for every COPY of the Dockerfile."""
+    copies = {}
+    for argv in _docker_args("COPY"):
+        *sources, dest = [a for a in argv if not a.startswith("--")]
+        for src in sources:
+            copies[src.rstrip("/")] = dest + pathlib.PurePosixPath(src).name if dest.endswith("/") else dest
+    return copies
+
+
+def _pip_installs() -> list[list[str]]:
+    """The arguments of every `pip install` the Dockerfile runs, options included."""
+    installs = []
+    for argv in _docker_args("RUN"):
+        command: list[str] = []
+        for token in [*argv, "&&"]:
+            if token in ("&&", "||", ";"):
+                if command[:2] == ["pip", "install"] or command[:4] == ["python", "-m", "pip", "install"]:
+                    installs.append(command[command.index("install") + 1:])
+                command = []
+            else:
+                command.append(token)
+    return installs
+
+
+def _project_dir_in_image() -> str:
+    """Where the image holds the project: the folder that the pyproject.toml, package and jobs/ went to."""
+    copies = _image_copies()
+    (project_dir,) = {str(pathlib.PurePosixPath(copies[p]).parent) for p in ("pyproject.toml", "malaria_ray", "jobs")}
+    return project_dir
+
+
+def _docker_ignored(relpath: str) -> bool:
+    """Whether .dockerignore keeps ``relpath`` out of the build context (Docker's rules: a pattern
+    matches the path or one of its parent folders; `**` spans folders; no `!` exceptions used)."""
+    patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines()]
+    patterns = [p for p in patterns if p and not p.startswith("#")]
+    assert not any(p.startswith("!") for p in patterns), "update _docker_ignored for ! exceptions"
+    parts = relpath.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    for pattern in patterns:
+        rx = re.escape(pattern.strip("/")).replace(r"\*\*/", "(?:.*/)?").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        if any(re.fullmatch(rx, prefix) for prefix in prefixes):
+            return True
+    return False
+
+
+def _make(*args: str) -> subprocess.CompletedProcess:
+    # The Makefile's defaults, not whatever IMAGE or DOCKER the caller's shell exports.
+    env = {k: v for k, v in os.environ.items() if k not in ("IMAGE", "DOCKER", "VERSION", "MAKEFLAGS")}
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def _make_image() -> str:
+    """The image name `make image` builds, read from what make would run."""
+    out = _make("-n", "image")
+    assert out.returncode == 0, out.stderr
+    (build,) = [shlex.split(line) for line in out.stdout.splitlines() if line.startswith("docker build")]
+    assert build[-1] == ".", build
+    return build[build.index("-t") + 1]
 
 
 def _kuberay_docs() -> dict[str, list[dict]]:
@@ -77,27 +168,132 @@ def _cluster_specs() -> dict[str, dict]:
 
 
 def _entrypoint(spec: dict) -> tuple[str, list[str]]:
+    """(the jobs/ script, relative to the repo, and its flags) of a RayJob that runs the image's copy."""
     argv = shlex.split(spec["entrypoint"])
     assert argv[0] == "python", f"entrypoint must run a jobs/ script with python: {argv}"
-    return argv[1], argv[2:]
+    project_dir = _project_dir_in_image() + "/"
+    assert argv[1].startswith(project_dir), f"entrypoint must name the image's copy under {project_dir}: {argv[1]}"
+    return argv[1].removeprefix(project_dir), argv[2:]
+
+
+def _image_refs() -> dict[str, str]:
+    """Where each config names an image -> the image it names."""
+    launcher = _load(CLUSTER / "aws-gpu.yaml")
+    refs = {f"aws-gpu.yaml docker.{k}": launcher["docker"][k] for k in ("image", "head_image", "worker_image")
+            if k in launcher["docker"]}
+    for nt, node in launcher["available_node_types"].items():
+        for k in ("image", "head_image", "worker_image"):
+            if k in node.get("docker", {}):
+                refs[f"aws-gpu.yaml {nt}.docker.{k}"] = node["docker"][k]
+    for name, spec in _cluster_specs().items():
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            for c in group["template"]["spec"]["containers"]:
+                refs[f"{name} {group.get('groupName', 'head')}/{c['name']}"] = c["image"]
+    return refs
 
 
 # ---------------------------------------------------------------- runtime env
 
 
-def test_runtime_env_pins_match_pyproject_and_leave_working_dir_to_the_cli():
+def test_runtime_env_installs_nothing_and_leaves_working_dir_to_the_cli():
     env = _load(CLUSTER / "runtime_env.yaml")
     # `ray job submit --working-dir .` overrides any working_dir here; keeping one would only
     # mislead a reader into thinking it is used.
     assert "working_dir" not in env
-    assert env["pip"]["packages"] == _expected_pip()
-    assert not any(p.split("[")[0].startswith("ray") for p in env["pip"]["packages"])
+    # The cluster image holds the stack: a package list here would rebuild it on every fresh node.
+    assert not {"pip", "uv", "conda"} & set(env), f"runtime_env.yaml installs packages: {sorted(env)}"
     # TF must see these before import; Keras 3 custom training step needs tf-keras kept off.
     assert env["env_vars"]["TF_USE_LEGACY_KERAS"] == "0"
     assert env["env_vars"]["KERAS_BACKEND"] == "tensorflow"
     assert all(isinstance(v, str) for v in env["env_vars"].values()), "env_vars values must be strings"
     for pattern in (".git/", ".venv/", "*.parquet", "*.keras"):
         assert pattern in env["excludes"]
+
+
+def test_runtime_env_for_stock_ray_images_is_runtime_env_plus_pyprojects_pins():
+    base = _load(CLUSTER / "runtime_env.yaml")
+    env = _load(CLUSTER / "runtime_env_pip.yaml")
+    assert "working_dir" not in env
+    assert env["pip"]["packages"] == _expected_pip()
+    assert not any(p.split("[")[0].startswith("ray") for p in env["pip"]["packages"])
+    assert set(env) == set(base) | {"pip"}, sorted(env)
+    assert env["excludes"] == base["excludes"] and env["env_vars"] == base["env_vars"]
+
+
+# ---------------------------------------------------------------- the cluster image
+
+
+def test_dockerfile_builds_on_the_pinned_ray():
+    (base,) = _docker_args("FROM")
+    assert len(base) == 1, f"one plain FROM, no stage name or platform: {base}"
+    # A digest may follow the tag (docs/operations.md); the tag must still say which Ray it is.
+    assert DIGEST.sub("", base[0]) == RAY_GPU_IMAGE, f"FROM {base[0]}, pyproject pins Ray {RAY_VERSION}"
+
+
+def test_dockerfile_installs_exactly_pyprojects_pins_and_the_project():
+    installs = _pip_installs()
+    assert installs, "the Dockerfile installs nothing"
+    for args in installs:
+        assert "--no-cache-dir" in args, f"pip's cache would stay in a layer: {args}"
+        assert not {"-e", "--editable", "-U", "--upgrade", "--force-reinstall"} & set(args), args
+    project_dir = _project_dir_in_image()
+    specs = [a for args in installs for a in args if not a.startswith("-") and a != project_dir]
+    # Pins exactly as pyproject.toml has them, TF with its CUDA extra, Ray left to the base image
+    # (pip must not replace the Ray the image was built for); nothing else sneaks in.
+    assert specs == _expected_pip(), f"Dockerfile installs {specs}, pyproject pins {_expected_pip()}"
+    # The project itself, without the dev extras, from the folder that holds pyproject.toml.
+    (project,) = [args for args in installs if project_dir in args]
+    assert project_dir + "[" not in " ".join(project), f"install the project without extras: {project}"
+    assert not any(a.startswith("-r") or a.startswith("--requirement") for args in installs for a in args)
+
+
+def test_dockerfile_sets_runtime_envs_variables_and_runs_as_non_root():
+    env = {}
+    for argv in _docker_args("ENV"):
+        for pair in argv:
+            key, sep, value = pair.partition("=")
+            assert sep, f"ENV {pair}: use KEY=VALUE"
+            env[key] = value
+    assert env == _load(CLUSTER / "runtime_env.yaml")["env_vars"]
+    users = _docker_args("USER")
+    assert users and users[-1][0].split(":")[0] not in ("root", "0"), f"the image must end as a non-root user: {users}"
+    text = (REPO / "Dockerfile").read_text()
+    for needle in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN", "auth_token"):
+        assert needle.lower() not in text.lower(), f"{needle} in the Dockerfile: images are not a place for secrets"
+    assert not _docker_args("ARG"), "build args land in the image history; the build needs none"
+
+
+def test_dockerignore_keeps_local_state_out_and_lets_the_project_in():
+    copies = _image_copies()
+    assert set(copies) == {"pyproject.toml", "README.md", "malaria_ray", "jobs"}, f"the image copies {sorted(copies)}"
+    needed = ["pyproject.toml", "README.md"] + [str(p.relative_to(REPO)) for d in ("malaria_ray", "jobs")
+                                                for p in (REPO / d).glob("*.py")]
+    assert len(needed) > 4 and not [p for p in needed if _docker_ignored(p)], "the build context lacks a file the image copies"
+    for path in (".git/HEAD", ".venv/bin/python", ".pytest_cache/v/x", "demo-out/train-run/model.keras", "runs/a/x",
+                 "tests/test_x.py", "bench/x.py", "data/part-0.parquet", "model.keras", "w/model.h5",
+                 "malaria_ray/__pycache__/cli.cpython-311.pyc", "malaria_ray.egg-info/PKG-INFO", ".env"):
+        assert _docker_ignored(path), f".dockerignore lets {path} into the build context"
+
+
+def test_make_image_builds_the_versioned_image_and_explains_a_missing_docker():
+    assert _make_image() == f"malaria-ray:{PYPROJECT['project']['version']}"
+    phony = re.search(r"^\.PHONY:(.*)$", (REPO / "Makefile").read_text(), re.M)
+    assert phony and "image" in phony.group(1).split()
+    out = _make("image", "DOCKER=/nonexistent/docker")
+    assert out.returncode != 0
+    assert "/nonexistent/docker' not found" in out.stderr and "install Docker" in out.stderr, out.stderr
+
+
+def test_every_cluster_config_runs_the_one_image_make_builds():
+    refs = _image_refs()
+    assert len(refs) >= 1 + 2 * len(_cluster_specs()), f"an image reference is missing: {sorted(refs)}"
+    # One reference everywhere (a digest pin, where used, is pinned everywhere alike).
+    assert len(set(refs.values())) == 1, f"configs name different images: {refs}"
+    (ref,) = set(refs.values())
+    registry, _, name = DIGEST.sub("", ref).rpartition("/")
+    assert registry, f"{ref}: a cluster pulls the image from a registry, not a local name"
+    assert name == _make_image(), f"{ref}: `make image` builds {_make_image()}"
+    assert "rayproject/" not in ref
 
 
 # ---------------------------------------------------------------- AWS cluster launcher
@@ -112,7 +308,6 @@ def test_aws_launcher_config_passes_rays_own_validation():
     validate_config(prepare_config(copy.deepcopy(raw)))
 
     assert raw["provider"]["type"] == "aws"
-    assert raw["docker"]["image"] == RAY_GPU_IMAGE
     assert "ray-ml" not in yaml.safe_dump(raw)
     head = raw["available_node_types"][raw["head_node_type"]]
     workers = {k: v for k, v in raw["available_node_types"].items() if k != raw["head_node_type"]}
@@ -123,11 +318,13 @@ def test_aws_launcher_config_passes_rays_own_validation():
         assert node["min_workers"] == 0 < node["max_workers"], f"{name} must autoscale from zero"
 
 
-def test_aws_launcher_installs_pinned_tensorflow_and_turns_token_auth_on():
+def test_aws_launcher_installs_nothing_on_the_nodes_and_turns_token_auth_on():
     raw = _load(CLUSTER / "aws-gpu.yaml")
-    setup = " ".join(raw["setup_commands"])
-    for dep in _expected_pip():
-        assert f'"{dep}"' in setup, f"setup_commands lacks {dep} as pinned in pyproject.toml"
+    # The image holds the stack; a pip install per node would be minutes per node and could drift.
+    commands = [c for k, v in raw.items() if k.endswith("_commands") for c in v]
+    commands += [c for node in raw["available_node_types"].values() for k, v in node.items() if k.endswith("_commands")
+                 for c in v]
+    assert not [c for c in commands if re.search(r"\b(pip|uv|conda)\b", c)], commands
     assert "--env RAY_AUTH_MODE=token" in raw["docker"]["run_options"]
     # The token is copied from the operator's ~/.ray, never from a path inside the checkout.
     ((dest, src),) = raw["file_mounts"].items()
@@ -139,24 +336,30 @@ def test_aws_launcher_installs_pinned_tensorflow_and_turns_token_auth_on():
 # ---------------------------------------------------------------- KubeRay
 
 
-def test_every_kuberay_image_and_ray_version_is_the_pinned_ray():
+def test_every_kuberay_ray_version_is_the_pinned_ray():
+    # The image's Ray is the pinned Ray (test_dockerfile_builds_on_the_pinned_ray); the operator
+    # must be told the same version.
     for name, spec in _cluster_specs().items():
         assert spec["rayVersion"] == RAY_VERSION, name
-        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-        images = [c["image"] for g in groups for c in g["template"]["spec"]["containers"]]
-        assert images and set(images) == {RAY_GPU_IMAGE}, f"{name}: {images}"
 
 
-def test_every_kuberay_cluster_has_token_auth_and_gpu_workers():
+def test_every_kuberay_cluster_has_token_auth_and_gpu_workers_on_gpu_nodes():
     for name, spec in _cluster_specs().items():
         assert spec["authOptions"]["mode"] == "token", name
+        head = spec["headGroupSpec"]["template"]["spec"]
+        assert not [c for c in head["containers"] if "nvidia.com/gpu" in str(c.get("resources"))], f"{name}: GPU head"
         for group in spec["workerGroupSpecs"]:
+            where = f"{name}/{group['groupName']}"
             pod = group["template"]["spec"]
             (container,) = pod["containers"]
-            limits = container["resources"]["limits"]
-            assert int(limits["nvidia.com/gpu"]) >= 1, f"{name}/{group['groupName']}"
-            assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]), name
-            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], name
+            resources = container["resources"]
+            assert int(resources["limits"]["nvidia.com/gpu"]) >= 1, where
+            # Extended resources are not overcommitted: Kubernetes rejects requests != limits.
+            assert resources["requests"].get("nvidia.com/gpu", resources["limits"]["nvidia.com/gpu"]) == \
+                resources["limits"]["nvidia.com/gpu"], where
+            assert pod.get("nodeSelector", {}).items() >= GPU_NODE_LABEL.items(), f"{where}: no GPU nodeSelector"
+            assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in pod["tolerations"]), where
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], where
 
 
 def test_rayjob_entrypoints_name_real_scripts_and_flags_the_cli_accepts():
@@ -194,14 +397,14 @@ def test_rayjobs_free_their_gpus_and_fit_the_work_they_submit():
             assert cfg.skip_scored, f"{name}: nightly scoring must be resumable (--skip-scored)"
 
 
-def test_rayjob_runtime_envs_match_runtime_env_yaml_and_ship_released_code():
+def test_rayjob_runtime_envs_install_nothing_and_run_the_images_code():
     base = _load(CLUSTER / "runtime_env.yaml")
     for name, spec in _job_specs().items():
         env = yaml.safe_load(spec["runtimeEnvYAML"])
-        assert env["pip"] == base["pip"], name
         assert env["env_vars"] == base["env_vars"], name
-        # The submitter pod has no checkout: code must come from a released archive.
-        assert re.match(r"^(s3|gs|https)://.+\.zip$", env["working_dir"]), f"{name}: {env['working_dir']}"
+        # The image holds the stack and the released code: no per-pod install, and no working_dir
+        # whose code would silently shadow the image's (entrypoints name the image's jobs/).
+        assert set(env) == {"env_vars"}, f"{name}: runtime env has {sorted(env)}"
 
 
 def test_nightly_schedule_runs_exactly_the_score_rayjob():
@@ -217,7 +420,8 @@ def test_nightly_schedule_runs_exactly_the_score_rayjob():
 
 
 def test_no_credentials_in_any_cluster_file():
-    text = "\n".join(p.read_text() for p in sorted(CLUSTER.rglob("*.yaml")))
+    files = [*sorted(CLUSTER.rglob("*.yaml")), REPO / "Dockerfile", REPO / ".dockerignore"]
+    text = "\n".join(p.read_text() for p in files)
     for needle in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "aws_secret"):
         assert needle.lower() not in text.lower(), f"{needle} in cluster/: use roles and Secrets"
     assert not re.search(r"AKIA[0-9A-Z]{16}", text), "an AWS access key id is in cluster/"

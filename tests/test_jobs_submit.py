@@ -9,9 +9,9 @@ Runs in its own pytest session (`pytest -m cluster`, as `make test` does), never
 Ray on the machine. It stops only the head it started: by the process group it launched and by
 its private --temp-dir, never with `ray stop` (which kills every Ray on the machine).
 
-The runtime env is cluster/runtime_env.yaml minus its `pip` list: this machine's venv already holds
-every dependency, and installing tensorflow[and-cuda] into a per-job env would download gigabytes.
-Excludes and env_vars are exercised as in production.
+The runtime env is cluster/runtime_env.yaml unchanged, as on a cluster of the project image: this
+machine's venv plays the image (it holds every dependency), so excludes and env_vars are exercised
+as in production.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import yaml
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1200)]
 
@@ -178,12 +177,8 @@ def head():
 
 
 @pytest.fixture(scope="module")
-def runtime_env_file(tmp_path_factory) -> pathlib.Path:
-    env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
-    env.pop("pip")  # see the module docstring: the venv already has every package
-    path = tmp_path_factory.mktemp("runtime_env") / "runtime_env.yaml"
-    path.write_text(yaml.safe_dump(env))
-    return path
+def runtime_env_file() -> pathlib.Path:
+    return REPO / "cluster" / "runtime_env.yaml"
 
 
 @pytest.fixture(scope="module")
