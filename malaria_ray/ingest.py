@@ -10,6 +10,8 @@ fatal. Imports neither Ray nor TensorFlow.
 from __future__ import annotations
 
 import hashlib
+import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -20,6 +22,8 @@ from malaria_ray.schema import (
     COL_DATA, COL_ERROR, COL_IMAGE_ID, COL_LABEL, COL_LABEL_HINT, COL_PATIENT, COL_PATIENT_HINT, COL_PIXELS, COL_SLIDE,
     COL_SLIDE_HINT, COL_SOURCE_VERSION, COL_STATUS, COL_URI, STATUS_ALREADY, STATUS_ERROR, STATUS_OK,
 )
+
+READ_THREADS = 16  # loose files in flight per read task (object-store latency, not CPU, bounds them)
 
 NO_IDS = np.array([], dtype="S64")  # an empty skip list (read-only: never appended to in place)
 NO_IDS.flags.writeable = False
@@ -44,7 +48,7 @@ def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.nd
         if status[i] not in (STATUS_OK, STATUS_ERROR):
             continue  # non-images and empty archives travel on only to be counted
         cols[COL_LABEL][i], cols[COL_SLIDE][i], cols[COL_PATIENT][i] = corpus.describe(
-            uri, batch[COL_LABEL_HINT][i], batch[COL_SLIDE_HINT][i], batch[COL_PATIENT_HINT][i])
+            uri, _text(batch[COL_LABEL_HINT][i]), _text(batch[COL_SLIDE_HINT][i]), _text(batch[COL_PATIENT_HINT][i]))
         cols[COL_IMAGE_ID][i] = image_id_of(data if status[i] == STATUS_OK else None, uri)
         if in_sorted(skip_ids, cols[COL_IMAGE_ID][i]):
             status[i] = STATUS_ALREADY
@@ -62,24 +66,67 @@ def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.nd
 
 def read_and_prepare(units: dict[str, np.ndarray], image_size: int, skip_ids: np.ndarray, batch_size: int,
                      limits: sources.Limits = sources.DEFAULT_LIMITS) -> Iterator[dict[str, np.ndarray]]:
-    """Listed units -> prepared batches of ``batch_size`` rows, in one CPU task.
-
-    Reading and decoding share a task, so the raw bytes never pass through Ray's object store:
-    only the decoded pixels do. An archive streams member by member, so a task holds at most one
-    batch of bytes, however large the archive.
-    """
-    rows: list[dict] = []
-    versions = units["version"] if "version" in units else [None] * len(units["uri"])
-    for kind, uri, version in zip(units["kind"], units["uri"], versions):
-        for row in sources.expand_unit({"kind": kind, "uri": uri}, limits=limits):
-            if kind == sources.KIND_IMAGE:  # a loose file: its listing version names its bytes
-                row[COL_SOURCE_VERSION] = version
-            rows.append(row)
-            if len(rows) == batch_size:
-                yield prepare_batch(sources.rows_to_batch(rows), image_size, skip_ids)
-                rows = []
-    if rows:
+    """Listed units -> prepared batches of ``batch_size`` rows, read and decoded in one CPU task
+    (training: its corpus is many files, and decoded once per run). An archive streams member by
+    member, so a task holds at most one batch of bytes, however large the archive."""
+    for rows in _raw_rows(units, batch_size, limits):
         yield prepare_batch(sources.rows_to_batch(rows), image_size, skip_ids)
+
+
+def read_raw(units: dict[str, np.ndarray], batch_size: int, limits: sources.Limits = sources.DEFAULT_LIMITS,
+             threads: int = READ_THREADS) -> Iterator:
+    """Listed units -> Arrow tables of ``batch_size`` raw rows (``sources.RAW_SCHEMA``: encoded bytes,
+    status, hints), not decoded: scoring's read stage. Decoding is a stage of its own
+    (``prepare_batch`` in tasks of ``batch_size`` images), so one 20,000-image tar, zip or Parquet
+    file is read by one task and decoded on every CPU. Loose files are fetched ``threads`` at a
+    time, in listing order: an object store's latency per request is paid in parallel."""
+    for rows in _raw_rows(units, batch_size, limits, threads):
+        yield sources.rows_to_table(rows)
+
+
+def _raw_rows(units: dict[str, np.ndarray], batch_size: int, limits: sources.Limits,
+              threads: int = 1) -> Iterator[list[dict]]:
+    """Lists of ``batch_size`` raw rows (the last may be shorter) from the units, in order."""
+    rows: list[dict] = []
+    for row in _unit_rows(units, limits, threads):
+        rows.append(row)
+        if len(rows) == batch_size:
+            yield rows
+            rows = []
+    if rows:
+        yield rows
+
+
+def _unit_rows(units: dict[str, np.ndarray], limits: sources.Limits, threads: int) -> Iterator[dict]:
+    versions = units["version"] if "version" in units else [None] * len(units["uri"])
+    listed = list(zip(units["kind"], units["uri"], versions))
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    try:
+        i = 0
+        while i < len(listed):
+            kind, uri, version = listed[i]
+            if kind != sources.KIND_IMAGE:
+                yield from sources.expand_unit({"kind": kind, "uri": uri}, limits=limits)
+                i += 1
+                continue
+            j = i  # a run of loose files, fetched concurrently (at most 4 x threads in flight)
+            while j < len(listed) and j - i < 4 * threads and listed[j][0] == sources.KIND_IMAGE:
+                j += 1
+            run = listed[i:j]
+            read = lambda unit: list(sources.expand_unit({"kind": unit[0], "uri": unit[1]}, limits=limits))
+            for (_, _, version), unit_rows in zip(run, pool.map(read, run) if pool else map(read, run)):
+                for row in unit_rows:
+                    row[COL_SOURCE_VERSION] = version  # a loose file: its listing version names its bytes
+                    yield row
+            i = j
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _text(value) -> str | None:
+    """A hint as str or None: a column null in every row of a block can arrive as float NaN."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def in_sorted(sorted_keys: np.ndarray, key: str) -> bool:

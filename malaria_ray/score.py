@@ -28,6 +28,7 @@ from malaria_ray.config import CLASS_NAMES, DEFAULT_THRESHOLD, POSITIVE_CLASS, C
 from malaria_ray.model import ModelError, inspect_artifact, read_contract
 
 log = logs.get("score")
+READ_CPUS = 0.25  # a read task waits on storage; decoding (1 CPU per task) is where the CPU goes
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
 
 
@@ -282,12 +283,20 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
         cpus_per_actor = resources.leave_a_cpu(cfg.actors, cfg.cpus_per_actor, cluster.get("CPU", 1.0), "actors", "score")
         memory_per_actor = resources.fit_memory(cfg.actors, cfg.memory_per_actor_gb, cluster.get("memory", 0.0),
                                                 "actors", "score")
-    # ~256 loose images per read task; an archive per task where there are few units.
+    # Read, then decode, as two stages: a read task takes ~256 loose files (fetched concurrently)
+    # or an archive and emits raw bytes in blocks of --batch-size rows; decode tasks take one block
+    # each, so a single big archive decodes on every CPU. The read stage's smaller CPU request
+    # (it waits on I/O) also keeps Ray Data from fusing it into the decode tasks.
     ds = ray.data.from_arrow(ingest.slices(listing.table, max(4, len(listing) // 256)))
-    ds = ds.map_batches(ingest.read_and_prepare, batch_size=None, batch_format="numpy", num_cpus=1,
-                        fn_kwargs={"image_size": size, "skip_ids": skip_ids, "batch_size": cfg.batch_size,
+    ds = ds.map_batches(ingest.read_raw, batch_size=None, batch_format="numpy", num_cpus=READ_CPUS,
+                        fn_kwargs={"batch_size": cfg.batch_size,
                                    "limits": sources.Limits(int(cfg.max_member_mb * 2**20), cfg.max_compression_ratio)},
                         **remote_args)
+    # Ray Data joins a task's yielded batches into blocks of up to 128 MiB: cut them back to
+    # --batch-size rows, or one archive would be one block and so one decode task.
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
+    ds = ds.map_batches(ingest.prepare_batch, batch_size=None, batch_format="numpy", num_cpus=1,
+                        fn_kwargs={"image_size": size, "skip_ids": skip_ids}, **remote_args)
     return ds.map_batches(
         Scorer, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),

@@ -208,8 +208,15 @@ def rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
             for k in RAW_COLUMNS}
 
 
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """Rows from ``expand_unit`` as an Arrow table of ``RAW_SCHEMA``: typed columns, so a column that
+    is null in every row of a block stays a string (or binary) column through Ray Data."""
+    return pa.Table.from_pydict({f.name: [r[f.name] for r in rows] for f in RAW_SCHEMA}, schema=RAW_SCHEMA)
+
+
 RAW_COLUMNS = (COL_URI, COL_DATA, COL_STATUS, COL_ERROR, COL_LABEL_HINT, COL_SLIDE_HINT, COL_PATIENT_HINT,
                COL_SOURCE_VERSION)
+RAW_SCHEMA = pa.schema([(c, pa.binary() if c == COL_DATA else pa.string()) for c in RAW_COLUMNS])
 
 
 def _row(uri: str, status: str, data: bytes | None = None, error: str | None = None, label_hint: str | None = None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 import time
 import zipfile
@@ -40,7 +41,7 @@ def run_cli(*args: str) -> int:
     return cli.main(["score", *args])
 
 
-def test_decode_runs_beside_the_model_not_inside_it(ray_session, sample_dir, tmp_path, capsys):
+def test_decode_runs_beside_the_model_not_inside_it_nor_inside_the_read(ray_session, sample_dir, tmp_path, capsys):
     """On CPU-only clusters Ray Data would fuse decode tasks and model actors with equal resources
     into one actor that decodes and predicts in turn; the actor's memory reservation keeps them
     two stages (decode tasks run while the model works). GPU actors differ by num_gpus anyway."""
@@ -54,8 +55,11 @@ def test_decode_runs_beside_the_model_not_inside_it(ray_session, sample_dir, tmp
         ds.explain()
         plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
         assert "ActorPoolMapOperator[MapBatches(Scorer)]" in plan, plan
-        assert "read_and_prepare)->MapBatches(Scorer)" not in plan, plan
-        assert "TaskPoolMapOperator[MapBatches(read_and_prepare)]" in plan, plan
+        # Read, decode and model are three stages: one big archive is read by one task and
+        # decoded by many (test_one_big_tar_decodes_in_many_tasks).
+        assert "TaskPoolMapOperator[MapBatches(read_raw)]" in plan, plan
+        assert "TaskPoolMapOperator[MapBatches(prepare_batch)]" in plan, plan
+        assert "->MapBatches(" not in plan, plan  # nothing fused
 
 
 def test_scorer_direct_then_in_map_batches(ray_session, sample_dir, score_model):
@@ -159,6 +163,31 @@ def test_mixed_archives_one_row_per_image(ray_session, sample_dir, score_model, 
     non_images = expected["non_image_loose"] + expected["non_image_members"]
     assert f"non-images        {non_images:>10,}" in text
     assert f"empty archives    {expected['empty']:>10,}" in text
+
+
+def test_one_big_tar_decodes_in_many_tasks(ray_session, sample_dir, score_model, tmp_path):
+    """One archive is one read task, but its images decode in tasks of --batch-size rows, which
+    Ray spreads over every CPU: a night that is one big tar is not decoded on one core."""
+    import tarfile
+
+    from malaria_ray.score import build_pipeline, inspect_model
+
+    pngs = real_pngs(sample_dir, "Parasitized", 100) + real_pngs(sample_dir, "Uninfected", 100)
+    with tarfile.open(tmp_path / "night.tar", "w") as tar:
+        for p in pngs:
+            tar.add(p, arcname=f"{p.parent.name}/{p.name}")
+    listing = sources.list_units(str(tmp_path / "night.tar"))
+    cfg = ScoreConfig(input=str(tmp_path / "night.tar"), model=str(score_model), output=str(tmp_path / "out"),
+                      batch_size=16, threshold=0.5)
+    ds = build_pipeline(cfg, listing, 32, ingest.NO_IDS, inspect_model(str(score_model))["model_id"], "r", {})
+    rows = ds.take_all()
+    assert sorted(r[schema.COL_URI].rsplit("#", 1)[1] for r in rows) == sorted(
+        f"{p.parent.name}/{p.name}" for p in pngs)
+    assert all(r[schema.COL_STATUS] == schema.STATUS_OK for r in rows)
+    stats = ds.stats()
+    tasks = {op: int(re.search(rf"Operator \d+ [^\n]*MapBatches\({op}\)[^\n]*: (\d+) tasks executed", stats).group(1))
+             for op in ("read_raw", "prepare_batch")}
+    assert tasks == {"read_raw": 1, "prepare_batch": 200 // 16 + 1}, stats
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from PIL import Image
 
 from malaria_ray import ingest, metrics, outputs, schema, sources, storage
 from malaria_ray.metrics import binary_metrics
-from malaria_ray.ingest import image_id_of, prepare_batch, read_and_prepare
+from malaria_ray.ingest import image_id_of, prepare_batch, read_and_prepare, read_raw
 from malaria_ray.schema import STATUS_ALREADY
 
 
@@ -142,6 +142,17 @@ def test_list_and_expand_mixed_input(sample_dir, tmp_path):
     assert [len(b[schema.COL_URI]) for b in batches] == [min(5, len(rows) - i) for i in range(0, len(rows), 5)]
     assert np.concatenate([b[schema.COL_URI] for b in batches]).tolist() == out[schema.COL_URI].tolist()
     assert np.array_equal(np.concatenate([b["pixels"] for b in batches]), out["pixels"])
+    # Scoring's read stage: the same rows as raw Arrow batches (loose files fetched 3 at a time),
+    # then decoded batch by batch: identical outputs, typed columns even where all null.
+    raw = list(read_raw(units, batch_size=5, threads=3))
+    assert all(t.schema == sources.RAW_SCHEMA for t in raw)
+    assert [t.num_rows for t in raw] == [len(b[schema.COL_URI]) for b in batches]
+    decoded = [prepare_batch({c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}, 32,
+                             ingest.NO_IDS) for t in raw]
+    for got, want in zip(decoded, batches):
+        assert got[schema.COL_URI].tolist() == want[schema.COL_URI].tolist()
+        assert got[schema.COL_LABEL].tolist() == want[schema.COL_LABEL].tolist()
+        assert np.array_equal(got["pixels"], want["pixels"])
 
 
 def test_truncated_tar_keeps_read_members_and_reports(sample_dir, tmp_path):
