@@ -10,6 +10,12 @@ model actor pool, Parquet commit, roll-ups) and the bare model's images/s on pre
 the Ray workers (RSS and anonymous memory, sampled in the background). Each archive runs in its own subprocess so the
 driver's peak RSS is that run's alone.
 
+First, one JSON line of the read+decode stage per input kind (``--stages``, on by default): the
+same images as loose local files, one tar, one zip and loose objects on a local S3-protocol server
+(moto), each read by ``ingest.read_raw`` and decoded by ``ingest.prepare_batch`` in one process
+(one CPU decoding; loose files fetched by 16 threads, as a read task does). Best of 3 rounds in
+rotating order; ratios to the loose local folder.
+
 Diagnostic: ``bare_ray_idle_images_per_s`` is the bare loop again with a local Ray started and
 idle beside it (raylet, GCS, dashboard agent, log monitor, idle workers). On a machine with few
 cores that runtime's own CPU is a tax any Ray job pays; ``ratio_vs_ray_idle`` is what is left
@@ -44,6 +50,95 @@ def build_archive(dest: pathlib.Path, n: int) -> None:
 def _cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
+
+
+def stage_rates(tmp: pathlib.Path, n: int, image_size: int, batch_size: int, rounds: int = 3) -> dict:
+    """images/s of read+decode for each input kind, in this process (see the module docstring)."""
+    import shutil
+    import tarfile
+    import zipfile
+
+    from malaria_ray import ingest, sources
+
+    loose = tmp / "stage-loose"
+    build_archive(loose, n)
+    files = sorted(loose.rglob("*.png"))
+    with tarfile.open(tmp / "stage.tar", "w") as tar:
+        for f in files:
+            tar.add(f, arcname=str(f.relative_to(loose)))
+    with zipfile.ZipFile(tmp / "stage.zip", "w", zipfile.ZIP_DEFLATED) as zf:  # what `zip -r` writes
+        for f in files:
+            zf.write(f, str(f.relative_to(loose)))
+    inputs = {"loose_local": str(loose), "one_tar": str(tmp / "stage.tar"), "one_zip": str(tmp / "stage.zip")}
+    moto = _start_moto()
+    try:
+        if moto is not None:
+            import s3fs
+
+            fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+            fs.mkdir("stage-bench")
+            fs.put(str(loose) + "/", "stage-bench/loose/", recursive=True)
+            inputs["loose_s3"] = "s3://stage-bench/loose"
+
+        def one(uri: str) -> tuple[float, float, int]:
+            listing = sources.list_units(uri)
+            units = {k: np.array(listing.table.column(k).to_pylist(), dtype=object) for k in ("kind", "uri", "version")}
+            start, c0, rows = time.perf_counter(), _cpu_seconds(), 0
+            for t in ingest.read_raw(units, batch_size):
+                out = ingest.prepare_batch({c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names},
+                                           image_size, ingest.NO_IDS)
+                rows += int((out["status"] == "ok").sum())
+            return time.perf_counter() - start, _cpu_seconds() - c0, rows
+
+        import numpy as np
+
+        best: dict[str, tuple[float, float, int]] = {}
+        names = list(inputs)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                wall, cpu, rows = one(inputs[name])
+                if rows != n:
+                    raise RuntimeError(f"{name}: {rows} images decoded, expected {n}")
+                if name not in best or wall < best[name][0]:
+                    best[name] = (wall, cpu, rows)
+    finally:
+        if moto is not None:
+            moto.terminate()
+            moto.wait(timeout=10)
+        shutil.rmtree(loose, ignore_errors=True)
+    base = n / best["loose_local"][0]
+    out = {"stage": "read+decode, one process", "images": n, "image_size": image_size}
+    for name, (wall, cpu, _) in best.items():
+        out[f"{name}_images_per_s"] = round(n / wall, 1)
+        out[f"{name}_cpu_ms_per_image"] = round(1000 * cpu / n, 2)
+        out[f"{name}_ratio"] = round(n / wall / base, 3)
+    return out
+
+
+def _start_moto():
+    """A moto S3 server on 127.0.0.1 (the one the tests use), its URL in AWS_ENDPOINT_URL; None if
+    moto is not installed (it is a dev dependency)."""
+    import socket
+    import urllib.request
+
+    exe = pathlib.Path(sys.executable).with_name("moto_server")
+    if not exe.exists():
+        return None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except Exception:
+            time.sleep(0.1)
+    os.environ.update({"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    return proc
 
 
 def bare_model_rate(model_dir: str, archive: pathlib.Path, batch_size: int, n: int) -> dict:
@@ -213,6 +308,9 @@ def main() -> None:
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpus-per-actor", type=float, default=0.0,
                    help="score on GPUs (the bare loop then runs on the GPU TensorFlow sees too)")
+    p.add_argument("--no-stages", dest="stages", action="store_false",
+                   help="skip the per-input-kind read+decode measurement")
+    p.add_argument("--stages-only", action="store_true", help="only the per-input-kind read+decode measurement")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ray-idle", action="store_true", help=argparse.SUPPRESS)
@@ -225,6 +323,10 @@ def main() -> None:
         return one_run(args)
     with tempfile.TemporaryDirectory(prefix="score-bench-") as tmp:
         tmp = pathlib.Path(tmp)
+        if args.stages or args.stages_only:
+            print(json.dumps(stage_rates(tmp, args.images, args.image_size, args.batch_size)), flush=True)
+            if args.stages_only:
+                return
         model_dir = str(tmp / "model")
         subprocess.run([sys.executable, "-c", "import sys; from malaria_ray.model import build_model, save_model; "
                         f"save_model(build_model(image_size={args.image_size}, seed=0), {model_dir!r})"], check=True)

@@ -95,9 +95,9 @@ def exists(uri: str) -> bool:
 
 
 def read_bytes(uri: str) -> bytes:
+    """The whole object: one GET on S3 (``open().read()`` costs a HEAD first)."""
     fs, path = filesystem(uri)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    return fs.cat_file(path)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
