@@ -101,7 +101,10 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     _flag(p, S, "model", "trained model: a run directory or a model.keras URI", required=True)
     _flag(p, S, "output", "output root shared by nightly runs (local or s3://)", required=True)
     _flag(p, S, "batch_size", "images per model call", type=int)
-    _flag(p, S, "actors", "model actors in the pool", type=int)
+    _flag(p, S, "actors", "model actors: a pool of exactly this many (default: 1 on CPU; with --gpus-per-actor, "
+          "an autoscaling pool from 1 to --max-actors)", type=int)
+    _flag(p, S, "max_actors", "the autoscaling GPU pool's largest size (default: the GPUs in the cluster at the "
+          "start / --gpus-per-actor)", type=int)
     _flag(p, S, "gpus_per_actor", "GPUs per model actor (0 on CPU-only clusters)", type=float)
     _flag(p, S, "cpus_per_actor", "CPUs per model actor", type=float)
     _flag(p, S, "memory_per_actor_gb", "memory Ray reserves for each model actor, GiB", type=float)

@@ -8,6 +8,8 @@ TensorFlow inside a worker still uses every core of the machine whatever it rese
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from malaria_ray import logs
 
 
@@ -35,6 +37,37 @@ def fit_memory(count: int, per_gb: float, cluster_bytes: float, what: str, tag: 
     logs.get(tag).info(f"{count} {what} x {per_gb:g} GiB exceed the {cluster_bytes / 2**30:.1f} GiB of memory Ray "
                        f"can schedule: reserving {fitted / 2**30:.2f} GiB per {what.rstrip('s')} instead")
     return fitted
+
+
+@dataclass(frozen=True)
+class ActorPool:
+    """The model actors' pool: ``min_size``..``max_size`` actors (equal: a fixed pool), and how many
+    batches each actor holds at once (2 on GPUs: the next batch is sent while one is computed)."""
+
+    min_size: int
+    max_size: int
+    in_flight: int
+
+    def strategy(self):
+        import ray
+
+        if self.min_size == self.max_size:
+            return ray.data.ActorPoolStrategy(size=self.max_size, max_tasks_in_flight_per_actor=self.in_flight)
+        return ray.data.ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size,
+                                          max_tasks_in_flight_per_actor=self.in_flight)
+
+
+def actor_pool(actors: int | None, max_actors: int | None, gpus_per_actor: float, cluster_gpus: float) -> ActorPool:
+    """``--actors`` is a fixed pool. Without it, CPU scoring runs one actor, and GPU scoring an
+    autoscaling pool from one actor to ``--max-actors`` (default: one per ``--gpus-per-actor`` of
+    the GPUs the cluster has at the start, at least 1): Ray Data adds actors while work waits."""
+    in_flight = 2 if gpus_per_actor else 1
+    if actors is not None:
+        return ActorPool(actors, actors, in_flight)
+    if not gpus_per_actor:
+        return ActorPool(1, max_actors or 1, in_flight)
+    top = max_actors or max(1, int(cluster_gpus // gpus_per_actor))
+    return ActorPool(1, top, in_flight)
 
 
 def note_missing_gpus(needed: float, cluster_gpus: float, flag: str, tag: str) -> None:

@@ -40,7 +40,10 @@ def new_run_id() -> str:
 class Scorer:
     """Ray Data callable class: the model is loaded once per actor; ``__call__`` scores a batch."""
 
-    def __init__(self, model_uri: str, model_id: str, threshold: float, run_id: str, fault: str | None = None) -> None:
+    def __init__(self, model_uri: str, model_id: str, threshold: float, run_id: str, fault: str | None = None,
+                 pad_to: int | None = None) -> None:
+        """``pad_to``: GPU actors pad every batch to this many images, so the device sees one shape
+        (cuDNN picks its kernels once; a short last batch does not pick again)."""
         import tensorflow as tf
 
         # Without memory growth TF grabs the whole GPU and a second actor on it cannot start.
@@ -61,7 +64,7 @@ class Scorer:
         except ModelError as exc:
             self.error = exc
         self.model_id, self.threshold, self.run_id, self.fault = model_id, float(threshold), run_id, fault
-        self.calls = 0
+        self.calls, self.pad_to = 0, pad_to
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         status = np.asarray(batch[S.COL_STATUS], dtype=object)
@@ -75,7 +78,10 @@ class Scorer:
         ok = status == S.STATUS_OK
         prob = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
-            prob[ok] = self.predict(batch[S.COL_PIXELS][ok])
+            x = batch[S.COL_PIXELS][ok]
+            if self.pad_to and len(x) % self.pad_to:
+                x = np.concatenate([x, np.zeros((self.pad_to - len(x) % self.pad_to, *x.shape[1:]), x.dtype)])
+            prob[ok] = self.predict(x)[:int(ok.sum())]
         pred = np.where(prob >= self.threshold, POSITIVE_CLASS, CLASS_NAMES[1]).astype(object)
         pred[~ok] = None
         now = np.datetime64(dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), "us")
@@ -276,12 +282,15 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
     import ray
 
     cluster = ray.cluster_resources()
+    pool = resources.actor_pool(cfg.actors, cfg.max_actors, cfg.gpus_per_actor, cluster.get("GPU", 0.0))
     if cfg.gpus_per_actor:  # GPU actors land on GPU nodes that may not exist yet: their memory is unknown
         cpus_per_actor, memory_per_actor = cfg.cpus_per_actor, int(cfg.memory_per_actor_gb * 2**30)
-        resources.note_missing_gpus(cfg.actors * cfg.gpus_per_actor, cluster.get("GPU", 0.0), "--gpus-per-actor", "score")
+        resources.note_missing_gpus(pool.min_size * cfg.gpus_per_actor, cluster.get("GPU", 0.0), "--gpus-per-actor",
+                                    "score")
     else:  # leave a CPU for the read and decode tasks (see ``malaria_ray.resources``)
-        cpus_per_actor = resources.leave_a_cpu(cfg.actors, cfg.cpus_per_actor, cluster.get("CPU", 1.0), "actors", "score")
-        memory_per_actor = resources.fit_memory(cfg.actors, cfg.memory_per_actor_gb, cluster.get("memory", 0.0),
+        cpus_per_actor = resources.leave_a_cpu(pool.max_size, cfg.cpus_per_actor, cluster.get("CPU", 1.0), "actors",
+                                               "score")
+        memory_per_actor = resources.fit_memory(pool.max_size, cfg.memory_per_actor_gb, cluster.get("memory", 0.0),
                                                 "actors", "score")
     # Read, then decode, as two stages: a read task takes ~256 loose files (fetched concurrently)
     # or an archive and emits raw bytes in blocks of --batch-size rows; decode tasks take one block
@@ -299,9 +308,10 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
                         fn_kwargs={"image_size": size, "skip_ids": skip_ids}, **remote_args)
     return ds.map_batches(
         Scorer, batch_size=cfg.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        compute=pool.strategy(),
         fn_constructor_kwargs={"model_uri": cfg.model, "model_id": model_id, "threshold": cfg.threshold,
-                               "run_id": run_id, "fault": faults.armed()},
+                               "run_id": run_id, "fault": faults.armed(),
+                               "pad_to": cfg.batch_size if cfg.gpus_per_actor else None},
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a killed
         # actor restarts and its in-flight batch is retried (tests/test_score.py kills one).
         # The memory reservation keeps Ray from packing more actors on a node than fit. It also

@@ -62,3 +62,24 @@ def test_memory_reservation_fits_the_node_and_says_so(logged):
     assert 0 < 4 * fitted <= 4 * 2**30
     assert "[score] 4 actors x 2 GiB exceed the 4.0 GiB of memory Ray can schedule: reserving 0.90 GiB per actor" \
         in logged.readouterr().out
+
+
+def test_actor_pool_fixed_on_cpu_autoscaling_on_gpus():
+    from malaria_ray.config import ConfigError, ScoreConfig
+    from malaria_ray.resources import ActorPool, actor_pool
+
+    assert actor_pool(None, None, 0.0, 0.0) == ActorPool(1, 1, 1)  # CPU: one actor, one batch at a time
+    assert actor_pool(3, None, 0.0, 0.0) == ActorPool(3, 3, 1)
+    # GPUs: one actor per GPU the cluster has, grown from 1 as work waits; two batches in flight each.
+    assert actor_pool(None, None, 1.0, 8.0) == ActorPool(1, 8, 2)
+    assert actor_pool(None, None, 0.5, 4.0) == ActorPool(1, 8, 2)  # two actors share each GPU
+    assert actor_pool(None, None, 1.0, 0.0) == ActorPool(1, 1, 2)  # GPU nodes not up yet: at least one
+    assert actor_pool(None, 16, 1.0, 0.0) == ActorPool(1, 16, 2)  # --max-actors: room for the autoscaler
+    assert actor_pool(4, None, 1.0, 8.0) == ActorPool(4, 4, 2)  # --actors: exactly that many
+    strategy = actor_pool(None, None, 1.0, 8.0).strategy()
+    assert (strategy.min_size, strategy.max_size, strategy.max_tasks_in_flight_per_actor) == (1, 8, 2)
+    assert actor_pool(2, None, 0.0, 0.0).strategy().max_size == 2
+    with pytest.raises(ConfigError, match="not both"):
+        ScoreConfig(input="i", model="m", output="o", actors=2, max_actors=4)
+    with pytest.raises(ConfigError, match="--max-actors"):
+        ScoreConfig(input="i", model="m", output="o", max_actors=0)

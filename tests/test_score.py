@@ -75,6 +75,9 @@ def test_scorer_direct_then_in_map_batches(ray_session, sample_dir, score_model)
     scorer = Scorer(str(score_model), info["model_id"], 0.5, "r1")
     out = scorer(batch)
     prob = out[schema.COL_PROB]
+    # A GPU actor pads each batch to one shape: the same probabilities for the real rows.
+    padded = Scorer(str(score_model), info["model_id"], 0.5, "r1", pad_to=8)(batch)[schema.COL_PROB]
+    assert np.allclose(padded[:3], prob[:3], atol=1e-6) and np.isnan(padded[3])
     assert np.all((prob[:3] >= 0) & (prob[:3] <= 1)) and np.isnan(prob[3])
     assert out[schema.COL_PRED][3] is None and out[schema.COL_ERROR][3]
     # The same callable inside Ray Data's actor pool gives the same probabilities.
