@@ -72,6 +72,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _flag(p, T, "label_smoothing", "label smoothing of the training loss", type=float)
     _flag(p, T, "precision", "fp32, or bf16: mixed bfloat16 compute with float32 weights and softmax "
           "(GPUs with bf16 units; CPUs with AVX512_BF16/AMX)", choices=PRECISIONS)
+    _switch(p, "xla", "XLA-compile the forward and backward pass (try it on GPUs: bench/gpu_check.sh measures it; "
+            "slower than the default on CPUs)")
     _flag(p, T, "num_workers", "Ray Train workers (one per GPU on a GPU cluster)", type=int)
     _switch(p, "use_gpu", "one GPU per worker")
     _flag(p, T, "cpus_per_worker", "CPUs reserved per Train worker", type=float)

@@ -65,6 +65,7 @@ class TrainConfig(_Serialized):
     warmup_epochs: float = 0.0  # linear warm-up from 0 before the cosine decay
     label_smoothing: float = 0.0
     precision: str = "fp32"  # "bf16": mixed bfloat16 compute, float32 variables and softmax
+    xla: bool = False  # XLA-compile the forward and backward pass (GPUs; slower than oneDNN on CPUs)
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
