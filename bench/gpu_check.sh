@@ -4,7 +4,7 @@
 #
 #   MALARIA_SAMPLE_DIR=../shared/data/nih_malaria bash bench/gpu_check.sh [--dry-run]
 #
-# 1. trains 2 epochs at 128 px with --use-gpu in bf16 and in fp32 (global batch 256), and reads
+# 1. trains 2 epochs at 128 px with --use-gpu in bf16, fp32 and bf16 with --xla (global batch 256), and reads
 #    each run's training images/s from its history (epoch 2: the first pays tracing);
 # 2. times the bare compiled train step on the same GPU, model, size and batch (the baseline);
 # 3. scores a 100,000-image archive (10,000 cells replicated 10x) with --gpus-per-actor 1, with the
@@ -38,15 +38,17 @@ if (( ! DRY )); then
   trap 'kill $SMI 2>/dev/null || true' EXIT
 fi
 
-for precision in bf16 fp32; do
-  run "$PY" -m malaria_ray.cli train --data "$SAMPLE" --output "$OUT/train-$precision" --image-size 128 \
+for variant in bf16 fp32 bf16-xla; do
+  precision="${variant%-xla}"
+  xla=(); [[ "$variant" == *-xla ]] && xla=(--xla)
+  run "$PY" -m malaria_ray.cli train --data "$SAMPLE" --output "$OUT/train-$variant" --image-size 128 \
     --epochs 2 --batch-size 256 --learning-rate 0.004 --use-gpu --precision "$precision" --bn-recal-batches 10 \
-    --overwrite
+    "${xla[@]}" --overwrite
 done
 run "$PY" bench/train_throughput.py --data "$SAMPLE" --bare-only on --images 3000 --image-size 128 \
   --batch-size 256 --steps 10
 run "$PY" bench/score_throughput.py --images 10000 --replicate 10 --image-size 128 --batch-size 512 \
-  --gpus-per-actor 1
+  --gpus-per-actor 1 --no-stages
 
 if (( ! DRY )); then
   "$PY" - "$OUT" <<'PYEOF'
@@ -55,7 +57,7 @@ import pandas as pd
 out = pathlib.Path(sys.argv[1])
 bare = [json.loads(line)["bare"] for line in (out / "log.txt").read_text().splitlines() if line.startswith('{"bare"')]
 print(f"\n== GPU check ({(out / 'gpu.txt').read_text().strip()}); outputs in {out}")
-for p in ("bf16", "fp32"):
+for p in ("bf16", "fp32", "bf16-xla"):
     h = pd.read_parquet(out / f"train-{p}" / "history.parquet").iloc[-1]
     rate = h["train_images"] / h["train_seconds"]
     print(f"train {p}: {rate:,.0f} images/s (epoch 2)" + (f"; ratio to the bare fp32 step {rate / bare[0]:.2f}" if bare else ""))

@@ -81,7 +81,8 @@ def test_gpu_check_script_dry_run_commands_are_valid():
     assert out.returncode == 0, out.stderr
     commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
     trains = [c for c in commands if c[1:4] == ["-m", "malaria_ray.cli", "train"]]
-    assert [cli.parse_train(c[4:])[0].precision for c in trains] == ["bf16", "fp32"]
+    assert [(cli.parse_train(c[4:])[0].precision, cli.parse_train(c[4:])[0].xla) for c in trains] == [
+        ("bf16", False), ("fp32", False), ("bf16", True)]
     assert all(cli.parse_train(c[4:])[0].use_gpu for c in trains)
     benches = [c for c in commands if c[1].startswith("bench/")]
     assert len(benches) == 2
