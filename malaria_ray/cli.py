@@ -105,6 +105,8 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     _flag(p, S, "batch_size", "images per model call", type=int)
     _flag(p, S, "actors", "model actors: a pool of exactly this many (default: 1 on CPU; with --gpus-per-actor, "
           "an autoscaling pool from 1 to --max-actors)", type=int)
+    _flag(p, S, "precision", "fp32, or bf16: the model actors compute in mixed bfloat16 with a float32 softmax "
+          "(GPUs with bf16 units)", choices=PRECISIONS)
     _flag(p, S, "max_actors", "the autoscaling GPU pool's largest size (default: the GPUs in the cluster at the "
           "start / --gpus-per-actor)", type=int)
     _flag(p, S, "gpus_per_actor", "GPUs per model actor (0 on CPU-only clusters)", type=float)

@@ -173,6 +173,7 @@ class ScoreConfig(_Serialized):
     batch_size: int = 64
     actors: int | None = None  # a fixed pool; default: 1 on CPU, an autoscaling pool of GPU actors
     max_actors: int | None = None  # GPU pool's upper bound; default: the GPUs in the cluster / --gpus-per-actor
+    precision: str = "fp32"  # "bf16": the model actors compute in mixed bfloat16 (GPUs)
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     memory_per_actor_gb: float = 2.0  # 128 px, batch 64 on CPU measured ~1.4 GiB resident
@@ -198,6 +199,8 @@ class ScoreConfig(_Serialized):
             raise ConfigError(f"--max-actors must be >= 1, got {self.max_actors}")
         if self.actors is not None and self.max_actors is not None:
             raise ConfigError("give --actors (a fixed pool) or --max-actors (an autoscaling pool), not both")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.gpus_per_actor < 0:
             raise ConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
         if self.max_member_mb <= 0 or self.max_compression_ratio < 1:

@@ -251,6 +251,35 @@ def predictor(model):
     return lambda images: probs(images).numpy()
 
 
+def bf16_copy(model):
+    """``model`` computing in mixed bfloat16 (GPU scoring, ``--precision bf16``): every layer but
+    the output layers (the float32 softmax) gets the ``mixed_bfloat16`` policy; the weights are the
+    same float32 values. Built from the model's config, so any saved Keras functional model works."""
+    import keras
+
+    config = model.get_config()
+    outputs = config.get("output_layers", [])
+    outputs = [outputs] if outputs and isinstance(outputs[0], str) else outputs  # one output: [name, 0, 0]
+    keep = {name for name, *_ in outputs}
+
+    def walk(node):
+        if isinstance(node, dict):
+            dtype = node.get("config", {}).get("dtype") if isinstance(node.get("config"), dict) else None
+            if (isinstance(dtype, dict) and dtype.get("class_name") == "DTypePolicy"
+                    and node.get("class_name") != "InputLayer" and node["config"].get("name") not in keep):
+                dtype["config"]["name"] = "mixed_bfloat16"
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config["layers"])
+    clone = keras.Model.from_config(config)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
 def load_model(uri: str):
     """(keras.Model, model_id) from a ``.keras`` file or a run directory holding ``model.keras``.
 

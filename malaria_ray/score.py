@@ -41,7 +41,7 @@ class Scorer:
     """Ray Data callable class: the model is loaded once per actor; ``__call__`` scores a batch."""
 
     def __init__(self, model_uri: str, model_id: str, threshold: float, run_id: str, fault: str | None = None,
-                 pad_to: int | None = None) -> None:
+                 pad_to: int | None = None, precision: str = "fp32") -> None:
         """``pad_to``: GPU actors pad every batch to this many images, so the device sees one shape
         (cuDNN picks its kernels once; a short last batch does not pick again)."""
         import tensorflow as tf
@@ -49,7 +49,7 @@ class Scorer:
         # Without memory growth TF grabs the whole GPU and a second actor on it cannot start.
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
-        from malaria_ray.model import load_model, predictor
+        from malaria_ray.model import bf16_copy, load_model, predictor
 
         # A model that fails to load is reported in every row this actor returns, not raised: an
         # exception from an actor reaches the driver wrapped in Ray's worker header, and a failed
@@ -60,7 +60,7 @@ class Scorer:
             model, loaded_id = load_model(model_uri)
             if loaded_id != model_id:
                 raise ModelError(f"model {model_uri} changed during the run ({model_id} -> {loaded_id})")
-            self.predict = predictor(model)
+            self.predict = predictor(bf16_copy(model) if precision == "bf16" else model)
         except ModelError as exc:
             self.error = exc
         self.model_id, self.threshold, self.run_id, self.fault = model_id, float(threshold), run_id, fault
@@ -311,7 +311,7 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
         compute=pool.strategy(),
         fn_constructor_kwargs={"model_uri": cfg.model, "model_id": model_id, "threshold": cfg.threshold,
                                "run_id": run_id, "fault": faults.armed(),
-                               "pad_to": cfg.batch_size if cfg.gpus_per_actor else None},
+                               "pad_to": cfg.batch_size if cfg.gpus_per_actor else None, "precision": cfg.precision},
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a killed
         # actor restarts and its in-flight batch is retried (tests/test_score.py kills one).
         # The memory reservation keeps Ray from packing more actors on a node than fit. It also

@@ -138,3 +138,21 @@ def test_a_model_whose_input_scaling_cannot_be_verified_is_refused(tmp_path):
     ours = model_mod.build_model(32, seed=0)
     model_mod.save_model(ours, str(tmp_path / "ours"))
     assert model_mod.inspect_artifact(str(tmp_path / "ours"))["image_size"] == 32
+
+
+def test_bf16_copy_computes_in_bfloat16_with_the_same_weights(sample_dir):
+    import keras
+
+    from malaria_ray.model import bf16_copy, build_model, predictor
+    from malaria_ray.preprocess import decode_image
+
+    model = build_model(32, seed=1)
+    copy = bf16_copy(model)
+    assert keras.mixed_precision.global_policy().name == "float32"  # nothing global changed
+    conv = next(la for la in copy.get_layer("resnet50v2").layers if isinstance(la, keras.layers.Conv2D))
+    assert conv.compute_dtype == "bfloat16" and conv.kernel.dtype == "float32"
+    assert copy.get_layer("probs").compute_dtype == "float32" and copy.output.dtype == "float32"
+    for a, b in zip(model.get_weights(), copy.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = np.stack([decode_image(f.read_bytes(), 32) for f in sorted((sample_dir / "Parasitized").glob("*.png"))[:8]])
+    assert np.allclose(predictor(copy)(x), predictor(model)(x), atol=0.02)

@@ -75,6 +75,9 @@ def test_scorer_direct_then_in_map_batches(ray_session, sample_dir, score_model)
     scorer = Scorer(str(score_model), info["model_id"], 0.5, "r1")
     out = scorer(batch)
     prob = out[schema.COL_PROB]
+    # --precision bf16: the same model computing in bfloat16 (float32 softmax) gives close probabilities.
+    bf16 = Scorer(str(score_model), info["model_id"], 0.5, "r1", precision="bf16")
+    assert np.allclose(bf16(batch)[schema.COL_PROB][:3], prob[:3], atol=0.02)
     # A GPU actor pads each batch to one shape: the same probabilities for the real rows.
     padded = Scorer(str(score_model), info["model_id"], 0.5, "r1", pad_to=8)(batch)[schema.COL_PROB]
     assert np.allclose(padded[:3], prob[:3], atol=1e-6) and np.isnan(padded[3])
