@@ -66,36 +66,46 @@ class Scorer:
         self.model_id, self.threshold, self.run_id, self.fault = model_id, float(threshold), run_id, fault
         self.calls, self.pad_to = 0, pad_to
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        status = np.asarray(batch[S.COL_STATUS], dtype=object)
-        n = len(status)
+    def __call__(self, batch):
+        """A pyarrow batch in, a pyarrow batch out: the text columns pass through as Arrow columns,
+        never as numpy object arrays; only the pixels become an array (for the model)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        n = batch.num_rows
+        status, error = batch.column(S.COL_STATUS), batch.column(S.COL_ERROR)
         if self.error is not None:
-            status = np.full(n, S.STATUS_MODEL_ERROR, dtype=object)
-            batch = {**batch, S.COL_STATUS: status, S.COL_ERROR: np.full(n, str(self.error), dtype=object)}
+            status = pa.array([S.STATUS_MODEL_ERROR] * n, pa.string())
+            error = pa.array([str(self.error)] * n, pa.string())
         else:
             self.calls += 1
             faults.maybe_fail(self.fault, "score.batch", self.calls)
-        ok = status == S.STATUS_OK
+        ok = pc.fill_null(pc.equal(status, S.STATUS_OK), False).to_numpy(zero_copy_only=False)
         prob = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
-            x = batch[S.COL_PIXELS][ok]
+            x = pixels(batch.column(S.COL_PIXELS))[ok]
             if self.pad_to and len(x) % self.pad_to:
                 x = np.concatenate([x, np.zeros((self.pad_to - len(x) % self.pad_to, *x.shape[1:]), x.dtype)])
             prob[ok] = self.predict(x)[:int(ok.sum())]
         pred = np.where(prob >= self.threshold, POSITIVE_CLASS, CLASS_NAMES[1]).astype(object)
         pred[~ok] = None
-        now = np.datetime64(dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), "us")
-        # Text columns pass through as str or None: a column that was all null in the block arrives
-        # as float NaN, and passing that on would give blocks of one column two Arrow types.
-        out = {k: _text(batch[k]) for k in (S.COL_IMAGE_ID, S.COL_URI, S.COL_SLIDE, S.COL_PATIENT, S.COL_LABEL,
-                                            S.COL_ERROR, S.COL_STATUS, S.COL_SOURCE_VERSION)}
-        return {**out, S.COL_PROB: prob, S.COL_PRED: pred,
-                S.COL_THRESHOLD: np.full(n, self.threshold), S.COL_MODEL_ID: np.full(n, self.model_id, dtype=object),
-                S.COL_RUN_ID: np.full(n, self.run_id, dtype=object), S.COL_SCORED_AT: np.full(n, now)}
+        now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        # Columns that were all null in a block may arrive as Arrow's null type: the driver's
+        # ``outputs.normalize`` gives every column its contract type.
+        out = {k: batch.column(k) for k in (S.COL_IMAGE_ID, S.COL_URI, S.COL_SLIDE, S.COL_PATIENT, S.COL_LABEL,
+                                            S.COL_SOURCE_VERSION)}
+        return pa.table({**out, S.COL_ERROR: error, S.COL_STATUS: status,
+                         S.COL_PROB: pa.array(prob, pa.float32(), mask=~ok), S.COL_PRED: pa.array(pred, pa.string()),
+                         S.COL_THRESHOLD: pa.array(np.full(n, self.threshold)),
+                         S.COL_MODEL_ID: pa.array([self.model_id] * n, pa.string()),
+                         S.COL_RUN_ID: pa.array([self.run_id] * n, pa.string()),
+                         S.COL_SCORED_AT: pa.array([now] * n, pa.timestamp("us"))})
 
 
-def _text(values: np.ndarray) -> np.ndarray:
-    return np.array([v if isinstance(v, str) else None for v in values], dtype=object)
+def pixels(column) -> np.ndarray:
+    """A Ray Data tensor column (pyarrow extension array, one or more chunks) as one numpy array."""
+    chunks = [c.to_numpy() for c in column.chunks] if hasattr(column, "chunks") else [column.to_numpy()]
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
 def inspect_model(model_uri: str) -> dict:
@@ -307,7 +317,7 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
     ds = ds.map_batches(ingest.prepare_batch, batch_size=None, batch_format="numpy", num_cpus=1,
                         fn_kwargs={"image_size": size, "skip_ids": skip_ids}, **remote_args)
     return ds.map_batches(
-        Scorer, batch_size=cfg.batch_size, batch_format="numpy",
+        Scorer, batch_size=cfg.batch_size, batch_format="pyarrow",
         compute=pool.strategy(),
         fn_constructor_kwargs={"model_uri": cfg.model, "model_id": model_id, "threshold": cfg.threshold,
                                "run_id": run_id, "fault": faults.armed(),

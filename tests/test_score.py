@@ -72,20 +72,26 @@ def test_scorer_direct_then_in_map_batches(ray_session, sample_dir, score_model)
             for p in real_pngs(sample_dir, "Parasitized", 3)]
     rows.append(sources._row("/x/zero.png", schema.STATUS_OK, data=b""))
     batch = prepare_batch(raw_batch(rows), 32, np.array([], dtype=object))
+    # The actor takes and returns pyarrow batches, as Ray Data gives them (pixels: a tensor column).
+    from ray.data.block import BlockAccessor
+
+    table = BlockAccessor.batch_to_block(batch)
     scorer = Scorer(str(score_model), info["model_id"], 0.5, "r1")
-    out = scorer(batch)
+    out = {k: v.to_numpy(zero_copy_only=False) for k, v in zip(scorer(table).column_names, scorer(table).columns)}
+    assert out[schema.COL_URI].tolist() == batch[schema.COL_URI].tolist()
     prob = out[schema.COL_PROB]
     # --precision bf16: the same model computing in bfloat16 (float32 softmax) gives close probabilities.
     bf16 = Scorer(str(score_model), info["model_id"], 0.5, "r1", precision="bf16")
-    assert np.allclose(bf16(batch)[schema.COL_PROB][:3], prob[:3], atol=0.02)
+    assert np.allclose(bf16(table).column(schema.COL_PROB).to_numpy(zero_copy_only=False)[:3], prob[:3], atol=0.02)
     # A GPU actor pads each batch to one shape: the same probabilities for the real rows.
-    padded = Scorer(str(score_model), info["model_id"], 0.5, "r1", pad_to=8)(batch)[schema.COL_PROB]
+    padded = Scorer(str(score_model), info["model_id"], 0.5, "r1", pad_to=8)(table).column(
+        schema.COL_PROB).to_numpy(zero_copy_only=False)
     assert np.allclose(padded[:3], prob[:3], atol=1e-6) and np.isnan(padded[3])
     assert np.all((prob[:3] >= 0) & (prob[:3] <= 1)) and np.isnan(prob[3])
     assert out[schema.COL_PRED][3] is None and out[schema.COL_ERROR][3]
     # The same callable inside Ray Data's actor pool gives the same probabilities.
     ds = ray_session.data.from_items([{k: v[i] for k, v in batch.items()} for i in range(4)])
-    got = ds.map_batches(Scorer, batch_size=4, batch_format="numpy",
+    got = ds.map_batches(Scorer, batch_size=4, batch_format="pyarrow",
                          compute=ray_session.data.ActorPoolStrategy(size=1),
                          fn_constructor_kwargs={"model_uri": str(score_model), "model_id": info["model_id"],
                                                 "threshold": 0.5, "run_id": "r1"}).take_all()
