@@ -6,6 +6,10 @@ MultiWorkerMirroredStrategy requirement; rank 0's copy is the one Ray Train keep
     model.keras     the model, weights and BatchNorm statistics included
     optimizer.npz   the optimizer's variables in order (``v0``, ``v1``, ...), its step count included
     state.json      ``{"epoch": <last finished epoch>, "history": [<one HISTORY_COLUMNS row per epoch>]}``
+    val_predictions.rankNNN.parquet
+                    each worker's validation predictions of this epoch's model (uri, image_id,
+                    label index, P(Parasitized)): Ray Train merges every rank's files into the
+                    checkpoint, and the run directory's predictions come from the best one's
 
 A run directory is finished when ``FINISHED_MARKER`` (``history.parquet``, written last) exists.
 ``RUN_FILE`` (``run.json``), written before training starts, holds the resolved config and the Ray
@@ -26,6 +30,7 @@ MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.keras", "optimizer.npz", "state.
 # Columns of history.parquet: one row per epoch.
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds", "train_seconds",
                    "train_images")
+VAL_PREDICTIONS_PREFIX = "val_predictions.rank"
 FINISHED_MARKER = "history.parquet"
 RUN_FILE = "run.json"
 
@@ -49,6 +54,25 @@ def restore(directory: str, model, optimizer) -> dict[str, Any]:
 def read_state(directory: str) -> dict[str, Any]:
     with open(os.path.join(directory, STATE_FILE)) as f:
         return json.load(f)
+
+
+def save_val_predictions(directory: str, rank: int, uris, image_ids, labels, probs) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"uri": pa.array(uris, pa.string()), "image_id": pa.array(image_ids, pa.string()),
+                      "label": pa.array(labels, pa.int8()), "prob": pa.array(probs, pa.float32())})
+    pq.write_table(table, os.path.join(directory, f"{VAL_PREDICTIONS_PREFIX}{rank:03d}.parquet"))
+
+
+def read_val_predictions(directory: str):
+    """Every rank's validation predictions in a checkpoint as one table (rank order), or None where
+    the checkpoint has none (written by an older version)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(f for f in os.listdir(directory) if f.startswith(VAL_PREDICTIONS_PREFIX))
+    return pa.concat_tables([pq.read_table(os.path.join(directory, f)) for f in files]) if files else None
 
 
 def model_path(directory: str) -> str:

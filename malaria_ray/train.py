@@ -77,6 +77,28 @@ def prepare_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainCo
     return train_ds, val_ds, unreadable
 
 
+def whole_validation_config():
+    """Ray Train's DataConfig, except that the validation set is split into unequal shards: Ray
+    cuts every dataset into equal shards, dropping up to (workers - 1) rows, which training needs
+    (each step is a collective) but validation must not do (every image is predicted once)."""
+    from ray.train import DataConfig
+
+    class _WholeValidation(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            rest = {k: v for k, v in datasets.items() if k != "val"}
+            output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+            if "val" in datasets:
+                ds = datasets["val"].copy(datasets["val"])
+                if ds.name is None:
+                    ds.set_name("val")
+                ds.context.execution_options = self._resolve_execution_options("val")
+                for i, it in enumerate(ds.streaming_split(world_size, equal=False)):
+                    output[i]["val"] = it
+            return output
+
+    return _WholeValidation()
+
+
 # ---------------------------------------------------------------- the driver
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -174,6 +196,7 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
         ),
         datasets={"train": train_ds, "val": val_ds},
+        dataset_config=whole_validation_config(),
         run_config=ray.train.RunConfig(
             name=plan.run_name,  # the same name and storage path continue from the latest checkpoint
             storage_path=_ray_storage_path(cfg.output),

@@ -72,7 +72,12 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
     with best_ckpt.as_directory() as d:
         best, _ = model_mod.load_model(checkpoint.model_path(d))
         best_state = checkpoint.read_state(d)
-    uris, ids, labels, probs = predict_dataset(best, val_ds)
+        made = checkpoint.read_val_predictions(d)
+    if made is not None and made.num_rows == val_ds.count():  # made by the workers at that epoch
+        uris, ids = made.column("uri").to_pylist(), made.column("image_id").to_pylist()
+        labels, probs = made.column("label").to_numpy(), made.column("prob").to_numpy()
+    else:  # a checkpoint from before workers wrote them: predict here
+        uris, ids, labels, probs = predict_dataset(best, val_ds)
     y = labels == CLASS_NAMES.index(POSITIVE_CLASS)
     op = operating_point(y, probs, cfg.target_sensitivity)
     model_id = model_mod.save_model(best, out, h5=cfg.export_h5, operating_point=op)

@@ -61,12 +61,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_seconds = time.perf_counter() - t0
         if clean:
             recalibrate(clean)
-        row = {"epoch": epoch, **stats, **evaluate(fns, val_shard, cfg.batch_size // world),
-               "seconds": time.perf_counter() - t0, "train_seconds": train_seconds}
+        val_stats, val_predictions = evaluate(fns, val_shard, cfg.batch_size // world)
+        row = {"epoch": epoch, **stats, **val_stats, "seconds": time.perf_counter() - t0, "train_seconds": train_seconds}
         history.append(row)
         log("epoch {epoch}/{n}: loss {loss:.4f} acc {accuracy:.4f} val_loss {val_loss:.4f} "
             "val_acc {val_accuracy:.4f} ({seconds:.0f}s)".format(n=cfg.epochs, **row))
-        save_and_report(fns, row, history, rank)
+        save_and_report(fns, row, history, rank, val_predictions)
 
 
 def collective_implementation(use_gpu: bool) -> str:
@@ -152,7 +152,7 @@ def build_steps(cfg: TrainConfig, strategy, steps_per_epoch: int) -> Steps:
     @tf.function
     def eval_step(x, y):
         probs = model(tf.cast(x, tf.float32), training=False)
-        return tf.reduce_sum(bce_eval(y, probs)), hits(y, probs)
+        return tf.reduce_sum(bce_eval(y, probs)), hits(y, probs), probs[:, 0]
 
     @tf.function
     def all_sum(v):  # a collective: every worker calls it the same number of times
@@ -194,16 +194,24 @@ def run_epoch(cfg: TrainConfig, fns: Steps, shard, epoch: int, steps: int, local
     return stats, clean
 
 
-def evaluate(fns: Steps, shard, local_batch: int) -> dict[str, float]:
-    """Validation loss and accuracy over every worker's shard (one collective at the end)."""
+def evaluate(fns: Steps, shard, local_batch: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Validation loss and accuracy over every worker's shard (one collective at the end), and this
+    worker's per-image predictions (uri, image_id, label, prob): the run's validation predictions
+    are made here, on the training devices, not again on the driver."""
     import tensorflow as tf
 
+    from malaria_ray.schema import COL_IMAGE_ID, COL_URI
+
     v = np.zeros(3, np.float32)  # val loss sum, hits, count on this worker
+    cols: dict[str, list] = {"uris": [], "image_ids": [], "labels": [], "probs": []}
     for batch in shard.iter_batches(batch_size=local_batch, batch_format="numpy"):
-        ls, h = fns.eval_step(tf.constant(batch["image"]), tf.one_hot(batch["label"], 2))
+        ls, h, p = fns.eval_step(tf.constant(batch["image"]), tf.one_hot(batch["label"], 2))
         v += (float(ls), float(h), len(batch["label"]))
+        for key, values in zip(cols, (batch[COL_URI], batch[COL_IMAGE_ID], batch["label"], p.numpy())):
+            cols[key].append(values)
     v = fns.all_sum(tf.constant(v)).numpy()
-    return {"val_loss": float(v[0] / max(v[2], 1)), "val_accuracy": float(v[1] / max(v[2], 1))}
+    predictions = {k: np.concatenate(c) if c else np.array([]) for k, c in cols.items()}
+    return {"val_loss": float(v[0] / max(v[2], 1)), "val_accuracy": float(v[1] / max(v[2], 1))}, predictions
 
 
 def bn_recalibrator(model, all_sum=None, world: int = 1):
@@ -254,13 +262,18 @@ def bn_recalibrator(model, all_sum=None, world: int = 1):
     return recalibrate
 
 
-def save_and_report(fns: Steps, row: dict, history: list, rank: int) -> None:
-    """Every rank saves (a MultiWorkerMirroredStrategy requirement); only rank 0 reports the files."""
+def save_and_report(fns: Steps, row: dict, history: list, rank: int, val_predictions: dict[str, np.ndarray]) -> None:
+    """Every rank saves the model (a MultiWorkerMirroredStrategy requirement), rank 0's copy is
+    reported; every rank reports its validation predictions, which Ray Train merges into the same
+    checkpoint directory."""
     import ray.train
 
-    with tempfile.TemporaryDirectory(prefix="malaria-ray-ckpt-") as d:
+    with tempfile.TemporaryDirectory(prefix="malaria-ray-ckpt-") as d, \
+            tempfile.TemporaryDirectory(prefix="malaria-ray-preds-") as p:
         checkpoint.save(d, fns.model, fns.optimizer, row["epoch"], history)
-        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+        reported = d if rank == 0 else p
+        checkpoint.save_val_predictions(reported, rank, **val_predictions)
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(reported))
 
 
 class _Log:

@@ -63,6 +63,16 @@ def test_two_workers_train_resume_after_killed_worker_and_write_run(corpus_with_
 
     preds = pd.read_parquet(out / "predictions.parquet")
     n_val = int((split.split == "val").sum())
+    # Validation predictions are made by the workers: both ranks' files merged into each checkpoint,
+    # together the readable validation images once each (the driver did not predict them again).
+    ckpts = sorted(d for d in out.glob("checkpoints/*/checkpoint_*") if d.is_dir())
+    assert ckpts
+    for ckpt in ckpts:
+        assert sorted(f.name for f in ckpt.glob("val_predictions.rank*.parquet")) == [
+            "val_predictions.rank000.parquet", "val_predictions.rank001.parquet"], list(ckpt.iterdir())
+    made = checkpoint.read_val_predictions(str(ckpts[-1]))
+    assert made.num_rows == n_val - int((~split.readable & (split.split == "val")).sum())
+    assert made.column("uri").to_pylist() != [] and len(set(made.column("uri").to_pylist())) == made.num_rows
     assert len(preds) == n_val, "one row per validation image, unreadable ones as error rows"
     assert preds["prob_parasitized"].dropna().between(0, 1).all()
     m = pd.read_parquet(out / "metrics.parquet").iloc[0]
