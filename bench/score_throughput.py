@@ -58,6 +58,8 @@ def stage_rates(tmp: pathlib.Path, n: int, image_size: int, batch_size: int, rou
     import tarfile
     import zipfile
 
+    import numpy as np
+
     from malaria_ray import ingest, sources
 
     loose = tmp / "stage-loose"
@@ -89,8 +91,6 @@ def stage_rates(tmp: pathlib.Path, n: int, image_size: int, batch_size: int, rou
                                            image_size, ingest.NO_IDS)
                 rows += int((out["status"] == "ok").sum())
             return time.perf_counter() - start, _cpu_seconds() - c0, rows
-
-        import numpy as np
 
         best: dict[str, tuple[float, float, int]] = {}
         names = list(inputs)

@@ -10,7 +10,6 @@ fatal. Imports neither Ray nor TensorFlow.
 from __future__ import annotations
 
 import hashlib
-import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
@@ -48,7 +47,7 @@ def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.nd
         if status[i] not in (STATUS_OK, STATUS_ERROR):
             continue  # non-images and empty archives travel on only to be counted
         cols[COL_LABEL][i], cols[COL_SLIDE][i], cols[COL_PATIENT][i] = corpus.describe(
-            uri, _text(batch[COL_LABEL_HINT][i]), _text(batch[COL_SLIDE_HINT][i]), _text(batch[COL_PATIENT_HINT][i]))
+            uri, batch[COL_LABEL_HINT][i], batch[COL_SLIDE_HINT][i], batch[COL_PATIENT_HINT][i])
         cols[COL_IMAGE_ID][i] = image_id_of(data if status[i] == STATUS_OK else None, uri)
         if in_sorted(skip_ids, cols[COL_IMAGE_ID][i]):
             status[i] = STATUS_ALREADY
@@ -122,11 +121,6 @@ def _unit_rows(units: dict[str, np.ndarray], limits: sources.Limits, threads: in
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _text(value) -> str | None:
-    """A hint as str or None: a column null in every row of a block can arrive as float NaN."""
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def in_sorted(sorted_keys: np.ndarray, key: str) -> bool:

@@ -103,8 +103,8 @@ class Scorer:
 
 
 def pixels(column) -> np.ndarray:
-    """A Ray Data tensor column (pyarrow extension array, one or more chunks) as one numpy array."""
-    chunks = [c.to_numpy() for c in column.chunks] if hasattr(column, "chunks") else [column.to_numpy()]
+    """A Ray Data tensor column (a chunked pyarrow extension array) as one numpy array."""
+    chunks = [c.to_numpy() for c in column.chunks]
     return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
