@@ -12,6 +12,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from malaria_ray.config import (
+    AUGMENT_POLICIES,
     LR_REFERENCE_BATCH,
     LR_SCALINGS,
     LR_SCHEDULES,
@@ -90,6 +91,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
           "sensitivity reaches this; recorded in model.json and used by scoring", type=float)
     _flag(p, T, "bn_recal_batches", "clean training batches per epoch on which BatchNorm statistics are "
           "re-estimated before validation and the checkpoint (0: off)", type=int)
+    _flag(p, T, "augment_policy", "training augmentation: the notebook's warps, or cells: any rotation and a "
+          "stain-like colour jitter", choices=AUGMENT_POLICIES)
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="train without the notebook's augmentation")
     p.add_argument("--recipe", choices=sorted(RECIPES), help="a named preset of the flags above (explicit flags "

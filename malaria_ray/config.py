@@ -18,6 +18,7 @@ DEFAULT_THRESHOLD = 0.5  # P(Parasitized) at or above which a cell is called Par
 SPLITS = ("patient", "random")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
+AUGMENT_POLICIES = ("notebook", "cells")  # preprocess.augment_tf
 # --lr-scaling: "none" trains at --learning-rate whatever the batch; "sqrt" (the rule for Adam) and
 # "linear" (the rule for SGD) scale it by the global batch over the notebook's batch of 32.
 LR_SCALINGS = ("none", "sqrt", "linear")
@@ -79,6 +80,7 @@ class TrainConfig(_Serialized):
     overwrite: bool = False
     export_h5: bool = False
     augment: bool = True
+    augment_policy: str = "notebook"  # "cells": any rotation and a stain-like colour jitter (preprocess)
     bn_recal_batches: int = 50  # per epoch: BatchNorm statistics re-estimated on this many clean batches
     synthetic: bool = False  # set when the corpus came from `malaria-ray synth`
     recipe: str | None = None  # the --recipe preset the run started from, if any
@@ -123,6 +125,9 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.augment_policy not in AUGMENT_POLICIES:
+        raise ConfigError(f"--augment-policy must be one of {', '.join(AUGMENT_POLICIES)}, "
+                          f"got {cfg.augment_policy!r}")
     if cfg.lr_scaling not in LR_SCALINGS:
         raise ConfigError(f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}, got {cfg.lr_scaling!r}")
     if cfg.lr_schedule not in LR_SCHEDULES:

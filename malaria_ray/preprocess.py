@@ -14,6 +14,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from malaria_ray.config import AUGMENT_POLICIES
+
 # The only decoders Pillow may use: what microscopes and slide scanners write. Every other format
 # (and its decoder's attack surface) is refused before any of its bytes are parsed as an image.
 FORMATS = ("PNG", "JPEG", "TIFF")
@@ -27,6 +29,12 @@ ZOOM = 0.05
 SHIFT = 0.05
 SHEAR = 0.05  # ImageDataGenerator reads shear_range in degrees
 HFLIP = True
+
+# ``--augment-policy``. "notebook": the settings above. "cells": a cell on a slide has no up, and
+# patients' smears differ in stain: any rotation (with the flip, every orientation), and a colour
+# jitter of ``COLOR_JITTER``: a gain per image and per channel (black background stays black) and a
+# saturation change, drawn independently for every image and step.
+COLOR_JITTER = 0.1
 
 
 class DecodeError(ValueError):
@@ -75,13 +83,14 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _affine(u, size: int, m):
+def _affine(u, size: int, m, rotation_deg: float | None = None):
     """Projective transforms (8 params each, output->input pixel map) from uniforms ``u`` [n, 7] in
     [0, 1): rotation, zoom x/y, shift x/y, shear, horizontal flip about the image centre, as one
     affine map C . T . R . Sh . Z . C^-1. ``m`` is the array module: numpy on the host, TensorFlow
-    inside a compiled step; both compute the same matrices from the same draws."""
+    inside a compiled step; both compute the same matrices from the same draws. ``rotation_deg``:
+    the rotation range (+-), by default the notebook's ``ROTATION_DEG``."""
     c = (size - 1) / 2.0
-    theta = (2 * u[:, 0] - 1) * (ROTATION_DEG * math.pi / 180)
+    theta = (2 * u[:, 0] - 1) * ((ROTATION_DEG if rotation_deg is None else rotation_deg) * math.pi / 180)
     zx = 1 - ZOOM + 2 * ZOOM * u[:, 1]
     zy = 1 - ZOOM + 2 * ZOOM * u[:, 2]
     tx = (2 * u[:, 3] - 1) * SHIFT * size
@@ -99,27 +108,49 @@ def augment_matrices(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return _affine(rng.random((n, 7)), size, np).astype(np.float32)
 
 
-def augment_tf(images, seed):
-    """Warp a float32 batch (N, H, W, 3) with fresh random transforms, as TensorFlow ops: runs
-    inside the compiled train step, on the device that trains. ``seed``: int64 [2], one per step
-    (stateless: the same seed gives the same warp, so a resumed run repeats nothing by chance)."""
+def augment_tf(images, seed, policy: str = "notebook"):
+    """Warp a float32 batch (N, H, W, 3) with fresh random transforms (and, for the "cells" policy,
+    a colour jitter), as TensorFlow ops: runs inside the compiled train step, on the device that
+    trains. ``seed``: int64 [2], one per step (stateless: the same seed gives the same result, so a
+    resumed run repeats nothing by chance)."""
     import tensorflow as tf
 
+    if policy not in AUGMENT_POLICIES:
+        raise ValueError(f"augment policy must be one of {', '.join(AUGMENT_POLICIES)}, got {policy!r}")
+    cells = policy == "cells"
     shape = tf.shape(images)
-    u = tf.random.stateless_uniform([shape[0], 7], seed=seed, dtype=tf.float32)
-    return tf.raw_ops.ImageProjectiveTransformV3(
+    # The notebook policy draws exactly the 7 columns it always drew: a run's warps do not change.
+    u = tf.random.stateless_uniform([shape[0], 12 if cells else 7], seed=seed, dtype=tf.float32)
+    out = tf.raw_ops.ImageProjectiveTransformV3(
         images=images,
-        transforms=_affine(u, images.shape[1], tf),
+        transforms=_affine(u[:, :7], images.shape[1], tf, rotation_deg=180.0 if cells else None),
         output_shape=shape[1:3],
         fill_value=tf.constant(0.0),
         interpolation="BILINEAR",
-        fill_mode="NEAREST",  # ImageDataGenerator's default
+        # ImageDataGenerator's default repeats the edge pixels; with any rotation that smears streaks
+        # into the corners, so "cells" fills with the black that surrounds every NIH crop.
+        fill_mode="CONSTANT" if cells else "NEAREST",
     )
+    return color_jitter_tf(out, u[:, 7:]) if cells else out
 
 
-def augment_batch(images: np.ndarray, rng: np.random.Generator):
+def color_jitter_tf(images, u, strength: float | None = None):
+    """A stain-like colour change of a float32 batch in [0, 255] from uniforms ``u`` [N, 5]: the
+    saturation scaled by 1 +- 2s (about each pixel's grey), then a gain of 1 +- s per image times
+    1 +- s/2 per channel (s: ``COLOR_JITTER``); black stays black; clipped to [0, 255]."""
+    import tensorflow as tf
+
+    s = COLOR_JITTER if strength is None else strength
+    sat = tf.reshape(1 - 2 * s + 4 * s * u[:, 0], [-1, 1, 1, 1])
+    gain = (1 - s + 2 * s * u[:, 1:2]) * (1 - s / 2 + s * u[:, 2:5])  # [N, 3]
+    grey = tf.reduce_mean(images, axis=-1, keepdims=True)
+    out = (grey + (images - grey) * sat) * gain[:, None, None, :]
+    return tf.clip_by_value(out, 0.0, 255.0)
+
+
+def augment_batch(images: np.ndarray, rng: np.random.Generator, policy: str = "notebook"):
     """``augment_tf`` on a host batch with a seed drawn from ``rng``; returns a float32 ``tf.Tensor``."""
     import tensorflow as tf
 
     seed = tf.constant(rng.integers(0, 2**62, size=2), tf.int64)
-    return augment_tf(tf.convert_to_tensor(images, tf.float32), seed)
+    return augment_tf(tf.convert_to_tensor(images, tf.float32), seed, policy)

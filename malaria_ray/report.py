@@ -96,7 +96,7 @@ def model_card(cfg: dict, listing, val_mask: np.ndarray, rows: list[dict], group
         return f"{r[k]:.4f} (95% CI {r[k + '_ci_low']:.4f}-{r[k + '_ci_high']:.4f})"
 
     recipe = ", ".join(f"{k} {cfg[k]}" for k in ("image_size", "epochs", "batch_size", "learning_rate", "lr_schedule",
-                                                   "warmup_epochs", "label_smoothing", "augment", "weights",
+                                                   "warmup_epochs", "label_smoothing", "augment", "augment_policy", "weights",
                                                    "bn_recal_batches", "num_workers", "seed"))
     patients = [g for g in groups if g["level"] == "patient"]
     lines = [

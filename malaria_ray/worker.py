@@ -140,7 +140,7 @@ def build_steps(cfg: TrainConfig, strategy, steps_per_epoch: int) -> Steps:
         def replica_fn(x, y, seed):
             x = tf.cast(x, tf.float32)  # uint8 crosses to the device: 4x fewer bytes than float32
             if cfg.augment:
-                x = augment_tf(x, seed)
+                x = augment_tf(x, seed, cfg.augment_policy)
             loss, probs, grads = gradients(x, y)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return loss * cfg.batch_size, hits(y, probs)

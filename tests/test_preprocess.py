@@ -110,3 +110,49 @@ def test_decoding_is_limited_to_scanner_formats_and_is_honest_about_them(sample_
     sideways.save(buf, format="JPEG", exif=exif, quality=95)
     out = preprocess.decode_image(buf.getvalue(), 80)
     assert out[:10].mean(axis=(0, 1))[0] > 200 and out[:10].mean(axis=(0, 1))[1] < 80, "top band is red"
+
+
+@pytest.mark.tf
+def test_cells_policy_rotates_any_way_jitters_colour_and_leaves_the_notebook_policy_unchanged(sample_dir):
+    """--augment-policy cells: the colour jitter is the documented closed form (mid draws: identity;
+    black stays black; clipped), the background stays black under any rotation (no smeared edge
+    pixels), one seed gives one result; the notebook policy still draws exactly what it always did."""
+    import tensorflow as tf
+
+    from malaria_ray.cli import parse_train
+    from malaria_ray.config import ConfigError, TrainConfig
+
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 255, (3, 8, 8, 3)).astype(np.float32)
+    x[:, 0, 0] = 0.0
+    assert np.allclose(preprocess.color_jitter_tf(tf.constant(x), tf.fill([3, 5], 0.5)).numpy(), x, atol=1e-3)
+    u = rng.random((3, 5)).astype(np.float32)
+    s = preprocess.COLOR_JITTER
+    grey = x.mean(-1, keepdims=True)
+    gain = (1 - s + 2 * s * u[:, 1:2]) * (1 - s / 2 + s * u[:, 2:5])
+    want = np.clip((grey + (x - grey) * (1 - 2 * s + 4 * s * u[:, 0])[:, None, None, None]) * gain[:, None, None],
+                   0, 255)
+    got = preprocess.color_jitter_tf(tf.constant(x), tf.constant(u)).numpy()
+    assert np.allclose(got, want, atol=1e-3) and (got[:, 0, 0] == 0).all()
+
+    cells = np.stack([preprocess.decode_image(p.read_bytes(), 64)
+                      for p in sorted((sample_dir / "Parasitized").glob("*.png"))[:16]]).astype(np.float32)
+    seed, other = tf.constant([1, 2], tf.int64), tf.constant([1, 3], tf.int64)
+    a, b, c = (preprocess.augment_tf(tf.constant(cells), sd, "cells").numpy() for sd in (seed, seed, other))
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+    corners = a[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners == 0).all(), "any rotation: corners are filled with black, not edge pixels"
+    assert abs(a.mean() - cells.mean()) < 0.1 * cells.mean()
+    default = preprocess.augment_tf(tf.constant(cells), seed).numpy()
+    u7 = tf.random.stateless_uniform([16, 7], seed=seed, dtype=tf.float32)
+    ref = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.constant(cells), transforms=preprocess._affine(u7, 64, tf), output_shape=[64, 64],
+        fill_value=tf.constant(0.0), interpolation="BILINEAR", fill_mode="NEAREST").numpy()
+    assert np.array_equal(default, ref) and np.array_equal(default, preprocess.augment_tf(tf.constant(cells), seed,
+                                                                                         "notebook").numpy())
+    with pytest.raises(ValueError, match="augment policy"):
+        preprocess.augment_tf(tf.constant(cells), seed, "strong")
+    cfg, _ = parse_train(["--data", "d", "--output", "o", "--augment-policy", "cells"])
+    assert cfg.augment_policy == "cells" and TrainConfig(data="d", output="o").augment_policy == "notebook"
+    with pytest.raises(ConfigError, match="--augment-policy"):
+        TrainConfig(data="d", output="o", augment_policy="strong")
