@@ -20,6 +20,7 @@ from malaria_ray.config import (
     RECIPES,
     SMOKE_TRAIN,
     SPLITS,
+    STREAM_MODES,
     ConfigError,
     ScoreConfig,
     TrainConfig,
@@ -75,6 +76,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
           "(GPUs with bf16 units; CPUs with AVX512_BF16/AMX)", choices=PRECISIONS)
     _switch(p, "xla", "XLA-compile the forward and backward pass (try it on GPUs: bench/gpu_check.sh measures it; "
             "slower than the default on CPUs)")
+    _flag(p, T, "stream", "on: decode the corpus once into Parquet shards in OUTPUT/decoded/ and stream them each "
+          "epoch (corpora larger than the object store); off: hold it decoded in the object store; auto: on above "
+          "a quarter of the object store", choices=STREAM_MODES)
     _flag(p, T, "num_workers", "Ray Train workers (one per GPU on a GPU cluster)", type=int)
     _switch(p, "use_gpu", "one GPU per worker")
     _flag(p, T, "cpus_per_worker", "CPUs reserved per Train worker", type=float)

@@ -18,7 +18,8 @@ DEFAULT_THRESHOLD = 0.5  # P(Parasitized) at or above which a cell is called Par
 SPLITS = ("patient", "random")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
-AUGMENT_POLICIES = ("notebook", "cells")  # preprocess.augment_tf
+AUGMENT_POLICIES = ("notebook", "cells")
+STREAM_MODES = ("auto", "on", "off")  # train.should_stream  # preprocess.augment_tf
 # --lr-scaling: "none" trains at --learning-rate whatever the batch; "sqrt" (the rule for Adam) and
 # "linear" (the rule for SGD) scale it by the global batch over the notebook's batch of 32.
 LR_SCALINGS = ("none", "sqrt", "linear")
@@ -83,6 +84,7 @@ class TrainConfig(_Serialized):
     augment_policy: str = "notebook"  # "cells": any rotation and a stain-like colour jitter (preprocess)
     bn_recal_batches: int = 50  # per epoch: BatchNorm statistics re-estimated on this many clean batches
     synthetic: bool = False  # set when the corpus came from `malaria-ray synth`
+    stream: str = "auto"  # decode once into Parquet shards and stream them (train.should_stream)
     recipe: str | None = None  # the --recipe preset the run started from, if any
     target_sensitivity: float = 0.97  # the operating point: threshold chosen on validation for this
 
@@ -128,6 +130,8 @@ def validate_train(cfg: TrainConfig) -> None:
     if cfg.augment_policy not in AUGMENT_POLICIES:
         raise ConfigError(f"--augment-policy must be one of {', '.join(AUGMENT_POLICIES)}, "
                           f"got {cfg.augment_policy!r}")
+    if cfg.stream not in STREAM_MODES:
+        raise ConfigError(f"--stream must be one of {', '.join(STREAM_MODES)}, got {cfg.stream!r}")
     if cfg.lr_scaling not in LR_SCALINGS:
         raise ConfigError(f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}, got {cfg.lr_scaling!r}")
     if cfg.lr_schedule not in LR_SCHEDULES:

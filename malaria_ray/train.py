@@ -27,22 +27,56 @@ from malaria_ray.schema import (
 )
 
 DECODE_BATCH = 64
+TRAIN_COLUMNS = [COL_URI, COL_IMAGE_ID, "image", "label"]
+PART_TRAIN, PART_VAL, PART_ERROR = "train", "val", "error"
+# Streaming (--stream): decoded shards under OUTPUT/decoded/, SHARD_ROWS rows a file (~48 MiB at
+# 128 px); auto streams when the decoded corpus would take more than STREAM_SHARE of the object store.
+DECODED_DIR, DECODED_DONE = "decoded", "_DONE"
+SHARD_ROWS = 1024
+STREAM_SHARE = 0.25
+STREAM_SHUFFLE_BATCHES = 32  # local shuffle buffer when streaming, in batches (4 otherwise)
 log = logs.get("train")
 
 
 # ---------------------------------------------------------------- driver-side data preparation
 def training_rows(batch: dict[str, np.ndarray], keep: np.ndarray, val: np.ndarray) -> dict[str, np.ndarray]:
     """Prepared rows -> the training columns, for the listed images (sorted ``keep``) only:
-    ``image`` (uint8), ``label`` (class index), ``is_val`` (uri in sorted ``val``), ``status``, ``error``."""
+    ``image`` (uint8), ``label`` (class index), ``part`` ("train", "val" for a uri in sorted ``val``,
+    or "error": unreadable), ``status``, ``error``."""
     listed = np.array([s in (STATUS_OK, STATUS_ERROR) and ingest.in_sorted(keep, u)
                        for s, u in zip(batch[COL_STATUS], batch[COL_URI])], dtype=bool)
-    uris = batch[COL_URI][listed]
+    uris, status = batch[COL_URI][listed], batch[COL_STATUS][listed]
+    is_val = np.array([ingest.in_sorted(val, u) for u in uris], dtype=bool)
     return {
         COL_URI: uris, COL_IMAGE_ID: batch[COL_IMAGE_ID][listed], "image": batch[COL_PIXELS][listed],
         "label": np.array([CLASS_NAMES.index(x) for x in batch[COL_LABEL][listed]], dtype=np.int64),
-        "is_val": np.array([ingest.in_sorted(val, u) for u in uris], dtype=bool),
-        COL_STATUS: batch[COL_STATUS][listed], COL_ERROR: batch[COL_ERROR][listed],
+        "part": np.where(status == STATUS_ERROR, PART_ERROR, np.where(is_val, PART_VAL, PART_TRAIN)).astype(object),
+        COL_STATUS: status, COL_ERROR: batch[COL_ERROR][listed],
     }
+
+
+def decoded_rows(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainConfig, blocks: int,
+                 shuffle_units: bool = False):
+    """The lazy Ray Data pipeline of ``training_rows`` over the listed images: read and decoded by
+    CPU tasks (``ingest.read_and_prepare``, the scoring decode), ``blocks`` read tasks. With
+    ``shuffle_units`` the files/archives are read in a seeded random order, so that each block (and
+    each decoded shard) mixes classes and patients instead of following the listing's folders."""
+    import ray
+
+    uris = np.asarray(listing.uris, dtype=object)
+    keep, val = np.sort(uris.astype(str)), np.sort(uris[val_mask].astype(str))
+    # Only the units that hold listed images (--max-images may keep a few of many).
+    containers = pa.array(sorted({split_member_uri(u)[0] for u in listing.uris}), pa.string())
+    units = listing.units.filter(pc.is_in(listing.units.column("uri"), value_set=containers))
+    if shuffle_units:
+        units = units.take(pa.array(np.random.default_rng(cfg.seed).permutation(units.num_rows)))
+    return (
+        ray.data.from_arrow(ingest.slices(units, blocks))
+        .map_batches(ingest.read_and_prepare, batch_size=None, batch_format="numpy", num_cpus=1,
+                     fn_kwargs={"image_size": cfg.image_size, "skip_ids": ingest.NO_IDS, "batch_size": DECODE_BATCH},
+                     runtime_env={"env_vars": storage.worker_env()})
+        .map_batches(training_rows, batch_size=None, batch_format="numpy", fn_kwargs={"keep": keep, "val": val})
+    )
 
 
 def prepare_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainConfig):
@@ -50,31 +84,93 @@ def prepare_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainCo
 
     The training set is shuffled once (seeded) as it is materialized; each epoch then shuffles
     locally (``worker.run_epoch``)."""
-    import ray
     from ray.data.expressions import col
 
-    uris = np.asarray(listing.uris, dtype=object)
-    keep, val = np.sort(uris.astype(str)), np.sort(uris[val_mask].astype(str))
-    # Only the units that hold listed images (--max-images may keep a few of many).
-    containers = pa.array(sorted({split_member_uri(u)[0] for u in listing.uris}), pa.string())
-    units = listing.units.filter(pc.is_in(listing.units.column("uri"), value_set=containers))
     blocks = max(2, min(64, len(listing) // DECODE_BATCH))
-    decoded = (
-        ray.data.from_arrow(ingest.slices(units, blocks))
-        .map_batches(ingest.read_and_prepare, batch_size=None, batch_format="numpy", num_cpus=1,
-                     fn_kwargs={"image_size": cfg.image_size, "skip_ids": ingest.NO_IDS, "batch_size": DECODE_BATCH},
-                     runtime_env={"env_vars": storage.worker_env()})
-        .map_batches(training_rows, batch_size=None, batch_format="numpy", fn_kwargs={"keep": keep, "val": val})
-        .materialize()
-    )
-    failed = col(COL_STATUS) == STATUS_ERROR
-    unreadable = decoded.filter(expr=failed).select_columns([COL_URI, COL_IMAGE_ID, COL_ERROR]).take_all()
-    good = decoded.filter(expr=~failed)
-    cols = [COL_URI, COL_IMAGE_ID, "image", "label"]
-    is_val = col("is_val") == True  # noqa: E712 (a Ray Data expression, not a Python test)
-    train_ds = good.filter(expr=~is_val).select_columns(cols).random_shuffle(seed=cfg.seed).materialize()
-    val_ds = good.filter(expr=is_val).select_columns(cols).materialize()
+    decoded = decoded_rows(listing, val_mask, cfg, blocks).materialize()
+    unreadable = (decoded.filter(expr=col("part") == PART_ERROR)
+                  .select_columns([COL_URI, COL_IMAGE_ID, COL_ERROR]).take_all())
+    train_ds = (decoded.filter(expr=col("part") == PART_TRAIN).select_columns(TRAIN_COLUMNS)
+                .random_shuffle(seed=cfg.seed).materialize())
+    val_ds = decoded.filter(expr=col("part") == PART_VAL).select_columns(TRAIN_COLUMNS).materialize()
     return train_ds, val_ds, unreadable
+
+
+# ---------------------------------------------------------------- streaming from decoded shards
+def decoded_gib(n_images: int, image_size: int) -> float:
+    return n_images * image_size * image_size * 3 / 2**30
+
+
+def should_stream(cfg: TrainConfig, n_images: int, object_store_bytes: float, shards_done: bool) -> bool:
+    """``--stream on|off``, or auto: stream when the decoded corpus would take more than
+    STREAM_SHARE of the cluster's object store (it would spill, or not fit), or when an interrupted
+    run already wrote its decoded shards."""
+    if cfg.stream != "auto":
+        return cfg.stream == "on"
+    return shards_done or decoded_gib(n_images, cfg.image_size) * 2**30 > STREAM_SHARE * object_store_bytes
+
+
+def stream_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainConfig):
+    """(train_ds, val_ds, unreadable) for a corpus larger than the object store: the images are
+    decoded once, in a streaming pass, into Parquet shards of SHARD_ROWS rows under
+    ``OUTPUT/decoded/part=train|val|error/``; the datasets read those shards lazily, so no epoch
+    holds more than a few blocks in memory. The training set reads its shards in a fresh (seeded)
+    order every epoch; the workers add a larger local shuffle (``shuffle_buffer``). A resumed run
+    reuses complete shards (marker ``_DONE``); partial ones are written again."""
+    import ray
+    from ray.data import FileShuffleConfig
+
+    root = storage.join(cfg.output, DECODED_DIR)
+    fs, path = storage.filesystem(root)
+    arrow_fs = _arrow_fs(fs) if storage.is_remote(root) else None
+    if not path.startswith("/") and not storage.is_remote(root):
+        path = os.path.abspath(path)
+    if fs.exists(storage.join(path, DECODED_DONE)):
+        log.info(f"reusing the decoded shards in {root}")
+    else:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)  # a pass that was interrupted: its shards are incomplete
+        t0 = time.perf_counter()
+        log.info(f"streaming: decoding {len(listing)} images once into Parquet shards in {root} "
+                 f"(~{decoded_gib(len(listing), cfg.image_size):.1f} GiB)")
+        blocks = max(2, min(4096, len(listing) // (4 * DECODE_BATCH)))
+        (decoded_rows(listing, val_mask, cfg, blocks, shuffle_units=True)
+         .select_columns([*TRAIN_COLUMNS, "part", COL_ERROR])
+         .map_batches(_string_errors, batch_size=None, batch_format="pyarrow")
+         .write_parquet(path, filesystem=arrow_fs, partition_cols=["part"], max_rows_per_file=SHARD_ROWS))
+        with fs.open(storage.join(path, DECODED_DONE), "w") as f:
+            f.write(json.dumps({"images": len(listing), "image_size": cfg.image_size}))
+        log.info(f"decoded shards written in {time.perf_counter() - t0:.0f}s")
+
+    def part(name: str, **kwargs):
+        where = storage.join(path, f"part={name}")
+        if not fs.exists(where):  # e.g. no unreadable image: no "error" partition
+            return None
+        return ray.data.read_parquet(where, filesystem=arrow_fs, partitioning=None, **kwargs)
+
+    errors = part(PART_ERROR, columns=[COL_URI, COL_IMAGE_ID, COL_ERROR])
+    unreadable = errors.take_all() if errors is not None else []
+    train_ds = part(PART_TRAIN, columns=TRAIN_COLUMNS, shuffle=FileShuffleConfig(seed=cfg.seed))
+    val_ds = part(PART_VAL, columns=TRAIN_COLUMNS)
+    if train_ds is None or val_ds is None:
+        raise CorpusError(f"no readable {'training' if train_ds is None else 'validation'} images in {cfg.data}")
+    return train_ds, val_ds, unreadable
+
+
+def _string_errors(table: pa.Table) -> pa.Table:
+    """The error column typed as strings, also in a block without errors (all-null would be
+    written as another type, and the shards' schemas would not merge)."""
+    i = table.schema.get_field_index(COL_ERROR)
+    return table.set_column(i, COL_ERROR, table.column(i).cast(pa.string()))
+
+
+def remove_decoded(cfg: TrainConfig) -> None:
+    """A finished run's decoded shards are not part of it (they can be as large as the corpus)."""
+    root = storage.join(cfg.output, DECODED_DIR)
+    fs, path = storage.filesystem(root)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+        log.info(f"removed the decoded shards {root}")
 
 
 def whole_validation_config():
@@ -175,7 +271,12 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
     if cfg.use_gpu:
         resources.note_missing_gpus(cfg.num_workers, cluster.get("GPU", 0.0), "--use-gpu", "train")
         resources.require_visible_gpu("--use-gpu", {"env_vars": storage.worker_env()})
-    train_ds, val_ds, unreadable = prepare_datasets(listing, val_mask, cfg)
+    shards_done = storage.exists(storage.join(cfg.output, DECODED_DIR, DECODED_DONE))
+    stream = should_stream(cfg, len(listing), cluster.get("object_store_memory", 0.0), shards_done)
+    if stream:
+        train_ds, val_ds, unreadable = stream_datasets(listing, val_mask, cfg)
+    else:
+        train_ds, val_ds, unreadable = prepare_datasets(listing, val_mask, cfg)
     if unreadable:
         log.info(f"{len(unreadable)} unreadable images left out:")
         for row in unreadable[:20]:
@@ -190,7 +291,9 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
                        {"run_name": plan.run_name, "config": config.redacted(dataclasses.asdict(cfg))})
     trainer = TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "steps_per_epoch": steps, "fault": faults.armed()},
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "steps_per_epoch": steps, "fault": faults.armed(),
+                           # streamed shards arrive in file order: a larger local shuffle mixes them
+                           "shuffle_buffer": STREAM_SHUFFLE_BATCHES if stream else 4},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
@@ -212,8 +315,10 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
         history = checkpoint.read_state(d)["history"]
     summary = trainrun.write_run(cfg, listing, val_mask, best, history, val_ds, unreadable,
                                  extra={"cpus_per_worker_effective": cpus_per_worker, "n_train": n_train,
-                                        "n_val": n_val, "steps_per_epoch": steps,
+                                        "n_val": n_val, "steps_per_epoch": steps, "streamed": stream,
                                         "ray_version": ray.__version__})
+    if stream:
+        remove_decoded(cfg)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     trainrun.print_summary(summary)
     return summary

@@ -57,7 +57,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         stats, clean = run_epoch(cfg, fns, train_shard, epoch, steps, cfg.batch_size // world, rng, log,
-                                 fault=fault if rank == world - 1 else None)
+                                 fault=fault if rank == world - 1 else None,
+                                 shuffle_batches=config.get("shuffle_buffer", 4))
         train_seconds = time.perf_counter() - t0
         if clean:
             recalibrate(clean)
@@ -164,10 +165,11 @@ def build_steps(cfg: TrainConfig, strategy, steps_per_epoch: int) -> Steps:
 
 def run_epoch(cfg: TrainConfig, fns: Steps, shard, epoch: int, steps: int, local_batch: int,
               rng: np.random.Generator, log: Callable[[str], None],
-              fault: str | None = None) -> tuple[dict, list[np.ndarray]]:
+              fault: str | None = None, shuffle_batches: int = 4) -> tuple[dict, list[np.ndarray]]:
     """One epoch of ``steps`` global batches; returns its loss/accuracy and up to
     ``cfg.bn_recal_batches`` clean (un-augmented) uint8 batches for the BatchNorm recalibration.
-    ``fault``: the test's armed fault (``malaria_ray.faults``), checked halfway through."""
+    ``fault``: the test's armed fault (``malaria_ray.faults``), checked halfway through.
+    ``shuffle_batches``: the local shuffle buffer, in batches (at least 256 rows)."""
     import tensorflow as tf
 
     t0 = time.perf_counter()
@@ -175,7 +177,7 @@ def run_epoch(cfg: TrainConfig, fns: Steps, shard, epoch: int, steps: int, local
     # end, so no step waits for the previous one to finish (a float() per step would).
     totals, seen = tf.zeros([2], tf.float32), 0
     it = shard.iter_batches(batch_size=local_batch, drop_last=True, batch_format="numpy", prefetch_batches=2,
-                            local_shuffle_buffer_size=max(4 * local_batch, 256),
+                            local_shuffle_buffer_size=max(shuffle_batches * local_batch, 256),
                             local_shuffle_seed=int(rng.integers(1 << 31)))
     clean: list[np.ndarray] = []
     for step, batch in zip(range(steps), it):

@@ -239,3 +239,68 @@ def test_xla_step_matches_the_default_step(sample_dir):
         losses[xla] = [float(fns.train_step(x, y, seed)[0]) for _ in range(4)]
     assert np.isclose(losses[True][0], losses[False][0], rtol=1e-4), losses  # the same function
     assert losses[True][-1] < losses[True][0] / 2, losses  # and it trains (later steps drift apart by rounding)
+
+
+def test_stream_decision_follows_the_flag_the_object_store_and_existing_shards():
+    from malaria_ray.cli import parse_train
+    from malaria_ray.config import ConfigError
+
+    cfg = TrainConfig(data="d", output="o", image_size=128)
+    gib = train.decoded_gib(27_558, 128)
+    assert round(gib * 2**30 / 1e9, 2) == 1.35  # NIH's whole corpus at 128 px, as the issue measured
+    store = 4 * gib * 2**30
+    assert not train.should_stream(cfg, 27_558, store * 1.01, shards_done=False)
+    assert train.should_stream(cfg, 27_558, store * 0.99, shards_done=False)
+    assert train.should_stream(cfg, 100, store, shards_done=True), "an interrupted streamed run keeps streaming"
+    assert train.should_stream(TrainConfig(data="d", output="o", stream="on"), 10, 1e12, False)
+    assert not train.should_stream(TrainConfig(data="d", output="o", stream="off"), 10**9, 1.0, False)
+    assert parse_train(["--data", "d", "--output", "o", "--stream", "on"])[0].stream == "on"
+    with pytest.raises(ConfigError, match="--stream"):
+        TrainConfig(data="d", output="o", stream="always")
+
+
+@pytest.mark.ray
+def test_streamed_corpus_is_decoded_once_into_shards_read_in_a_fresh_order_each_epoch(
+        corpus_with_bad_files, tmp_path, ray_session, monkeypatch):
+    monkeypatch.setattr(train, "SHARD_ROWS", 8)  # many small shards, so that their order can show
+    cfg = TrainConfig(data=str(corpus_with_bad_files), output=str(tmp_path / "run"), image_size=32, stream="on")
+    listing = corpus.list_corpus(cfg.data)
+    val_mask = corpus.make_split(listing, "patient", 0.3, 0)
+    train_ds, val_ds, unreadable = train.stream_datasets(listing, val_mask, cfg)
+    root = tmp_path / "run" / train.DECODED_DIR
+    assert (root / train.DECODED_DONE).exists()
+    assert len(list((root / "part=train").glob("*.parquet"))) >= 4
+    assert [r["uri"].endswith("C999P999ThinF_IMG_20150101_000000_cell_1.png") for r in unreadable] == [True]
+    bad_in_val = int(unreadable[0]["uri"] in set(np.asarray(listing.uris)[val_mask]))
+    assert (train_ds.count(), val_ds.count()) == (int((~val_mask).sum()) - (1 - bad_in_val),
+                                                  int(val_mask.sum()) - bad_in_val)
+    assert train_ds.schema().names == train.TRAIN_COLUMNS
+    epochs = [[r["image_id"] for r in train_ds.iter_rows()] for _ in range(3)]
+    assert all(sorted(e) == sorted(epochs[0]) for e in epochs), "every epoch sees every training image once"
+    assert len({tuple(e) for e in epochs}) > 1, "the shards are read in a fresh order each epoch"
+    batch = next(iter(train_ds.iter_batches(batch_size=4, batch_format="numpy")))
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
+    # A resumed run reuses complete shards; a pass cut short (no marker) is decoded again.
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")}
+    train.stream_datasets(listing, val_mask, cfg)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")} == before
+    (root / train.DECODED_DONE).unlink()
+    (root / "part=train" / "stale.parquet").write_bytes(b"partial")
+    train_ds, _, _ = train.stream_datasets(listing, val_mask, cfg)
+    assert not (root / "part=train" / "stale.parquet").exists() and (root / train.DECODED_DONE).exists()
+    assert sorted(r["image_id"] for r in train_ds.iter_rows()) == sorted(epochs[0])
+
+
+@pytest.mark.ray
+@pytest.mark.tf
+@pytest.mark.slow
+def test_streamed_training_runs_from_decoded_shards_and_removes_them(small_corpus, tmp_path, ray_session):
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=str(small_corpus), output=str(out), image_size=32, epochs=2, batch_size=16,
+                      stream="on", max_images=160, seed=0)
+    summary = train.fit(cfg)
+    hist = pd.read_parquet(out / "history.parquet")
+    assert hist["epoch"].tolist() == [1, 2] and (hist["train_images"] == summary["steps_per_epoch"] * 16).all()
+    assert summary["streamed"] is True and not (out / train.DECODED_DIR).exists()
+    preds = pd.read_parquet(out / "predictions.parquet")
+    assert len(preds) == summary["n_val"] and preds["prob_parasitized"].between(0, 1).all()
