@@ -18,8 +18,8 @@ DEFAULT_THRESHOLD = 0.5  # P(Parasitized) at or above which a cell is called Par
 SPLITS = ("patient", "random")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
-AUGMENT_POLICIES = ("notebook", "cells")
-STREAM_MODES = ("auto", "on", "off")  # train.should_stream  # preprocess.augment_tf
+AUGMENT_POLICIES = ("notebook", "cells")  # preprocess.augment_tf
+STREAM_MODES = ("auto", "on", "off")  # train.should_stream
 # --lr-scaling: "none" trains at --learning-rate whatever the batch; "sqrt" (the rule for Adam) and
 # "linear" (the rule for SGD) scale it by the global batch over the notebook's batch of 32.
 LR_SCALINGS = ("none", "sqrt", "linear")

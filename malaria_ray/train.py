@@ -10,6 +10,7 @@ contention hangs a run). ``trainrun`` writes the run directory from the best che
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -29,9 +30,9 @@ from malaria_ray.schema import (
 DECODE_BATCH = 64
 TRAIN_COLUMNS = [COL_URI, COL_IMAGE_ID, "image", "label"]
 PART_TRAIN, PART_VAL, PART_ERROR = "train", "val", "error"
-# Streaming (--stream): decoded shards under OUTPUT/decoded/, SHARD_ROWS rows a file (~48 MiB at
-# 128 px); auto streams when the decoded corpus would take more than STREAM_SHARE of the object store.
-DECODED_DIR, DECODED_DONE = "decoded", "_DONE"
+# Streaming (--stream): decoded shards under OUTPUT/decoded/, at most SHARD_ROWS rows a file (~48 MiB
+# at 128 px); auto streams when the decoded corpus would take more than STREAM_SHARE of the object store.
+DECODED_DIR, DECODED_STARTED, DECODED_DONE = "decoded", "_STARTED", "_DONE"
 SHARD_ROWS = 1024
 STREAM_SHARE = 0.25
 STREAM_SHUFFLE_BATCHES = 32  # local shuffle buffer when streaming, in batches (4 otherwise)
@@ -110,36 +111,65 @@ def should_stream(cfg: TrainConfig, n_images: int, object_store_bytes: float, sh
     return shards_done or decoded_gib(n_images, cfg.image_size) * 2**30 > STREAM_SHARE * object_store_bytes
 
 
+def shards_fingerprint(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainConfig) -> str:
+    """What decoded shards hold: the image size and every listed image with its side of the split.
+    Shards are reused only for the same fingerprint (another --seed, --max-images or size: decoded again)."""
+    h = hashlib.sha256(f"{cfg.image_size}\n".encode())
+    for uri, is_val in sorted(zip(map(str, listing.uris), map(bool, val_mask))):
+        h.update(f"{uri}\t{int(is_val)}\n".encode())
+    return h.hexdigest()
+
+
+def shards_ready(cfg: TrainConfig, fingerprint: str) -> bool:
+    """Whether OUTPUT/decoded/ holds a complete decode pass (``_DONE``) of this very listing and split."""
+    done = storage.join(cfg.output, DECODED_DIR, DECODED_DONE)
+    return storage.exists(done) and json.loads(storage.read_bytes(done)).get("fingerprint") == fingerprint
+
+
 def stream_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainConfig):
     """(train_ds, val_ds, unreadable) for a corpus larger than the object store: the images are
-    decoded once, in a streaming pass, into Parquet shards of SHARD_ROWS rows under
+    decoded once, in a streaming pass, into Parquet shards of up to SHARD_ROWS rows under
     ``OUTPUT/decoded/part=train|val|error/``; the datasets read those shards lazily, so no epoch
-    holds more than a few blocks in memory. The training set reads its shards in a fresh (seeded)
-    order every epoch; the workers add a larger local shuffle (``shuffle_buffer``). A resumed run
-    reuses complete shards (marker ``_DONE``); partial ones are written again."""
+    holds more than a few blocks in memory. Loose files are decoded in a seeded random order; a
+    corpus of archives (whose members come out one archive, often one class, at a time) is
+    shuffled row by row on its way to the shards, once. The training set reads its shards in a
+    fresh (seeded) order every epoch; the workers add a larger local shuffle (``shuffle_buffer``).
+    A resumed run reuses complete shards of the same listing and split (``_DONE`` holds their
+    fingerprint); anything else there that malaria-ray wrote is decoded again."""
     import ray
     from ray.data import FileShuffleConfig
+
+    from malaria_ray.sources import KIND_IMAGE
 
     root = storage.join(cfg.output, DECODED_DIR)
     fs, path = storage.filesystem(root)
     arrow_fs = _arrow_fs(fs) if storage.is_remote(root) else None
-    if not path.startswith("/") and not storage.is_remote(root):
-        path = os.path.abspath(path)
-    if fs.exists(storage.join(path, DECODED_DONE)):
+    fingerprint = shards_fingerprint(listing, val_mask, cfg)
+    if shards_ready(cfg, fingerprint):
         log.info(f"reusing the decoded shards in {root}")
     else:
         if fs.exists(path):
-            fs.rm(path, recursive=True)  # a pass that was interrupted: its shards are incomplete
+            if not (fs.exists(storage.join(path, DECODED_STARTED)) or fs.exists(storage.join(path, DECODED_DONE))):
+                raise CorpusError(f"{root} exists and was not written by malaria-ray: move it, or choose another "
+                                  "--output (streamed runs keep their decoded shards there)")
+            fs.rm(path, recursive=True)  # an interrupted pass, or shards of another listing or split
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(storage.join(path, DECODED_STARTED), "w") as f:
+            f.write(fingerprint)
         t0 = time.perf_counter()
+        archives = any(k != KIND_IMAGE for k in listing.units.column("kind").to_pylist())
         log.info(f"streaming: decoding {len(listing)} images once into Parquet shards in {root} "
-                 f"(~{decoded_gib(len(listing), cfg.image_size):.1f} GiB)")
+                 f"(~{decoded_gib(len(listing), cfg.image_size):.1f} GiB)"
+                 + ("; archives: shuffled row by row on the way" if archives else ""))
         blocks = max(2, min(4096, len(listing) // (4 * DECODE_BATCH)))
-        (decoded_rows(listing, val_mask, cfg, blocks, shuffle_units=True)
-         .select_columns([*TRAIN_COLUMNS, "part", COL_ERROR])
+        rows = decoded_rows(listing, val_mask, cfg, blocks, shuffle_units=True)
+        if archives:
+            rows = rows.random_shuffle(seed=cfg.seed)
+        (rows.select_columns([*TRAIN_COLUMNS, "part", COL_ERROR])
          .map_batches(_string_errors, batch_size=None, batch_format="pyarrow")
          .write_parquet(path, filesystem=arrow_fs, partition_cols=["part"], max_rows_per_file=SHARD_ROWS))
         with fs.open(storage.join(path, DECODED_DONE), "w") as f:
-            f.write(json.dumps({"images": len(listing), "image_size": cfg.image_size}))
+            f.write(json.dumps({"fingerprint": fingerprint, "images": len(listing), "image_size": cfg.image_size}))
         log.info(f"decoded shards written in {time.perf_counter() - t0:.0f}s")
 
     def part(name: str, **kwargs):
@@ -271,8 +301,12 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
     if cfg.use_gpu:
         resources.note_missing_gpus(cfg.num_workers, cluster.get("GPU", 0.0), "--use-gpu", "train")
         resources.require_visible_gpu("--use-gpu", {"env_vars": storage.worker_env()})
-    shards_done = storage.exists(storage.join(cfg.output, DECODED_DIR, DECODED_DONE))
+    shards_done = shards_ready(cfg, shards_fingerprint(listing, val_mask, cfg)) if storage.exists(
+        storage.join(cfg.output, DECODED_DIR, DECODED_DONE)) else False
     stream = should_stream(cfg, len(listing), cluster.get("object_store_memory", 0.0), shards_done)
+    if stream and not storage.is_remote(cfg.output) and len([n for n in ray.nodes() if n["Alive"]]) > 1:
+        raise CorpusError("--stream on a multi-node cluster needs an --output in object storage (s3://): decode "
+                          "tasks on other nodes would write their shards to those nodes' local disks")
     if stream:
         train_ds, val_ds, unreadable = stream_datasets(listing, val_mask, cfg)
     else:

@@ -1,5 +1,6 @@
 """Training end to end on real NIH cells: 2 Ray Train workers, a killed worker, the run directory."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -289,6 +290,40 @@ def test_streamed_corpus_is_decoded_once_into_shards_read_in_a_fresh_order_each_
     train_ds, _, _ = train.stream_datasets(listing, val_mask, cfg)
     assert not (root / "part=train" / "stale.parquet").exists() and (root / train.DECODED_DONE).exists()
     assert sorted(r["image_id"] for r in train_ds.iter_rows()) == sorted(epochs[0])
+    # Shards of another split are never reused; a "decoded" folder malaria-ray did not write is not deleted.
+    other = corpus.make_split(listing, "patient", 0.3, 1)
+    assert not np.array_equal(other, val_mask) and not train.shards_ready(
+        cfg, train.shards_fingerprint(listing, other, cfg))
+    _, val_other, _ = train.stream_datasets(listing, other, cfg)
+    assert val_other.count() == int(other.sum()) - int(unreadable[0]["uri"] in set(np.asarray(listing.uris)[other]))
+    foreign = tmp_path / "other-run" / train.DECODED_DIR
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(train.CorpusError, match="not written by malaria-ray"):
+        train.stream_datasets(listing, val_mask, dataclasses.replace(cfg, output=str(tmp_path / "other-run")))
+    assert (foreign / "notes.txt").exists()
+
+
+@pytest.mark.ray
+def test_streamed_archive_corpus_is_shuffled_row_by_row_into_mixed_shards(small_corpus, tmp_path, ray_session,
+                                                                         monkeypatch):
+    """One tar holds all Parasitized members, then all Uninfected: its shards must still mix both."""
+    import tarfile
+
+    monkeypatch.setattr(train, "SHARD_ROWS", 16)
+    data = tmp_path / "tars"
+    data.mkdir()
+    with tarfile.open(data / "cells.tar", "w") as tar:
+        for label in ("Parasitized", "Uninfected"):
+            for png in sorted((small_corpus / label).glob("*.png"))[:48]:
+                tar.add(png, arcname=f"{label}/{png.name}")
+    cfg = TrainConfig(data=str(data), output=str(tmp_path / "run"), image_size=32, stream="on")
+    listing = corpus.list_corpus(cfg.data)
+    train_ds, _, _ = train.stream_datasets(listing, corpus.make_split(listing, "random", 0.3, 0), cfg)
+    shards = sorted((tmp_path / "run" / train.DECODED_DIR / "part=train").glob("*.parquet"))
+    mixed = [pd.read_parquet(f, columns=["label"])["label"].nunique() == 2 for f in shards]
+    assert len(shards) >= 3 and all(mixed), mixed
+    assert train_ds.count() == int((~corpus.make_split(listing, "random", 0.3, 0)).sum())
 
 
 @pytest.mark.ray
