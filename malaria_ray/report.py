@@ -81,6 +81,40 @@ def calibration_png(bins: list[dict], brier: float) -> bytes:
     return _png(fig)
 
 
+def confident_disagreements(y: np.ndarray, probs: np.ndarray, threshold: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of up to ``n`` labelled-Parasitized images the model calls Uninfected, lowest score
+    first, and of up to ``n`` labelled-Uninfected images it calls Parasitized, highest first: the
+    images whose labels (or the model) a person should look at first."""
+    y, probs = np.asarray(y, bool), np.asarray(probs, float)
+    called = probs >= threshold
+    missed = np.flatnonzero(y & ~called)
+    flagged = np.flatnonzero(~y & called)
+    return (missed[np.argsort(probs[missed], kind="stable")][:n],
+            flagged[np.argsort(-probs[flagged], kind="stable")][:n])
+
+
+def disagreements_png(missed: list[tuple[np.ndarray, float]], flagged: list[tuple[np.ndarray, float]],
+                      threshold: float) -> bytes:
+    """Two rows of cells as the model saw them (uint8 RGB, the training size), each with its score:
+    labelled Parasitized but called Uninfected, and labelled Uninfected but called Parasitized."""
+    plt = _pyplot()
+    cols = max(len(missed), len(flagged), 1)
+    fig, axes = plt.subplots(2, cols, figsize=(1.3 * cols + 0.4, 3.4), squeeze=False)
+    for r, (cells, what) in enumerate(((missed, "labelled Parasitized, called Uninfected"),
+                                       (flagged, "labelled Uninfected, called Parasitized"))):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(cells):
+                ax.imshow(cells[c][0])
+                ax.set_title(f"p={cells[c][1]:.3f}", fontsize=7)
+        axes[r][0].text(0, -0.35, f"{what} (most confident first)" + ("" if cells else ": none"),
+                        transform=axes[r][0].transAxes, fontsize=8, ha="left")
+    fig.suptitle(f"Validation disagreements at threshold {threshold:.4f}: review the labels as well as the model",
+                 fontsize=9)
+    return _png(fig)
+
+
 def model_card(cfg: dict, listing, val_mask: np.ndarray, rows: list[dict], groups: list[dict],
                history: list[dict], n_unreadable: int) -> str:
     """``model_card.md`` of a training run: data, split, recipe, metrics with intervals at the
@@ -129,6 +163,11 @@ def model_card(cfg: dict, listing, val_mask: np.ndarray, rows: list[dict], group
           f"{ci(r, 'specificity')} | {ci(r, 'roc_auc')} |" for r in (op, argmax)],
         "",
         f"Calibration: Brier score {op['brier']:.4f}; reliability diagram `plots/calibration.png`.",
+        "",
+        "The most confident disagreements with the labels, as the model saw them: `plots/disagreements.png`. "
+        "Look at them before trusting the error rate: in the NIH corpus many confident 'misses' show no "
+        "visible parasite, i.e. label noise bounds the accuracy any model can be measured at "
+        "(docs/training.md, \"What the errors are\").",
         "",
         "## Evidence by patient",
         f"Call rule: {CALL_RULE}",

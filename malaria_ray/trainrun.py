@@ -61,6 +61,7 @@ def predictions_table(uris, ids, labels, probs, errors: list[dict], model_id: st
 
 
 BOOTSTRAP_SAMPLES = 1000
+DISAGREEMENTS_SHOWN = 12  # per direction, in plots/disagreements.png
 
 
 def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, best_ckpt, history: list[dict],
@@ -127,6 +128,8 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
     storage.write_bytes(storage.join(out, "plots", "confusion_matrix.png"), report.confusion_png(cm, title))
     storage.write_bytes(storage.join(out, "plots", "calibration.png"),
                         report.calibration_png(metrics.reliability(y, probs), m["brier"]))
+    storage.write_bytes(storage.join(out, "plots", "disagreements.png"), disagreements_png(val_ds, ids, y, probs,
+                                                                                         threshold))
     storage.write_text(storage.join(out, "model_card.md"), report.model_card(
         resolved, listing, val_mask, rows, groups, history, len(unreadable)))
     storage.write_bytes(storage.join(out, checkpoint.FINISHED_MARKER), storage.table_bytes(hist_tbl))  # last: finished
@@ -135,6 +138,26 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
             "threshold": threshold, "target_sensitivity": cfg.target_sensitivity, "argmax_accuracy": rows[1]["accuracy"],
             **{k: m[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc", "tp", "fp", "fn", "tn")},
             **{k: m[k] for k in m if k.endswith(("_ci_low", "_ci_high"))}}
+
+
+def disagreements_png(val_ds, ids: list[str], y: np.ndarray, probs: np.ndarray, threshold: float,
+                      n: int = DISAGREEMENTS_SHOWN) -> bytes:
+    """``report.disagreements_png`` of the validation images the model and the labels disagree on
+    most confidently; the pixels come from the decoded validation set (whatever the input kind)."""
+    missed, flagged = report.confident_disagreements(y, probs, threshold, n)
+    wanted = np.asarray([ids[i] for i in (*missed, *flagged)], dtype=object)
+    pixels = {}
+    if len(wanted):
+        for row in val_ds.map_batches(_rows_with_ids, batch_format="numpy", fn_kwargs={"ids": wanted}).take_all():
+            pixels[row[S.COL_IMAGE_ID]] = row["image"]
+    return report.disagreements_png([(pixels[ids[i]], float(probs[i])) for i in missed if ids[i] in pixels],
+                                    [(pixels[ids[i]], float(probs[i])) for i in flagged if ids[i] in pixels],
+                                    threshold)
+
+
+def _rows_with_ids(batch: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
+    keep = np.isin(batch[S.COL_IMAGE_ID].astype(object), ids)
+    return {S.COL_IMAGE_ID: batch[S.COL_IMAGE_ID][keep], "image": batch["image"][keep]}
 
 
 def operating_point(y: np.ndarray, probs: np.ndarray, target: float) -> dict[str, Any]:

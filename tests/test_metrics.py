@@ -97,3 +97,23 @@ def test_brier_and_reliability():
     assert math.isclose(metrics.brier(y, p), (0.01 + 0.01 + 0.16 + 0.16) / 4)
     bins = metrics.reliability(y, p, bins=2)
     assert [b["n"] for b in bins] == [2, 2] and bins[1]["frac_positive"] == 1.0
+
+
+def test_confident_disagreements_are_the_most_confident_errors_each_way_and_render():
+    import io
+
+    from PIL import Image
+
+    from malaria_ray import report
+
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0], bool)
+    p = np.array([0.9, 0.01, 0.3, 0.001, 0.2, 0.95, 0.6, 0.99])
+    missed, flagged = report.confident_disagreements(y, p, 0.5, n=5)
+    assert missed.tolist() == [3, 1, 2] and flagged.tolist() == [7, 5, 6]
+    missed, flagged = report.confident_disagreements(y, p, 0.5, n=1)
+    assert missed.tolist() == [3] and flagged.tolist() == [7]
+    assert [a.tolist() for a in report.confident_disagreements(y, p, 0.25, n=5)] == [[3, 1], [7, 5, 6]]
+    cell = np.zeros((32, 32, 3), np.uint8)
+    for m, f in (([(cell, 0.001)], [(cell, 0.99), (cell, 0.6)]), ([], [])):
+        png = report.disagreements_png(m, f, 0.5)
+        assert Image.open(io.BytesIO(png)).size[0] > 100

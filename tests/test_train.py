@@ -79,7 +79,7 @@ def test_two_workers_train_resume_after_killed_worker_and_write_run(corpus_with_
     m = pd.read_parquet(out / "metrics.parquet").iloc[0]
     assert m.tp + m.fp + m.fn + m.tn == preds["error"].isna().sum()
     assert m.n_images == n_val and m.model_id == summary["model_id"] == preds["model_id"].iloc[0]
-    for png in ("curves.png", "confusion_matrix.png"):
+    for png in ("curves.png", "confusion_matrix.png", "disagreements.png"):
         assert Image.open(out / "plots" / png).size[0] > 200
 
     # The scoring job, given the run's model.keras, reproduces validation's probabilities image by
@@ -337,5 +337,6 @@ def test_streamed_training_runs_from_decoded_shards_and_removes_them(small_corpu
     hist = pd.read_parquet(out / "history.parquet")
     assert hist["epoch"].tolist() == [1, 2] and (hist["train_images"] == summary["steps_per_epoch"] * 16).all()
     assert summary["streamed"] is True and not (out / train.DECODED_DIR).exists()
+    assert (out / "plots" / "disagreements.png").stat().st_size > 1000
     preds = pd.read_parquet(out / "predictions.parquet")
     assert len(preds) == summary["n_val"] and preds["prob_parasitized"].between(0, 1).all()
