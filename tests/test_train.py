@@ -335,8 +335,9 @@ def test_streamed_training_runs_from_decoded_shards_and_removes_them(small_corpu
                       stream="on", max_images=160, seed=0)
     summary = train.fit(cfg)
     hist = pd.read_parquet(out / "history.parquet")
-    assert hist["epoch"].tolist() == [1, 2] and (hist["train_images"] == summary["steps_per_epoch"] * 16).all()
-    assert summary["streamed"] is True and not (out / train.DECODED_DIR).exists()
+    saved = json.loads((out / "config.json").read_text())
+    assert hist["epoch"].tolist() == [1, 2] and (hist["train_images"] == saved["steps_per_epoch"] * 16).all()
+    assert saved["streamed"] is True and saved["stream"] == "on" and not (out / train.DECODED_DIR).exists()
     assert (out / "plots" / "disagreements.png").stat().st_size > 1000
     preds = pd.read_parquet(out / "predictions.parquet")
     assert len(preds) == summary["n_val"] and preds["prob_parasitized"].between(0, 1).all()
