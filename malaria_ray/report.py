@@ -99,7 +99,7 @@ def disagreements_png(missed: list[tuple[np.ndarray, float]], flagged: list[tupl
     labelled Parasitized but called Uninfected, and labelled Uninfected but called Parasitized."""
     plt = _pyplot()
     cols = max(len(missed), len(flagged), 1)
-    fig, axes = plt.subplots(2, cols, figsize=(1.3 * cols + 0.4, 3.4), squeeze=False)
+    fig, axes = plt.subplots(2, cols, figsize=(1.3 * cols + 0.4, 3.8), squeeze=False)
     for r, (cells, what) in enumerate(((missed, "labelled Parasitized, called Uninfected"),
                                        (flagged, "labelled Uninfected, called Parasitized"))):
         for c in range(cols):
@@ -108,10 +108,11 @@ def disagreements_png(missed: list[tuple[np.ndarray, float]], flagged: list[tupl
             if c < len(cells):
                 ax.imshow(cells[c][0])
                 ax.set_title(f"p={cells[c][1]:.3f}", fontsize=7)
-        axes[r][0].text(0, -0.35, f"{what} (most confident first)" + ("" if cells else ": none"),
+        axes[r][0].text(0, 1.3, f"{what} (most confident first)" + ("" if cells else ": none"),
                         transform=axes[r][0].transAxes, fontsize=8, ha="left")
     fig.suptitle(f"Validation disagreements at threshold {threshold:.4f}: review the labels as well as the model",
-                 fontsize=9)
+                 fontsize=9, y=1.06)
+    fig.subplots_adjust(hspace=0.6)
     return _png(fig)
 
 
