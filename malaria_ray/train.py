@@ -350,9 +350,8 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
     summary = trainrun.write_run(cfg, listing, val_mask, best, history, val_ds, unreadable,
                                  extra={"cpus_per_worker_effective": cpus_per_worker, "n_train": n_train,
                                         "n_val": n_val, "steps_per_epoch": steps, "streamed": stream,
-                                        "ray_version": ray.__version__})
-    if stream:
-        remove_decoded(cfg)
+                                        "ray_version": ray.__version__},
+                                 before_finish=(lambda: remove_decoded(cfg)) if stream else None)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     trainrun.print_summary(summary)
     return summary

@@ -10,7 +10,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -65,7 +65,8 @@ DISAGREEMENTS_SHOWN = 12  # per direction, in plots/disagreements.png
 
 
 def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, best_ckpt, history: list[dict],
-              val_ds, unreadable: list[dict], extra: dict[str, Any]) -> dict[str, Any]:
+              val_ds, unreadable: list[dict], extra: dict[str, Any],
+              before_finish: Callable[[], None] | None = None) -> dict[str, Any]:
     from malaria_ray import model as model_mod
 
     out = cfg.output
@@ -132,6 +133,8 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
                                                                                          threshold))
     storage.write_text(storage.join(out, "model_card.md"), report.model_card(
         resolved, listing, val_mask, rows, groups, history, len(unreadable)))
+    if before_finish is not None:  # e.g. removing streamed shards: a run is finished only once they are gone
+        before_finish()
     storage.write_bytes(storage.join(out, checkpoint.FINISHED_MARKER), storage.table_bytes(hist_tbl))  # last: finished
     return {"output": out, "model_id": model_id, "best_epoch": best_state["epoch"], "epochs": len(history),
             "n_val": len(uris), "n_unreadable": len(unreadable), "synthetic": cfg.synthetic, "split": cfg.split,
