@@ -98,7 +98,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _flag(p, T, "augment_policy", "training augmentation: the notebook's warps, or cells: any rotation and a "
           "stain-like colour jitter", choices=AUGMENT_POLICIES)
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
-                   help="train without the notebook's augmentation")
+                   help="train without augmentation (neither policy)")
     p.add_argument("--recipe", choices=sorted(RECIPES), help="a named preset of the flags above (explicit flags "
                    + "still win): " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()))
     p.add_argument("--smoke", action="store_true", help=f"tiny preset for a quick check: {SMOKE_TRAIN}")

@@ -130,6 +130,8 @@ def validate_train(cfg: TrainConfig) -> None:
     if cfg.augment_policy not in AUGMENT_POLICIES:
         raise ConfigError(f"--augment-policy must be one of {', '.join(AUGMENT_POLICIES)}, "
                           f"got {cfg.augment_policy!r}")
+    if not cfg.augment and cfg.augment_policy != "notebook":
+        raise ConfigError(f"--augment-policy {cfg.augment_policy} has no effect with --no-augment: give one or the other")
     if cfg.stream not in STREAM_MODES:
         raise ConfigError(f"--stream must be one of {', '.join(STREAM_MODES)}, got {cfg.stream!r}")
     if cfg.lr_scaling not in LR_SCALINGS:

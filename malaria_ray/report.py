@@ -166,9 +166,9 @@ def model_card(cfg: dict, listing, val_mask: np.ndarray, rows: list[dict], group
         f"Calibration: Brier score {op['brier']:.4f}; reliability diagram `plots/calibration.png`.",
         "",
         "The most confident disagreements with the labels, as the model saw them: `plots/disagreements.png`. "
-        "Look at them before trusting the error rate: in the NIH corpus many confident 'misses' show no "
-        "visible parasite, i.e. label noise bounds the accuracy any model can be measured at "
-        "(docs/training.md, \"What the errors are\").",
+        "Look at them before trusting the error rate: wrong labels count as model errors"
+        + ("." if cfg.get("synthetic") else "; on the NIH corpus, a visual check of one split's errors found "
+           "many confident 'misses' that show no visible parasite (docs/training.md, \"What the errors are\")."),
         "",
         "## Evidence by patient",
         f"Call rule: {CALL_RULE}",

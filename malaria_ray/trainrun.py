@@ -15,11 +15,12 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from malaria_ray import checkpoint, corpus, metrics, report, storage
+from malaria_ray import checkpoint, corpus, logs, metrics, report, storage
 from malaria_ray import schema as S
 from malaria_ray import config
 from malaria_ray.config import CLASS_NAMES, DEFAULT_THRESHOLD, POSITIVE_CLASS, TrainConfig
 
+log = logs.get("train")
 THRESHOLD = DEFAULT_THRESHOLD  # argmax of a 2-way softmax, as the notebook
 
 
@@ -153,12 +154,16 @@ def disagreements_png(val_ds, ids: list[str], y: np.ndarray, probs: np.ndarray, 
     if len(wanted):
         for row in val_ds.map_batches(_rows_with_ids, batch_format="numpy", fn_kwargs={"ids": wanted}).take_all():
             pixels[row[S.COL_IMAGE_ID]] = row["image"]
+    if len(pixels) < len(set(wanted)):
+        log.warning(f"disagreements plot: {len(set(wanted)) - len(pixels)} of {len(set(wanted))} selected validation "
+                    "images were not found in the validation set; the plot leaves them out")
     return report.disagreements_png([(pixels[ids[i]], float(probs[i])) for i in missed if ids[i] in pixels],
                                     [(pixels[ids[i]], float(probs[i])) for i in flagged if ids[i] in pixels],
                                     threshold)
 
 
 def _rows_with_ids(batch: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows of a numpy batch whose image_id is in ``ids`` (str or object arrays alike)."""
     keep = np.isin(batch[S.COL_IMAGE_ID].astype(object), ids)
     return {S.COL_IMAGE_ID: batch[S.COL_IMAGE_ID][keep], "image": batch["image"][keep]}
 

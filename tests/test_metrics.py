@@ -117,3 +117,14 @@ def test_confident_disagreements_are_the_most_confident_errors_each_way_and_rend
     for m, f in (([(cell, 0.001)], [(cell, 0.99), (cell, 0.6)]), ([], [])):
         png = report.disagreements_png(m, f, 0.5)
         assert Image.open(io.BytesIO(png)).size[0] > 100
+
+
+def test_disagreement_rows_are_found_by_image_id_in_str_and_object_batches():
+    from malaria_ray.trainrun import _rows_with_ids
+
+    images = np.arange(4 * 2 * 2 * 3, dtype=np.uint8).reshape(4, 2, 2, 3)
+    for ids_dtype in ("<U64", object):
+        batch = {"image_id": np.array(["a", "b", "c", "d"], dtype=ids_dtype), "image": images, "label": np.zeros(4)}
+        got = _rows_with_ids(batch, np.array(["d", "b", "x"], dtype=object))
+        assert got["image_id"].tolist() == ["b", "d"] and np.array_equal(got["image"], images[[1, 3]])
+        assert set(got) == {"image_id", "image"}

@@ -142,6 +142,13 @@ def test_cells_policy_rotates_any_way_jitters_colour_and_leaves_the_notebook_pol
     assert np.array_equal(a, b) and not np.allclose(a, c)
     corners = a[:, [0, 0, -1, -1], [0, -1, 0, -1]]
     assert (corners == 0).all(), "any rotation: corners are filled with black, not edge pixels"
+    u12 = tf.random.stateless_uniform([16, 12], seed=seed, dtype=tf.float32)
+    warped = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.constant(cells), transforms=preprocess._affine(u12[:, :7], 64, tf, rotation_deg=180.0),
+        output_shape=[64, 64], fill_value=tf.constant(0.0), interpolation="BILINEAR", fill_mode="CONSTANT")
+    assert np.allclose(a, preprocess.color_jitter_tf(warped, u12[:, 7:]).numpy(), atol=1e-3), "warp, then jitter"
+    half_turn = preprocess._affine(np.array([[1.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.9]]), 64, np, rotation_deg=180.0)
+    assert np.allclose(half_turn, [[-1, 0, 63, 0, -1, 63, 0, 0]], atol=1e-9), "the range reaches a half turn"
     assert abs(a.mean() - cells.mean()) < 0.1 * cells.mean()
     default = preprocess.augment_tf(tf.constant(cells), seed).numpy()
     u7 = tf.random.stateless_uniform([16, 7], seed=seed, dtype=tf.float32)
@@ -156,3 +163,5 @@ def test_cells_policy_rotates_any_way_jitters_colour_and_leaves_the_notebook_pol
     assert cfg.augment_policy == "cells" and TrainConfig(data="d", output="o").augment_policy == "notebook"
     with pytest.raises(ConfigError, match="--augment-policy"):
         TrainConfig(data="d", output="o", augment_policy="strong")
+    with pytest.raises(ConfigError, match="--no-augment"):
+        parse_train(["--data", "d", "--output", "o", "--augment-policy", "cells", "--no-augment"])
