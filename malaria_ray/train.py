@@ -172,16 +172,17 @@ def stream_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainCon
             f.write(json.dumps({"fingerprint": fingerprint, "images": len(listing), "image_size": cfg.image_size}))
         log.info(f"decoded shards written in {time.perf_counter() - t0:.0f}s")
 
-    def part(name: str, **kwargs):
+    def part(name: str, columns: list[str], **kwargs):
         where = storage.join(path, f"part={name}")
         if not fs.exists(where):  # e.g. no unreadable image: no "error" partition
             return None
-        return ray.data.read_parquet(where, filesystem=arrow_fs, partitioning=None, **kwargs)
+        # select_columns is pushed down into the Parquet read (only these columns are read)
+        return ray.data.read_parquet(where, filesystem=arrow_fs, partitioning=None, **kwargs).select_columns(columns)
 
-    errors = part(PART_ERROR, columns=[COL_URI, COL_IMAGE_ID, COL_ERROR])
+    errors = part(PART_ERROR, [COL_URI, COL_IMAGE_ID, COL_ERROR])
     unreadable = errors.take_all() if errors is not None else []
-    train_ds = part(PART_TRAIN, columns=TRAIN_COLUMNS, shuffle=FileShuffleConfig(seed=cfg.seed))
-    val_ds = part(PART_VAL, columns=TRAIN_COLUMNS)
+    train_ds = part(PART_TRAIN, TRAIN_COLUMNS, shuffle=FileShuffleConfig(seed=cfg.seed))
+    val_ds = part(PART_VAL, TRAIN_COLUMNS)
     if train_ds is None or val_ds is None:
         raise CorpusError(f"no readable {'training' if train_ds is None else 'validation'} images in {cfg.data}")
     return train_ds, val_ds, unreadable
