@@ -126,7 +126,7 @@ def shards_ready(cfg: TrainConfig, fingerprint: str) -> bool:
     return storage.exists(done) and json.loads(storage.read_bytes(done)).get("fingerprint") == fingerprint
 
 
-def stream_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainConfig):
+def stream_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainConfig, fingerprint: str | None = None):
     """(train_ds, val_ds, unreadable) for a corpus larger than the object store: the images are
     decoded once, in a streaming pass, into Parquet shards of up to SHARD_ROWS rows under
     ``OUTPUT/decoded/part=train|val|error/``; the datasets read those shards lazily, so no epoch
@@ -135,7 +135,8 @@ def stream_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainCon
     shuffled row by row on its way to the shards, once. The training set reads its shards in a
     fresh (seeded) order every epoch; the workers add a larger local shuffle (``shuffle_buffer``).
     A resumed run reuses complete shards of the same listing and split (``_DONE`` holds their
-    fingerprint); anything else there that malaria-ray wrote is decoded again."""
+    fingerprint); anything else there that malaria-ray wrote is decoded again. ``fingerprint``:
+    ``shards_fingerprint`` of this listing and split, if the caller has it already."""
     import ray
     from ray.data import FileShuffleConfig
 
@@ -144,7 +145,7 @@ def stream_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainCon
     root = storage.join(cfg.output, DECODED_DIR)
     fs, path = storage.filesystem(root)
     arrow_fs = _arrow_fs(fs) if storage.is_remote(root) else None
-    fingerprint = shards_fingerprint(listing, val_mask, cfg)
+    fingerprint = fingerprint or shards_fingerprint(listing, val_mask, cfg)
     if shards_ready(cfg, fingerprint):
         log.info(f"reusing the decoded shards in {root}")
     else:
@@ -302,14 +303,17 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
     if cfg.use_gpu:
         resources.note_missing_gpus(cfg.num_workers, cluster.get("GPU", 0.0), "--use-gpu", "train")
         resources.require_visible_gpu("--use-gpu", {"env_vars": storage.worker_env()})
-    shards_done = shards_ready(cfg, shards_fingerprint(listing, val_mask, cfg)) if storage.exists(
-        storage.join(cfg.output, DECODED_DIR, DECODED_DONE)) else False
-    stream = should_stream(cfg, len(listing), cluster.get("object_store_memory", 0.0), shards_done)
+    # The fingerprint hashes every listed uri: computed here only where shards already exist, and
+    # handed on, so no path computes it twice.
+    done = storage.exists(storage.join(cfg.output, DECODED_DIR, DECODED_DONE))
+    fingerprint = shards_fingerprint(listing, val_mask, cfg) if done else None
+    stream = should_stream(cfg, len(listing), cluster.get("object_store_memory", 0.0),
+                           fingerprint is not None and shards_ready(cfg, fingerprint))
     if stream and not storage.is_remote(cfg.output) and len([n for n in ray.nodes() if n["Alive"]]) > 1:
         raise CorpusError("--stream on a multi-node cluster needs an --output in object storage (s3://): decode "
                           "tasks on other nodes would write their shards to those nodes' local disks")
     if stream:
-        train_ds, val_ds, unreadable = stream_datasets(listing, val_mask, cfg)
+        train_ds, val_ds, unreadable = stream_datasets(listing, val_mask, cfg, fingerprint)
     else:
         train_ds, val_ds, unreadable = prepare_datasets(listing, val_mask, cfg)
     if unreadable:
