@@ -34,7 +34,6 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PHASES: list[dict] = []
@@ -55,26 +54,25 @@ def timed(step, seconds: float, min_iters: int) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def build(precision: str, size: int):
+def build(precision: str, size: int, seed: int = 0):
+    """The product's model, its layers computing in ``precision`` (float32 softmax either way)."""
     import keras
 
     from malaria_ray.model import build_model
 
     keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bf16" else "float32")
-    model = build_model(size, seed=0)
+    model = build_model(size, seed=seed)
     keras.config.set_dtype_policy("float32")
     return model
 
 
-def train_ceiling(precision: str, size: int, batch: int, seconds: float) -> None:
+def loss_grad(model):
+    """``(trainable, non_trainable, uint8 x, int y) -> ((loss, non_trainable), grads)``: the
+    model's training-mode forward pass (BatchNorm statistics updated) and its gradient, pure."""
     import jax
     import jax.numpy as jnp
     import keras
-    import numpy as np
 
-    model = build(precision, size)
-    optimizer = keras.optimizers.Adam(1e-3)
-    optimizer.build(model.trainable_variables)
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
 
     def loss_of(trainable, non_trainable, x, y):
@@ -82,7 +80,18 @@ def train_ceiling(precision: str, size: int, batch: int, seconds: float) -> None
                                                     training=True)
         return loss_fn(y, probs), non_trainable
 
-    grad = jax.value_and_grad(loss_of, has_aux=True)
+    return jax.value_and_grad(loss_of, has_aux=True)
+
+
+def train_ceiling(precision: str, size: int, batch: int, seconds: float) -> None:
+    import jax
+    import keras
+    import numpy as np
+
+    model = build(precision, size)
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(model.trainable_variables)
+    grad = loss_grad(model)
 
     def step(state, x, y):
         trainable, non_trainable, opt = state
@@ -252,6 +261,7 @@ def main(argv=None) -> int:
     if bad := set(precisions) - {"bf16", "fp32"}:
         ap.error(f"unknown precision(s) {sorted(bad)}: use bf16, fp32")
 
+    os.environ.setdefault("KERAS_BACKEND", "jax")
     import jax
 
     print(json.dumps({"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],

@@ -30,6 +30,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_ceiling import build, loss_grad  # noqa: E402  (the model and its gradient, shared)
 
 PACK_FILE = "cells.npz"
 
@@ -125,14 +127,7 @@ class Trainer:
         self.schedule = lambda: keras.optimizers.schedules.CosineDecay(
             0.0, max(1, total - warm), warmup_target=lr, warmup_steps=warm)
         model, optimizer = self.fresh(0)
-        loss_fn = keras.losses.SparseCategoricalCrossentropy()
-
-        def loss_of(trainable, non_trainable, x, y):
-            probs, non_trainable = model.stateless_call(trainable, non_trainable, x.astype(jnp.float32),
-                                                        training=True)
-            return loss_fn(y, probs), non_trainable
-
-        grad = jax.value_and_grad(loss_of, has_aux=True)
+        grad = loss_grad(model)
 
         def epoch(state, x_all, y_all, order, key):
             def one(carry, i):
@@ -156,11 +151,7 @@ class Trainer:
     def fresh(self, seed: int):
         import keras
 
-        from malaria_ray.model import build_model
-
-        keras.config.set_dtype_policy("mixed_bfloat16" if self.precision == "bf16" else "float32")
-        model = build_model(self.size, seed=seed)
-        keras.config.set_dtype_policy("float32")
+        model = build(self.precision, self.size, seed)
         optimizer = keras.optimizers.Adam(self.schedule())
         optimizer.build(model.trainable_variables)
         return model, optimizer
