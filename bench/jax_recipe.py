@@ -228,6 +228,8 @@ def main(argv=None) -> int:
              args.procs)
         return 0
 
+    if args.epochs < 1 or args.batch_size < 1 or args.shift < 0 or not 0 <= args.warmup_epochs < args.epochs:
+        ap.error("need --epochs >= 1, --batch-size >= 1, --shift >= 0 and 0 <= --warmup-epochs < --epochs")
     os.environ.setdefault("KERAS_BACKEND", "jax")
     start = time.perf_counter()
     pixels, z = load_pack(args.pack)
@@ -242,6 +244,8 @@ def main(argv=None) -> int:
     import numpy as np
 
     steps = min(int((~z[f"val_{s}"]).sum()) for s in splits) // args.batch_size
+    if steps < 1:
+        ap.error(f"--batch-size {args.batch_size} is larger than a split's training set")
     trainer = Trainer(int(pixels.shape[1]), steps, epochs=args.epochs, batch=args.batch_size, lr=args.learning_rate,
                       warmup=args.warmup_epochs, precision=args.precision, shift=args.shift)
     x_all, y_all = jax.device_put(pixels), jax.device_put(np.asarray(labels, np.int32))

@@ -147,3 +147,6 @@ def test_jax_recipe_packs_the_products_patient_splits_and_trains_each(sample_dir
     bad = subprocess.run([sys.executable, script, "train", "--pack", str(tmp_path / "pack"), "--splits", "5"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and "split(s) [5] are not in" in bad.stderr
+    big = subprocess.run([sys.executable, script, "train", "--pack", str(tmp_path / "pack"), "--batch-size", "4096"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert big.returncode == 2 and "larger than a split's training set" in big.stderr
