@@ -83,6 +83,24 @@ def loss_grad(model):
     return jax.value_and_grad(loss_of, has_aux=True)
 
 
+def probabilities(model):
+    """``(trainable, non_trainable, uint8 x) -> P(Parasitized)``: the model's inference, pure."""
+    import jax.numpy as jnp
+
+    def probs(trainable, non_trainable, x):
+        out, _ = model.stateless_call(trainable, non_trainable, x.astype(jnp.float32), training=False)
+        return out[:, 0]
+
+    return probs
+
+
+def variables(model, optimizer=None) -> tuple:
+    """The values that ``stateless_call`` (and ``stateless_apply``) take: trainable,
+    non-trainable, then the optimizer's if one is given."""
+    state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+    return state + ([v.value for v in optimizer.variables],) if optimizer is not None else state
+
+
 def train_ceiling(precision: str, size: int, batch: int, seconds: float) -> None:
     import jax
     import keras
@@ -100,9 +118,7 @@ def train_ceiling(precision: str, size: int, batch: int, seconds: float) -> None
         return loss, (trainable, non_trainable, opt)
 
     step = jax.jit(step, donate_argnums=0)
-    state = ([v.value for v in model.trainable_variables],
-             [v.value for v in model.non_trainable_variables],
-             [v.value for v in optimizer.variables])
+    state = variables(model, optimizer)
     rng = np.random.default_rng(0)
     x = jax.device_put(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
     y = jax.device_put(rng.integers(0, 2, batch).astype(np.int32))
@@ -130,17 +146,11 @@ def train_ceiling(precision: str, size: int, batch: int, seconds: float) -> None
 
 def infer_ceiling(precision: str, size: int, batch: int, seconds: float) -> None:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     model = build(precision, size)
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-
-    @jax.jit
-    def probs(x):
-        out, _ = model.stateless_call(trainable, non_trainable, x.astype(jnp.float32), training=False)
-        return out[:, 0]
+    pure, (trainable, non_trainable) = probabilities(model), variables(model)
+    probs = jax.jit(lambda x: pure(trainable, non_trainable, x))
 
     rng = np.random.default_rng(1)
     host = [rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8) for _ in range(4)]
@@ -185,7 +195,8 @@ def _decode_files(args) -> int:
 
 def decode_rate(files: list[str], size: int, procs: list[int]) -> None:
     """Images/s of one worker process, then of each count in ``procs``. All run in spawned worker
-    processes: measured in this process instead (JAX loaded), one process read up to 2x slow."""
+    processes: measured in this process instead (JAX loaded), one process read 2.4x slow on the
+    2-core VM."""
     spawn = multiprocessing.get_context("spawn")  # JAX forbids fork
     rates = {}
     for n in sorted({1, *procs}):

@@ -21,6 +21,7 @@ probabilities, to --json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -31,7 +32,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_ceiling import build, loss_grad  # noqa: E402  (the model and its gradient, shared)
+from gpu_ceiling import build, loss_grad, probabilities, variables  # noqa: E402  (shared with the ceiling bench)
+
+from malaria_ray import metrics  # noqa: E402
+from malaria_ray.config import TrainConfig  # noqa: E402
+
+VAL_FRACTION = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "val_fraction")
 
 PACK_FILE = "cells.npz"
 
@@ -141,12 +147,8 @@ class Trainer:
             (state, _), losses = jax.lax.scan(one, (state, key), jnp.arange(steps_per_epoch))
             return state, losses.mean()
 
-        def probs(trainable, non_trainable, x):
-            out, _ = model.stateless_call(trainable, non_trainable, x.astype(jnp.float32), training=False)
-            return out[:, 0]
-
         self.epoch = jax.jit(epoch, donate_argnums=0)
-        self.probs = jax.jit(probs)
+        self.probs = jax.jit(probabilities(model))
 
     def fresh(self, seed: int):
         import keras
@@ -169,12 +171,9 @@ class Trainer:
     def run(self, x_all, y_all, labels, val_mask, seed: int, log) -> dict:
         import jax
         import numpy as np
-        from sklearn.metrics import roc_auc_score
 
         train_idx, val_idx = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
-        model, optimizer = self.fresh(seed)
-        state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
-                 [v.value for v in optimizer.variables])
+        state = variables(*self.fresh(seed))
         x_val = x_all[jax.device_put(val_idx)]
         positive = labels[val_idx] == 0
         key, rng, history = jax.random.PRNGKey(seed), np.random.default_rng(seed), []
@@ -184,7 +183,8 @@ class Trainer:
             order = jax.device_put(rng.permutation(train_idx)[: self.steps * self.batch].astype(np.int32))
             state, loss = self.epoch(state, x_all, y_all, order, sub)
             p = self.predict(state, x_val)
-            acc = float(np.mean((p >= 0.5) == positive))
+            m = metrics.binary_metrics(positive, p)
+            acc = m["accuracy"]
             history.append({"epoch": epoch + 1, "loss": round(float(loss), 5), "val_accuracy": round(acc, 4)})
             log(f"split {seed} epoch {epoch + 1}/{self.epochs}: loss {float(loss):.4f} val_acc {acc:.4f} "
                 f"({time.perf_counter() - t0:.0f} s)")
@@ -192,11 +192,9 @@ class Trainer:
         return {"split": seed, "image_size": self.size, "epochs": self.epochs, "batch": self.batch,
                 "steps_per_epoch": self.steps, "precision": self.precision,
                 "train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
-                "val_accuracy": round(float(np.mean((p >= 0.5) == positive)), 4),
-                "val_roc_auc": round(float(roc_auc_score(positive, p)), 4),
-                "val_sensitivity": round(float(np.mean(p[positive] >= 0.5)), 4),
-                "val_specificity": round(float(np.mean(p[~positive] < 0.5)), 4),
-                "errors": int(np.sum((p >= 0.5) != positive)), "seconds": round(seconds, 1),
+                "val_accuracy": round(m["accuracy"], 4), "val_roc_auc": round(m["roc_auc"], 4),
+                "val_sensitivity": round(m["sensitivity"], 4), "val_specificity": round(m["specificity"], 4),
+                "errors": m["fp"] + m["fn"], "seconds": round(seconds, 1),
                 "images_per_s": round(self.steps * self.batch * self.epochs / seconds, 1), "history": history,
                 "val_prob": [round(float(v), 5) for v in p]}
 
@@ -209,7 +207,8 @@ def main(argv=None) -> int:
     pk.add_argument("--out", required=True, help="folder to write cells.npz into")
     pk.add_argument("--image-size", type=int, default=128)
     pk.add_argument("--splits", default="0,1,2", help="split seeds, as malaria-ray train --seed (default 0,1,2)")
-    pk.add_argument("--val-fraction", type=float, default=0.3)
+    pk.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                    help=f"as malaria-ray train --val-fraction (default {VAL_FRACTION})")
     pk.add_argument("--procs", type=int, default=os.cpu_count())
     tr = sub.add_parser("train", help="train and validate on each packed split")
     tr.add_argument("--pack", required=True)
