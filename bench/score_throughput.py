@@ -303,7 +303,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--replicate", type=int, default=10)
     p.add_argument("--image-size", type=int, default=128, help="model input size (default: 128, the product default)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=256, help="images per model call (default: 256, the product default)")
     p.add_argument("--baseline-images", type=int, default=2000)
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpus-per-actor", type=float, default=0.0,

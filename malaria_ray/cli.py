@@ -109,7 +109,7 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     _flag(p, S, "input", "images to score: folder/prefix of images, tar, zip or Parquet (local or s3://)", required=True)
     _flag(p, S, "model", "trained model: a run directory or a model.keras URI", required=True)
     _flag(p, S, "output", "output root shared by nightly runs (local or s3://)", required=True)
-    _flag(p, S, "batch_size", "images per model call", type=int)
+    _flag(p, S, "batch_size", "images per model call and per decode task", type=int)
     _flag(p, S, "actors", "model actors: a pool of exactly this many (default: 1 on CPU; with --gpus-per-actor, "
           "an autoscaling pool from 1 to --max-actors)", type=int)
     _flag(p, S, "precision", "fp32, or bf16: the model actors compute in mixed bfloat16 with a float32 softmax "

@@ -133,8 +133,14 @@ def in_sorted(sorted_keys: np.ndarray, key: str) -> bool:
     return i < len(sorted_keys) and sorted_keys[i] == key
 
 
-def slices(table, n: int) -> list:
-    """``table`` cut into at most ``n`` near-equal blocks, one read task each."""
+def slices(table, n: int, multiple: int = 1) -> list:
+    """``table`` cut into at most ``n`` near-equal blocks, one read task each; with ``multiple``,
+    every block but the last holds a multiple of that many rows, so a read task that yields
+    batches of ``multiple`` rows leaves no short remainder batch behind (loose files)."""
     n = max(1, min(n, table.num_rows))
-    bounds = [round(i * table.num_rows / n) for i in range(n + 1)]
+    if multiple > 1:
+        per = -(-table.num_rows // (n * multiple)) * multiple
+        bounds = list(range(0, table.num_rows, per)) + [table.num_rows]
+    else:
+        bounds = [round(i * table.num_rows / n) for i in range(n + 1)]
     return [table.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]

@@ -302,11 +302,12 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
                                                "score")
         memory_per_actor = resources.fit_memory(pool.max_size, cfg.memory_per_actor_gb, cluster.get("memory", 0.0),
                                                 "actors", "score")
-    # Read, then decode, as two stages: a read task takes ~256 loose files (fetched concurrently)
+    # Read, then decode, as two stages: a read task takes ~256 loose files (a multiple of
+    # --batch-size, so it leaves no short batch behind; fetched concurrently)
     # or an archive and emits raw bytes in blocks of --batch-size rows; decode tasks take one block
     # each, so a single big archive decodes on every CPU. The read stage's smaller CPU request
     # (it waits on I/O) also keeps Ray Data from fusing it into the decode tasks.
-    ds = ray.data.from_arrow(ingest.slices(listing.table, max(4, len(listing) // 256)))
+    ds = ray.data.from_arrow(ingest.slices(listing.table, max(4, len(listing) // 256), cfg.batch_size))
     ds = ds.map_batches(ingest.read_raw, batch_size=None, batch_format="numpy", num_cpus=READ_CPUS,
                         fn_kwargs={"batch_size": cfg.batch_size,
                                    "limits": sources.Limits(int(cfg.max_member_mb * 2**20), cfg.max_compression_ratio)},

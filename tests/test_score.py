@@ -202,6 +202,25 @@ def test_one_big_tar_decodes_in_many_tasks(ray_session, sample_dir, score_model,
     assert tasks == {"read_raw": 1, "prepare_batch": 200 // 16 + 1}, stats
 
 
+def test_loose_files_reach_the_model_in_full_batches(ray_session, sample_dir, score_model, tmp_path):
+    """Read tasks take loose files in multiples of --batch-size, so no task leaves a short batch
+    behind: 200 files at 16 decode in ceil(200 / 16) = 13 tasks (near-equal slices of 50 made 16,
+    a third of them short, and short batches cost a CPU model call nearly what full ones do)."""
+    from malaria_ray.score import build_pipeline, inspect_model
+
+    for p in real_pngs(sample_dir, "Parasitized", 100) + real_pngs(sample_dir, "Uninfected", 100):
+        (tmp_path / "night" / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "night" / p.parent.name / p.name).write_bytes(p.read_bytes())
+    listing = sources.list_units(str(tmp_path / "night"))
+    cfg = ScoreConfig(input=str(tmp_path / "night"), model=str(score_model), output=str(tmp_path / "out"),
+                      batch_size=16, threshold=0.5)
+    ds = build_pipeline(cfg, listing, 32, ingest.NO_IDS, inspect_model(str(score_model))["model_id"], "r", {})
+    assert len(ds.take_all()) == 200
+    stats = ds.stats()
+    decode = int(re.search(r"Operator \d+ [^\n]*MapBatches\(prepare_batch\)[^\n]*: (\d+) tasks executed", stats).group(1))
+    assert decode == 13, stats
+
+
 @pytest.fixture
 def lambda_model(tmp_path) -> pathlib.Path:
     import keras

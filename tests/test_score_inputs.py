@@ -501,3 +501,14 @@ def test_archive_members_over_the_caps_are_error_rows_not_reads(sample_dir, tmp_
         {"kind": "tar", "uri": str(tmp_path / "big.tar.gz")}, limits=sources.Limits(member_bytes=2**20))}
     assert rows["Uninfected/huge.png"]["status"] == schema.STATUS_ERROR and "3.0 MiB" in rows["Uninfected/huge.png"]["error"]
     assert rows["Uninfected/ok.png"]["status"] == schema.STATUS_OK
+
+
+def test_slices_in_multiples_of_the_batch():
+    """Every read slice but the last holds a multiple of the batch; without one, near-equal slices."""
+    table = pa.table({"i": list(range(1000))})
+    sizes = [len(t) for t in ingest.slices(table, 4, 64)]
+    assert sizes == [256, 256, 256, 232] and all(n % 64 == 0 for n in sizes[:-1])
+    assert [len(t) for t in ingest.slices(table, 4)] == [250, 250, 250, 250]
+    assert [len(t) for t in ingest.slices(pa.table({"i": list(range(10))}), 4, 64)] == [10]
+    assert [t.column("i").to_pylist() for t in ingest.slices(pa.table({"i": list(range(5))}), 8, 2)] == [
+        [0, 1], [2, 3], [4]]
