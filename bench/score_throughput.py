@@ -6,7 +6,8 @@ Builds an archive of ``--images`` real NIH cells (shared/data/nih_malaria) and, 
 ``--replicate R``, a second one of R x that many (the sample hard-linked under new names). For each
 archive it prints one JSON line: end-to-end images/s of ``score_archive`` (listing, read, decode,
 model actor pool, Parquet commit, roll-ups) and the bare model's images/s on pre-decoded arrays
-(same model file, same batch size, one process), their ratio, and peak RSS of the driver and of
+(same model file, same batch size, one process; the faster of a run before and one after the
+job), their ratio, and peak RSS of the driver and of
 the Ray workers (RSS and anonymous memory, sampled in the background). Each archive runs in its own subprocess so the
 driver's peak RSS is that run's alone.
 
@@ -185,23 +186,23 @@ class WorkerRss(threading.Thread):
     with the amount of data that streamed through it even when the worker holds nothing;
     anonymous memory is the number that shows whether a process's own memory grows with the archive.
 
-    Sampling is not free and it runs on the cores it measures: every 0.5 s the workers' RSS
+    Sampling is not free and it runs on the cores it measures: every ``every`` s the workers' RSS
     (``/proc/PID/statm``) and the driver's anonymous memory; the workers' anonymous memory (a
     page-table walk, milliseconds for a TensorFlow process) every ``anon_every`` s.
     ``cpu_s`` reports what the sampler itself cost, so a reader can see the perturbation.
     """
 
-    def __init__(self, anon_every: float = 5.0) -> None:
+    def __init__(self, every: float = 2.0, anon_every: float = 5.0) -> None:
         super().__init__(daemon=True)
         self.peak_rss = self.peak_anon = self.driver_peak_anon = 0
-        self.anon_every, self.cpu_s = anon_every, 0.0
+        self.every, self.anon_every, self.cpu_s = every, anon_every, 0.0
         self.stop = threading.Event()
 
     def run(self) -> None:
         import psutil
 
         last_anon = 0.0
-        while not self.stop.wait(0.5):
+        while not self.stop.wait(self.every):
             t0 = time.thread_time()
             with_anon = time.monotonic() - last_anon >= self.anon_every
             for p in psutil.process_iter(["cmdline"]):
@@ -272,7 +273,7 @@ def one_run(args: argparse.Namespace) -> None:
         return
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)  # GPUs: Ray detects them
     ray.data.DataContext.get_current().enable_progress_bars = False
-    watcher = WorkerRss()
+    watcher = WorkerRss(args.sample_every)
     watcher.start()
     procs0, machine0, start = _process_cpu_s(), _machine_cpu_s(), time.perf_counter()
     result = score.score_archive(ScoreConfig(input=str(archive), model=args.model, output=str(out),
@@ -308,6 +309,9 @@ def main() -> None:
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpus-per-actor", type=float, default=0.0,
                    help="score on GPUs (the bare loop then runs on the GPU TensorFlow sees too)")
+    p.add_argument("--sample-every", type=float, default=2.0,
+                   help="seconds between memory samples of the Ray workers (default: 2; at 0.5 the "
+                        "sampler took ~1.5%% of a 2-core machine)")
     p.add_argument("--no-stages", dest="stages", action="store_false",
                    help="skip the per-input-kind read+decode measurement")
     p.add_argument("--stages-only", action="store_true", help="only the per-input-kind read+decode measurement")
@@ -335,12 +339,18 @@ def main() -> None:
             common = [sys.executable, __file__, "--one", "--archive", str(tmp / f"archive-{n}"),
                       "--model", model_dir, "--out", str(tmp / f"out-{n}"), "--n", str(n),
                       "--batch-size", str(args.batch_size), "--baseline-images", str(args.baseline_images),
-                      "--cpus-per-actor", str(args.cpus_per_actor), "--gpus-per-actor", str(args.gpus_per_actor)]
-            base = last_json(subprocess.run(common + ["--bare"], check=True, capture_output=True, text=True))
+                      "--cpus-per-actor", str(args.cpus_per_actor), "--gpus-per-actor", str(args.gpus_per_actor),
+                      "--sample-every", str(args.sample_every)]
+            before = last_json(subprocess.run(common + ["--bare"], check=True, capture_output=True, text=True))
             job = last_json(subprocess.run(common, check=True, capture_output=True, text=True))
             idle = last_json(subprocess.run(common + ["--bare", "--ray-idle"], check=True, capture_output=True, text=True))
+            after = last_json(subprocess.run(common + ["--bare"], check=True, capture_output=True, text=True))
+            # The bare loop before and after the job: the faster is the baseline, so a slow moment
+            # of the machine during one of them does not flatter the job.
+            base = max(before, after, key=lambda b: b["bare"])
             bare = base["bare"]
             job.update(image_size=args.image_size, bare_model_images_per_s=round(bare, 1),
+                       bare_before_after_images_per_s=[round(before["bare"], 1), round(after["bare"], 1)],
                        ratio=round(job["job_images_per_s"] / bare, 3),
                        ratio_stream=round(job["job_stream_images_per_s"] / bare, 3),
                        decode_cpu_ms_per_image=round(base["decode_cpu_ms"], 2),
