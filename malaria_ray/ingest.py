@@ -138,7 +138,7 @@ def slices(table, n: int, multiple: int = 1) -> list:
     every block but the last holds a multiple of that many rows, so a read task that yields
     batches of ``multiple`` rows leaves no short remainder batch behind (loose files)."""
     n = max(1, min(n, table.num_rows))
-    if multiple > 1:
+    if multiple > 1 and table.num_rows:
         per = -(-table.num_rows // (n * multiple)) * multiple
         bounds = list(range(0, table.num_rows, per)) + [table.num_rows]
     else:

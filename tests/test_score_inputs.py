@@ -512,3 +512,4 @@ def test_slices_in_multiples_of_the_batch():
     assert [len(t) for t in ingest.slices(pa.table({"i": list(range(10))}), 4, 64)] == [10]
     assert [t.column("i").to_pylist() for t in ingest.slices(pa.table({"i": list(range(5))}), 8, 2)] == [
         [0, 1], [2, 3], [4]]
+    assert [len(t) for t in ingest.slices(pa.table({"i": pa.array([], pa.int64())}), 4, 64)] == [0]  # all skipped
