@@ -31,6 +31,11 @@ def copy_cells(sample_dir: pathlib.Path, dest: pathlib.Path, n: int, start: int 
     return 2 * n
 
 
+def tasks_executed(ds, op: str) -> int:
+    """How many tasks the executed dataset's ``MapBatches(op)`` stage ran (from ``ds.stats()``)."""
+    return int(re.search(rf"Operator \d+ [^\n]*MapBatches\({op}\)[^\n]*: (\d+) tasks executed", ds.stats()).group(1))
+
+
 def read_predictions(root: pathlib.Path):
     import pandas as pd
 
@@ -196,10 +201,8 @@ def test_one_big_tar_decodes_in_many_tasks(ray_session, sample_dir, score_model,
     assert sorted(r[schema.COL_URI].rsplit("#", 1)[1] for r in rows) == sorted(
         f"{p.parent.name}/{p.name}" for p in pngs)
     assert all(r[schema.COL_STATUS] == schema.STATUS_OK for r in rows)
-    stats = ds.stats()
-    tasks = {op: int(re.search(rf"Operator \d+ [^\n]*MapBatches\({op}\)[^\n]*: (\d+) tasks executed", stats).group(1))
-             for op in ("read_raw", "prepare_batch")}
-    assert tasks == {"read_raw": 1, "prepare_batch": 200 // 16 + 1}, stats
+    tasks = {op: tasks_executed(ds, op) for op in ("read_raw", "prepare_batch")}
+    assert tasks == {"read_raw": 1, "prepare_batch": 200 // 16 + 1}, ds.stats()
 
 
 def test_loose_files_reach_the_model_in_full_batches(ray_session, sample_dir, score_model, tmp_path):
@@ -208,17 +211,13 @@ def test_loose_files_reach_the_model_in_full_batches(ray_session, sample_dir, sc
     a third of them short, and short batches cost a CPU model call nearly what full ones do)."""
     from malaria_ray.score import build_pipeline, inspect_model
 
-    for p in real_pngs(sample_dir, "Parasitized", 100) + real_pngs(sample_dir, "Uninfected", 100):
-        (tmp_path / "night" / p.parent.name).mkdir(parents=True, exist_ok=True)
-        (tmp_path / "night" / p.parent.name / p.name).write_bytes(p.read_bytes())
+    copy_cells(sample_dir, tmp_path / "night", 100)
     listing = sources.list_units(str(tmp_path / "night"))
     cfg = ScoreConfig(input=str(tmp_path / "night"), model=str(score_model), output=str(tmp_path / "out"),
                       batch_size=16, threshold=0.5)
     ds = build_pipeline(cfg, listing, 32, ingest.NO_IDS, inspect_model(str(score_model))["model_id"], "r", {})
     assert len(ds.take_all()) == 200
-    stats = ds.stats()
-    decode = int(re.search(r"Operator \d+ [^\n]*MapBatches\(prepare_batch\)[^\n]*: (\d+) tasks executed", stats).group(1))
-    assert decode == 13, stats
+    assert tasks_executed(ds, "prepare_batch") == 13, ds.stats()
 
 
 @pytest.fixture
