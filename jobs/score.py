@@ -7,7 +7,8 @@
 Prints Ray Data progress bars while it runs, then a one-screen summary: images scored, error rows,
 already-scored and non-image inputs skipped, the confusion matrix where labels are known,
 images/s, and where predictions/, metrics.parquet, slides.parquet and runs/<run_id>/ were written.
-Exit 0 when the run committed (error rows included); 2 with a one-line reason when it could not.
+Exit 0 when the run committed (error rows included); 2 with a one-line reason when it could not;
+3 when it committed but its error rows exceeded --max-error-fraction (docs/operations.md lists every code).
 Submitted, it joins the job's cluster (RAY_ADDRESS); run directly, it starts a local Ray and stops
 it at the end (malaria_ray.runtime).
 """

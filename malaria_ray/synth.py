@@ -1,7 +1,7 @@
 """A deterministic SYNTHETIC cell corpus, so ``make demo`` runs offline on a fresh machine.
 
 Cells are pale discs on black, like NIH crops; Parasitized cells carry one to three dark purple
-ring-form blobs. Filenames follow NIH's pattern with slide numbers >= 900 (never used by NIH), so
+ring-form blobs. Filenames follow NIH's pattern with slide numbers >= 900 (never used by NIH; each seed its own), so
 the identity parser and patient-grouped splits work on them as on real data. This is not NIH data
 and says so wherever it is used.
 """
@@ -47,12 +47,12 @@ def write_corpus(dest: str, n: int, size: int = 96, seed: int = 0) -> int:
     for i in range(n):
         parasitized = i % 2 == 0
         k = i // 2
-        if parasitized:
-            slide = f"C{900 + k % N_PATIENTS}P{900 + k % N_PATIENTS}ThinF"
-        elif k % 3 == 0:
-            slide = f"C{950 + k % N_PATIENTS}ThinF"  # control slide: no P token
+        # Each seed has its own patients and controls, so a second seed is a held-out set.
+        patient, control = 900 + N_PATIENTS * seed + k % N_PATIENTS, 9000 + N_PATIENTS * seed + k % N_PATIENTS
+        if parasitized or k % 3 != 0:
+            slide = f"C{patient}P{patient}ThinF"
         else:
-            slide = f"C{900 + k % N_PATIENTS}P{900 + k % N_PATIENTS}ThinF"
+            slide = f"C{control}ThinF"  # control slide: no P token
         name = f"{slide}_IMG_20260101_{k % 7:06d}_cell_{i}.png"
         cls = "Parasitized" if parasitized else "Uninfected"
         _cell(rng, size, parasitized).save(os.path.join(dest, cls, name))

@@ -1,8 +1,13 @@
-"""Shared fixtures: the real NIH sample, one local Ray instance per test session.
+"""Shared fixtures: real NIH cells, one local Ray instance per test session.
 
-MALARIA_SAMPLE_DIR points at shared/data/nih_malaria (``.ci/run`` and the Makefile set it; it
-defaults to ../shared/data/nih_malaria beside the checkout). The sample is read-only: tests write
-only under pytest's tmp_path.
+``sample_dir`` is the in-repository fixture tests/data/nih_cells (288 real NIH cells, public
+domain, see its SOURCE.md): every test that needs real cells runs on a fresh clone. The larger
+shared sets are optional: ``nih_sample_dir`` (MALARIA_SAMPLE_DIR, default
+../shared/data/nih_malaria beside the checkout: 6,000 cells and NIH's full mapping files) and
+``fields_dir`` (MALARIA_FIELDS_DIR, default ../shared/data/iml_malaria). A test that needs one is
+skipped, with one line naming the variable, when it is absent, unless MALARIA_REQUIRE_SHARED=1
+(``.ci/run`` sets it: CI must run the full suite). All data is read-only: tests write only under
+pytest's tmp_path.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import shutil
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_SAMPLE = REPO.parent / "shared" / "data" / "nih_malaria"
+CELLS = REPO / "tests" / "data" / "nih_cells"
+SHARED = REPO.parent / "shared" / "data"
 
 
 def pytest_configure(config):
@@ -25,12 +31,54 @@ def pytest_configure(config):
         os.environ.setdefault(key, value)
 
 
+def shared_set(variable: str, default: pathlib.Path, marker: str, what: str) -> pathlib.Path:
+    """The shared data set named by ``variable``; skips the test (one line) when it is absent."""
+    path = pathlib.Path(os.environ.get(variable) or default)
+    if not (path / marker).exists():
+        reason = f"{what} not found at {path}: set {variable} to run this test"
+        if os.environ.get("MALARIA_REQUIRE_SHARED") == "1":
+            pytest.fail(reason + " (MALARIA_REQUIRE_SHARED=1)")
+        pytest.skip(reason)
+    return path
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> pathlib.Path:
-    path = pathlib.Path(os.environ.get("MALARIA_SAMPLE_DIR", DEFAULT_SAMPLE))
-    if not (path / "Parasitized").is_dir():
-        pytest.fail(f"NIH sample not found at {path}: set MALARIA_SAMPLE_DIR to shared/data/nih_malaria")
-    return path
+    """Real NIH cells shipped with the repository: 18 identities, 144 cells per class."""
+    assert (CELLS / "Parasitized").is_dir(), f"the repository's fixture {CELLS} is missing"
+    return CELLS
+
+
+@pytest.fixture(scope="session")
+def nih_sample_dir() -> pathlib.Path:
+    """The larger shared NIH sample (6,000 cells, 160 identities, NIH's full mapping files)."""
+    return shared_set("MALARIA_SAMPLE_DIR", SHARED / "nih_malaria", "Parasitized", "the shared NIH sample")
+
+
+@pytest.fixture(scope="session")
+def fields_dir() -> pathlib.Path:
+    """The shared field photographs (IML-Malaria: 300 JPEGs and annotations.json); never copied."""
+    return shared_set("MALARIA_FIELDS_DIR", SHARED / "iml_malaria", "annotations.json", "the shared field images")
+
+
+def write_distinct_cells(src: pathlib.Path, dest: pathlib.Path, per_class: int) -> int:
+    """``per_class`` distinct real cells per class under ``dest``: the fixture's cells under their
+    eight flips and quarter turns (new pixels, so new content hashes); returns the number written."""
+    from PIL import Image
+
+    n = 0
+    for cls in ("Parasitized", "Uninfected"):
+        (dest / cls).mkdir(parents=True, exist_ok=True)
+        files = sorted((src / cls).glob("*.png"))
+        assert per_class <= 8 * len(files), f"at most {8 * len(files)} distinct cells per class"
+        for i in range(per_class):
+            variant, path = divmod(i, len(files))
+            im = Image.open(files[path]).rotate(90 * (variant % 4), expand=True)
+            if variant >= 4:
+                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            im.save(dest / cls / f"{files[path].stem}_v{variant}.png")
+            n += 1
+    return n
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,24 @@ def test_jobs_entrypoints_train_then_score_real_cells(small_corpus, tmp_path):
     assert len(pd.read_parquet(tmp_path / "scores" / "predictions")) == len(split)
 
 
+def test_make_demo_trains_then_scores_a_held_out_synthetic_night(tmp_path):
+    """`make demo` as the README has it (its venv already built by `make test`): trains on one
+    synthetic corpus, scores a second one of other patients, and says both are synthetic."""
+    venv = pathlib.Path(sys.executable).parents[1]
+    r = run("make", "--no-print-directory", "-C", str(REPO), "demo", f"VENV={venv}", f"OUT={tmp_path / 'demo-out'}",
+            "-o", str(venv / "bin" / ".installed"), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "SYNTHETIC corpus" in r.stdout and "held-out SYNTHETIC night" in r.stdout and "in-sample" not in r.stdout
+    out = tmp_path / "demo-out"
+    for name in ("model.keras", "model.json", "model_card.md", "history.parquet", "plots/confusion_matrix.png"):
+        assert (out / "train-run" / name).exists(), name
+    split = pd.read_parquet(out / "train-run" / "split.parquet")
+    preds = pd.read_parquet(out / "scores" / "predictions")
+    assert len(preds) == 200 and preds["error"].isna().all()
+    assert not set(preds["patient_id"]) & set(split["patient_id"]), "the scored night shares patients with training"
+    assert (out / "scores" / "metrics.parquet").exists() and (out / "scores" / "slides.parquet").exists()
+
+
 def test_bad_input_exits_2_with_one_line_and_no_ray_left(tmp_path):
     for cmd in (["malaria-ray", "score", "--input", "nope", "--model", "nope", "--output", "out"],
                 [sys.executable, str(REPO / "jobs" / "score.py"), "--input", "nope", "--model", "nope", "--output", "o"],
@@ -144,14 +162,11 @@ def test_train_resumes_after_its_driver_is_killed(small_corpus, tmp_path):
 
 @pytest.fixture(scope="module")
 def night(sample_dir, tmp_path_factory) -> pathlib.Path:
-    """2,000 real NIH cells, as a night's folder."""
-    import shutil
+    """2,000 distinct real NIH cells (the fixture's cells flipped and turned), as a night's folder."""
+    from conftest import write_distinct_cells
 
     root = tmp_path_factory.mktemp("night")
-    for cls in ("Parasitized", "Uninfected"):
-        (root / cls).mkdir()
-        for p in sorted((sample_dir / cls).glob("*.png"))[:1000]:
-            shutil.copy(p, root / cls / p.name)
+    assert write_distinct_cells(sample_dir, root, 1000) == 2000
     return root
 
 

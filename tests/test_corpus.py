@@ -2,6 +2,7 @@
 
 import ast
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -9,17 +10,34 @@ import pytest
 from malaria_ray import corpus
 
 
-def _csv_rows(sample_dir):
+def _csv_rows_of(path):
+    with open(path, newline="") as f:
+        for row in csv.reader(f):
+            for fn in ast.literal_eval(",".join(row[1:]).rstrip(",")):
+                yield row[0], fn
+
+
+def _csv_rows(folder):
     for name in ("patientid_cellmapping_parasitized.csv", "patientid_cellmapping_uninfected.csv"):
-        with open(sample_dir / name, newline="") as f:
-            for row in csv.reader(f):
-                files = ast.literal_eval(",".join(row[1:]).rstrip(","))
-                for fn in files:
-                    yield row[0], fn
+        yield from _csv_rows_of(folder / name)
 
 
-def test_every_nih_mapping_row_resolves(sample_dir):
+def test_fixture_mapping_rows_resolve_and_match_its_folders(sample_dir):
+    """The repository's fixture carries NIH's mapping rows for exactly its own cells."""
     rows = list(_csv_rows(sample_dir))
+    assert len(rows) == 288
+    listed = {fn: label for label in ("Parasitized", "Uninfected") for fn in os.listdir(sample_dir / label)}
+    assert {fn for _, fn in rows} == set(listed)
+    for key, fn in rows:
+        assert corpus.parse_identity(fn).slide_id == key, fn
+    mapped_as = {fn: ("Parasitized" if "parasitized" in name else "Uninfected")
+                 for name in ("patientid_cellmapping_parasitized.csv", "patientid_cellmapping_uninfected.csv")
+                 for _, fn in _csv_rows_of(sample_dir / name)}
+    assert mapped_as == listed
+
+
+def test_every_nih_mapping_row_resolves(nih_sample_dir):
+    rows = list(_csv_rows(nih_sample_dir))
     assert len(rows) == 27_558
     patients = set()
     for key, fn in rows:
@@ -51,16 +69,19 @@ def test_parse_identity_irregular_names(name, slide, patient):
     assert (ident.slide_id, ident.patient_id) == (slide, patient)
 
 
-def test_list_sample(sample_dir):
-    listing = corpus.list_corpus(str(sample_dir))
-    assert len(listing) == 6000
-    assert listing.labels.count("Parasitized") == 3000
-    assert len(set(listing.patient_ids)) == 160
+@pytest.mark.parametrize("which, images, parasitized, identities", [
+    ("sample_dir", 288, 144, 18), ("nih_sample_dir", 6000, 3000, 160)])
+def test_list_sample(request, which, images, parasitized, identities):
+    listing = corpus.list_corpus(str(request.getfixturevalue(which)))
+    assert len(listing) == images
+    assert listing.labels.count("Parasitized") == parasitized
+    assert len(set(listing.patient_ids)) == identities
     assert None not in listing.patient_ids
 
 
-def test_patient_split_is_disjoint_stratified_and_deterministic(sample_dir):
-    listing = corpus.list_corpus(str(sample_dir))
+@pytest.mark.parametrize("which", ["sample_dir", "nih_sample_dir"])
+def test_patient_split_is_disjoint_stratified_and_deterministic(request, which):
+    listing = corpus.list_corpus(str(request.getfixturevalue(which)))
     a = corpus.split_patient(listing, 0.3, seed=0)
     b = corpus.split_patient(listing, 0.3, seed=0)
     c = corpus.split_patient(listing, 0.3, seed=1)
@@ -74,10 +95,11 @@ def test_patient_split_is_disjoint_stratified_and_deterministic(sample_dir):
         assert any(p.startswith("C") for p in pids[side]) and any(p.startswith("P") for p in pids[side])
 
 
-def test_random_split_matches_fraction(sample_dir):
-    listing = corpus.list_corpus(str(sample_dir))
+@pytest.mark.parametrize("which", ["sample_dir", "nih_sample_dir"])
+def test_random_split_matches_fraction(request, which):
+    listing = corpus.list_corpus(str(request.getfixturevalue(which)))
     m = corpus.split_random(listing, 0.3, seed=0)
-    assert m.sum() == 1800
+    assert m.sum() == round(0.3 * len(listing))
     pids = np.asarray(listing.patient_ids)
     assert set(pids[m]) & set(pids[~m]), "an image-level split leaks patients (that is why it is not the default)"
 
@@ -106,4 +128,4 @@ def test_subsample_is_balanced_and_stable(sample_dir):
 def test_file_uri_lists_the_same_corpus(sample_dir):
     plain = corpus.list_corpus(str(sample_dir))
     via_uri = corpus.list_corpus("file://" + str(sample_dir))
-    assert via_uri.uris == plain.uris and len(via_uri) == 6000
+    assert via_uri.uris == plain.uris and len(via_uri) == 288

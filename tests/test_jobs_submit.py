@@ -3,7 +3,7 @@
 Starts a real Ray head (`ray start --head --block`, dashboard and job server on 127.0.0.1) with
 token authentication on, as a real cluster runs it, submits a short training job and a scoring job
 with `ray job submit --working-dir . --runtime-env ...`, waits for SUCCEEDED and checks what they
-wrote. Real NIH cells (40 of them, copied from MALARIA_SAMPLE_DIR into a temp dir).
+wrote. Real NIH cells (40 of them, copied from the repository's fixture into a temp dir).
 
 Runs in its own pytest session (`pytest -m cluster`, as `make test` does), never beside another
 Ray on the machine. It stops only the head it started: by the process group it launched and by
@@ -183,7 +183,7 @@ def runtime_env_file() -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def corpus(sample_dir, tmp_path_factory) -> pathlib.Path:
-    """20 real cells per class, spread over the sample so several patients appear on each side."""
+    """20 real cells per class, spread over the fixture so several patients appear on each side."""
     dest = tmp_path_factory.mktemp("corpus")
     for label in ("Parasitized", "Uninfected"):
         files = sorted((sample_dir / label).glob("*.png"))

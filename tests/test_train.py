@@ -160,7 +160,7 @@ def test_bad_input_is_one_line_error_without_traceback(tmp_path, small_corpus):
 
 def test_random_split_plan_is_the_notebooks(tmp_path, sample_dir):
     plan = train.plan_run(TrainConfig(data=str(sample_dir), output=str(tmp_path / "o"), split="random"))
-    assert plan.val_mask.sum() == 1800 and not plan.cfg.synthetic
+    assert plan.val_mask.sum() == round(0.3 * 288) and not plan.cfg.synthetic
 
 
 def test_synthetic_corpus_is_labelled(tmp_path):
