@@ -153,6 +153,38 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def rogan_gladen(k: int, n: int, sensitivity: float, specificity: float, n_positive: int | None = None,
+                 n_negative: int | None = None, z: float = Z95) -> tuple[float, float, float]:
+    """The prevalence corrected for the classifier's known error (Rogan and Gladen, 1978), with a
+    95% interval; each clipped to [0, 1]. ``k`` of ``n`` cells were called Parasitized; the
+    classifier's per-cell ``sensitivity`` and ``specificity`` were measured on ``n_positive`` and
+    ``n_negative`` validation cells of the same kind. The estimate is (k/n + Sp - 1) / (Se + Sp - 1).
+
+    The interval is the delta method's (Reiczigel, Foeldi and Ozsvari, 2010), which carries the
+    sampling error of k/n and, where their denominators are given, of Se and Sp; without them the
+    rates count as exact. NaN for all three when ``n`` is 0 or Se + Sp <= 1 (a classifier no better
+    than chance cannot be corrected for). When the false-positive rate 1 - Sp is near k/n the
+    estimate sits at 0 and the interval is wide: the raw fraction is then mostly false positives.
+    """
+    youden = sensitivity + specificity - 1
+    if n <= 0 or not youden > 0:
+        return math.nan, math.nan, math.nan
+    observed = k / n
+    raw = (observed + specificity - 1) / youden
+    var = observed * (1 - observed) / n
+    if n_positive:
+        var += raw * raw * sensitivity * (1 - sensitivity) / n_positive
+    if n_negative:
+        var += (1 - raw) ** 2 * specificity * (1 - specificity) / n_negative
+    # The binomial part of a proportion at 0 or 1 has no variance: use Wilson's width there.
+    low_obs, high_obs = wilson_interval(k, n, z)
+    half = z * math.sqrt(var) / youden
+    low = min(raw - half, (low_obs + specificity - 1) / youden)
+    high = max(raw + half, (high_obs + specificity - 1) / youden)
+    clip = lambda v: min(1.0, max(0.0, v))
+    return clip(raw), clip(low), clip(high)
+
+
 BOOTSTRAP_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
 
 

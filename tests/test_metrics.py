@@ -128,3 +128,33 @@ def test_disagreement_rows_are_found_by_image_id_in_str_and_object_batches():
         got = _rows_with_ids(batch, np.array(["d", "b", "x"], dtype=object))
         assert got["image_id"].tolist() == ["b", "d"] and np.array_equal(got["image"], images[[1, 3]])
         assert set(got) == {"image_id", "image"}
+
+
+def test_rogan_gladen_corrects_a_known_error_and_covers_the_truth():
+    import math
+
+    from malaria_ray.metrics import rogan_gladen
+
+    # 2% true parasitemia seen through Se 0.9 / Sp 0.98: the raw fraction is 0.9*0.02 + 0.02*0.98 = 0.0376.
+    est, low, high = rogan_gladen(376, 10_000, 0.9, 0.98)
+    assert abs(est - 0.02) < 1e-12 and low < 0.02 < high
+    assert rogan_gladen(0, 100, 0.9, 0.98)[0] == 0.0  # below the false-positive rate: clipped, not negative
+    assert rogan_gladen(100, 100, 0.9, 0.98)[0] == 1.0
+    assert all(math.isnan(v) for v in rogan_gladen(5, 100, 0.5, 0.5))  # no better than chance
+    assert all(math.isnan(v) for v in rogan_gladen(0, 0, 0.9, 0.98))
+    # Uncertain rates widen the interval.
+    exact, rates_measured = rogan_gladen(376, 10_000, 0.9, 0.98), rogan_gladen(376, 10_000, 0.9, 0.98, 100, 1000)
+    assert rates_measured[2] - rates_measured[1] > exact[2] - exact[1]
+
+    # Coverage: the truth is inside the 95% interval about 95% of the time when Se, Sp and the
+    # field's count are all sampled (Se from 150 infected validation cells, Sp from 2,000 uninfected).
+    rng = np.random.default_rng(0)
+    se, sp, truth, n, hits, runs = 0.92, 0.985, 0.05, 2000, 0, 2000
+    for _ in range(runs):
+        se_hat = rng.binomial(150, se) / 150
+        sp_hat = rng.binomial(2000, sp) / 2000
+        infected = rng.binomial(n, truth)
+        k = rng.binomial(infected, se) + rng.binomial(n - infected, 1 - sp)
+        _, low, high = rogan_gladen(k, n, se_hat, sp_hat, 150, 2000)
+        hits += low <= truth <= high
+    assert 0.92 <= hits / runs <= 0.99, hits / runs
