@@ -1,0 +1,242 @@
+"""Find the red cells of a field-of-view photograph of a thin smear and cut each one out.
+
+A field (uint8 RGB, e.g. 1280x960) becomes one record per red cell: its box (x, y, w, h in the
+field's pixels), its area, and the cell cut out, masked (outside the cell black, as the NIH crops
+the model was trained on) and resized to the model's input. The method, on a copy reduced by
+``work_scale`` (block mean):
+
+1. absorbance-like channel ``1 - G / background`` (on Giemsa smears red cells absorb green; the
+   background level is the mode of the bright pixels), Gaussian smoothing, Otsu threshold
+   (times ``threshold_scale``); near-black pixels (the burned-in scale bar and its label) removed;
+2. holes smaller than ``fill_holes_frac`` of a cell filled (pale centres), larger ones (background
+   ringed by cells) kept;
+3. the expected radius: median of the distance-transform maxima of the blobs (each blob, however
+   many cells it holds, peaks near one cell's radius), unless ``diameter`` is given;
+4. markers: h-maxima of the smoothed distance transform (h = ``h_frac`` x radius), then watershed
+   of the inverted distance transform inside the foreground, which splits touching cells;
+5. segments judged against the field's reference cell area (median area of plausible segments):
+   too small (platelets, debris, fragments), too large (unsplit heaps), cut by the border with
+   less than ``border_area_frac`` of a cell visible (annotators do not box those), white cells
+   (a large share of nucleus pixels: dark in green and bluer than red).
+
+Pure: numpy, scipy.ndimage, scikit-image and Pillow (for the crop resize, as ``preprocess``);
+no Ray, no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage as ndi
+from skimage import filters, measure, morphology, segmentation
+
+MIN_FIELD_SIDE = 64  # px; a smaller image cannot hold a field of cells
+FLAG_NO_CELLS = "no_cells"
+FLAG_HUGE_BLOB = "one_huge_blob"  # most of the picture one object: not a thin smear, or out of focus
+FLAG_FEW_CELLS = "few_cells"
+FLAG_DIAMETER = "diameter_implausible"
+REJECT_REASONS = ("small", "large", "border", "white_cell")
+
+
+class FieldError(ValueError):
+    """An array that is not a field image this detector can read; the message says why."""
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    """Every knob of the detector. Sizes are relative to the expected cell diameter, which is
+    estimated per field unless ``diameter`` (px of the full-size field) is given for an archive."""
+
+    diameter: float | None = None
+    work_scale: int = 2  # segment on a copy reduced this many times (block mean): speed
+    smooth_sigma: float = 1.0  # Gaussian of the channel, px of the reduced copy
+    threshold_scale: float = 1.0  # x Otsu's threshold of the absorbance-like channel
+    black_level: int = 60  # all channels below: the scale bar and its label, never a cell
+    fill_holes_frac: float = 0.5  # holes up to this share of a cell are pale centres
+    h_frac: float = 0.08  # h-maxima depth of the distance transform, x the cell radius
+    min_area_frac: float = 0.3  # segments smaller than this share of a cell are debris
+    max_area_frac: float = 2.5  # larger: a heap the watershed could not split
+    border_area_frac: float = 0.6  # a border cell is kept when this share of a cell is visible
+    nucleus_level: float = 0.22  # G / background below this: a white cell's nucleus
+    nucleus_frac: float = 0.15  # share of nucleus pixels that makes a segment a white cell
+    box_pad_frac: float = 0.0  # box grown by this share of the diameter per side (annotators' boxes are loose)
+    min_diameter: float = 16.0  # px of the full field; an estimate outside [min, max] is flagged
+    max_diameter: float = 400.0
+    few_cells: int = 10  # fewer cells than this: flagged, too few to call a field
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DetectParams":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown detector parameter(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def key(self) -> str:
+        """A short stable hash of the parameters: part of a field's skip key, so a change rescores."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class FieldDetection:
+    """The red cells of one field: ``boxes`` int32 [n, 4] (x, y, w, h, full-size pixels), ``areas``
+    int64 [n] (mask pixels, full size), ``crops`` uint8 [n, size, size, 3] (masked, resized);
+    ``diameter`` the expected cell diameter used (px); ``rejected`` candidate segments left out, by
+    reason; ``flags`` what a reader of the field's row should know (no cells, one huge blob...)."""
+
+    boxes: np.ndarray
+    areas: np.ndarray
+    crops: np.ndarray
+    diameter: float
+    n_candidates: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+def check_field(image) -> np.ndarray:
+    """The image as uint8 [h, w, 3]; anything else raises ``FieldError`` with the reason."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise FieldError(f"field image must be 8-bit (uint8), got {arr.dtype}; convert 16-bit images on decode")
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise FieldError(f"field image must be RGB [h, w, 3], got shape {arr.shape} (grayscale has no stain colour)")
+    if min(arr.shape[:2]) < MIN_FIELD_SIDE:
+        raise FieldError(f"field image {arr.shape[1]}x{arr.shape[0]} is smaller than {MIN_FIELD_SIDE} px a side: "
+                         "a single cell crop, not a field")
+    return arr
+
+
+def reduce(image: np.ndarray, s: int) -> np.ndarray:
+    """Block mean by ``s`` (float32), cropping the last partial block: a cheap, alias-free reduction."""
+    if s == 1:
+        return image.astype(np.float32)
+    h, w = (image.shape[0] // s) * s, (image.shape[1] // s) * s
+    return image[:h, :w].reshape(h // s, s, w // s, s, 3).mean(axis=(1, 3), dtype=np.float32)
+
+
+def foreground(small: np.ndarray, p: DetectParams):
+    """Red-cell-coloured pixels (bool) and the absorbance-like channel of the reduced field."""
+    g = small[..., 1]
+    hist = np.bincount(np.clip(g, 0, 255).astype(np.int64).ravel(), minlength=256)
+    bright = int(np.argmax(hist[96:])) + 96  # the background: the commonest bright green level
+    absorb = np.clip(1.0 - g / max(bright, 1), 0.0, 1.0)
+    absorb = filters.gaussian(absorb, p.smooth_sigma) if p.smooth_sigma > 0 else absorb
+    if absorb.max() - absorb.min() < 0.05:  # a blank picture: Otsu would split the noise
+        return np.zeros(g.shape, bool), absorb, bright
+    fg = absorb > filters.threshold_otsu(absorb) * p.threshold_scale
+    black = ndi.binary_dilation(small.max(axis=2) < p.black_level, iterations=2)
+    return fg & ~black, absorb, bright
+
+
+def fill_small_holes(fg: np.ndarray, max_area: float) -> np.ndarray:
+    """Fill holes up to ``max_area`` px (a cell's pale centre), not background ringed by cells."""
+    holes = ndi.binary_fill_holes(fg) & ~fg
+    lab, n = ndi.label(holes)
+    if not n:
+        return fg
+    small = np.bincount(lab.ravel()) <= max_area
+    small[0] = False
+    return fg | small[lab]
+
+
+def estimate_radius(fg: np.ndarray) -> float:
+    """Cell radius (px of ``fg``): the median distance-transform maximum over blobs bigger than specks."""
+    filled = ndi.binary_fill_holes(fg)
+    lab, n = ndi.label(filled)
+    if not n:
+        return 0.0
+    peaks = ndi.maximum(ndi.distance_transform_edt(filled), lab, np.arange(1, n + 1))
+    peaks = peaks[peaks > 3]
+    return float(np.median(peaks)) if len(peaks) else 0.0
+
+
+def split_cells(fg: np.ndarray, radius: float, p: DetectParams) -> np.ndarray:
+    """Label image of the foreground, touching cells split by a marker watershed on the distance transform."""
+    dist = filters.gaussian(ndi.distance_transform_edt(fg), 1.0)
+    markers, _ = ndi.label(morphology.h_maxima(dist, max(p.h_frac * radius, 0.5)))
+    return segmentation.watershed(-dist, markers, mask=fg)
+
+
+def detect_cells(image, size: int = 128, params: DetectParams | None = None) -> FieldDetection:
+    """The red cells of one field image (uint8 RGB); ``size``: the side of each masked crop."""
+    p = params or DetectParams()
+    img = check_field(image)
+    s = max(1, int(p.work_scale))
+    small = reduce(img, s)
+    fg, _, bright = foreground(small, p)
+    radius = p.diameter / 2 / s if p.diameter else estimate_radius(fg)
+    flags: list[str] = []
+    if fg.mean() > 0.9 or (fg.any() and ndi.binary_fill_holes(fg).mean() > 0.9):
+        flags.append(FLAG_HUGE_BLOB)
+    if radius < 2:
+        return _empty(size, 0.0, 0, flags + [FLAG_NO_CELLS])
+    fg = fill_small_holes(fg, p.fill_holes_frac * np.pi * radius ** 2)
+    labels = split_cells(fg, radius, p)
+    regions = measure.regionprops(labels)
+    h, w = labels.shape
+    area = np.array([r.area for r in regions], np.float64)
+    bbox = np.array([r.bbox for r in regions], np.int64).reshape(-1, 4)  # y0, x0, y1, x1
+    on_border = (bbox[:, 0] == 0) | (bbox[:, 1] == 0) | (bbox[:, 2] >= h) | (bbox[:, 3] >= w)
+    cell_area = np.pi * radius ** 2
+    if not p.diameter:  # the field's own reference: the median whole cell that looks like one
+        plausible = ~on_border & (area > 0.5 * cell_area) & (area < 1.6 * cell_area)
+        if plausible.sum() >= 3:
+            cell_area = float(np.median(area[plausible]))
+    # a nucleus is dark in green and bluer than red; red cells, however deep their stain, stay redder than blue
+    dark_blue = (small[..., 1] < p.nucleus_level * bright) & (small[..., 2] > small[..., 0])
+    nucleus = ndi.sum(dark_blue, labels, [r.label for r in regions]) if regions else []
+    reason = np.full(len(regions), "", dtype=object)
+    reason[area < p.min_area_frac * cell_area] = "small"
+    reason[(reason == "") & (area > p.max_area_frac * cell_area)] = "large"
+    reason[(reason == "") & on_border & (area < p.border_area_frac * cell_area)] = "border"
+    reason[(reason == "") & (np.asarray(nucleus) > p.nucleus_frac * area)] = "white_cell"
+    keep = np.flatnonzero(reason == "")
+    rejected = {k: int(np.sum(reason == k)) for k in REJECT_REASONS}
+    diameter = 2 * np.sqrt(cell_area / np.pi) * s
+    if not p.min_diameter <= diameter <= p.max_diameter:
+        flags.append(FLAG_DIAMETER)
+    if not len(keep):
+        return _empty(size, diameter, len(regions), flags + [FLAG_NO_CELLS], rejected)
+    if len(keep) < p.few_cells:
+        flags.append(FLAG_FEW_CELLS)
+    boxes, areas, crops = cut_cells(img, labels, [regions[i] for i in keep], s, size, p.box_pad_frac * diameter)
+    return FieldDetection(boxes, areas, crops, float(diameter), len(regions), rejected, tuple(flags))
+
+
+def _empty(size, diameter, n_candidates, flags, rejected=None) -> FieldDetection:
+    return FieldDetection(np.zeros((0, 4), np.int32), np.zeros(0, np.int64), np.zeros((0, size, size, 3), np.uint8),
+                          float(diameter), n_candidates, dict(rejected or dict.fromkeys(REJECT_REASONS, 0)), tuple(flags))
+
+
+def cut_cells(img: np.ndarray, labels: np.ndarray, regions, s: int, size: int, pad: float):
+    """Boxes (full size, grown by ``pad`` px a side), mask areas and masked ``size`` x ``size``
+    crops of the given segments; the mask is the segment at full size (nearest neighbour)."""
+    H, W = img.shape[:2]
+    boxes = np.zeros((len(regions), 4), np.int32)
+    areas = np.zeros(len(regions), np.int64)
+    crops = np.zeros((len(regions), size, size, 3), np.uint8)
+    for i, r in enumerate(regions):
+        y0, x0, y1, x1 = r.bbox
+        mask = np.repeat(np.repeat(r.image, s, axis=0), s, axis=1)
+        fy0, fx0 = y0 * s, x0 * s
+        # a segment touching the reduced copy's last row/column reaches the field's edge
+        fy1 = H if y1 * s >= (H // s) * s else y1 * s
+        fx1 = W if x1 * s >= (W // s) * s else x1 * s
+        mask = np.pad(mask, ((0, fy1 - fy0 - mask.shape[0]), (0, fx1 - fx0 - mask.shape[1])), mode="edge")
+        cut = img[fy0:fy1, fx0:fx1] * mask[..., None]
+        crops[i] = np.asarray(Image.fromarray(cut).resize((size, size), Image.Resampling.BILINEAR))
+        areas[i] = int(mask.sum())
+        bx0, by0 = max(0, int(round(fx0 - pad))), max(0, int(round(fy0 - pad)))
+        bx1, by1 = min(W, int(round(fx1 + pad))), min(H, int(round(fy1 + pad)))
+        boxes[i] = (bx0, by0, bx1 - bx0, by1 - by0)
+    return boxes, areas, crops
