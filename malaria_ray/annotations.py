@@ -198,6 +198,30 @@ def check_boxes(table: dict[str, FieldBoxes], sizes: dict[str, tuple[int, int]],
     return table
 
 
+# Documented exclusions (docs/fields.md): boxes the annotation convention makes unfit to score
+# detection against. Relative to the image's own median box, so they follow the cell size.
+DEGENERATE_SIDE = 0.5  # shorter side under this share of the median box side: a sliver, not a cell
+MERGED_AREA = 1.6  # area over this multiple of the median box area: usually two cells in one box
+EXCLUSIONS = ("degenerate", "merged", "border")
+
+
+def exclusion_reasons(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Per box "" (kept) or why it is excluded: ``degenerate``, ``merged`` (two cells in one box),
+    ``border`` (touches the image edge, where boxing depends on how much of the cell shows)."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    reason = np.full(len(b), "", dtype=object)
+    if not len(b):
+        return reason
+    area = b[:, 2] * b[:, 3]
+    med_area = float(np.median(area))
+    reason[np.minimum(b[:, 2], b[:, 3]) < DEGENERATE_SIDE * np.sqrt(med_area)] = "degenerate"
+    reason[(reason == "") & (area > MERGED_AREA * med_area)] = "merged"
+    w, h = size
+    edge = (b[:, 0] <= 0) | (b[:, 1] <= 0) | (b[:, 0] + b[:, 2] >= w) | (b[:, 1] + b[:, 3] >= h)
+    reason[(reason == "") & edge] = "border"
+    return reason
+
+
 def contiguous_folds(names, k: int) -> np.ndarray:
     """Fold index (0..k-1) of each name: sorted by name (camera serial numbers), cut into ``k``
     contiguous runs of near-equal length, so neighbouring shots (likely one slide) share a fold.

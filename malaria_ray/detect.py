@@ -167,10 +167,30 @@ def split_cells(fg: np.ndarray, radius: float, p: DetectParams) -> np.ndarray:
     return segmentation.watershed(-dist, markers, mask=fg)
 
 
-def detect_cells(image, size: int = 128, params: DetectParams | None = None) -> FieldDetection:
-    """The red cells of one field image (uint8 RGB); ``size``: the side of each masked crop."""
-    p = params or DetectParams()
-    img = check_field(image)
+@dataclass
+class Candidates:
+    """Every segment of one field before the red-cell rules: the label image of the reduced copy,
+    and per segment its ``area`` (px of the reduced copy), ``bbox`` (y0, x0, y1, x1, reduced),
+    ``on_border``, ``nucleus`` (px of nucleus colour); ``cell_area`` the reference cell (reduced px)."""
+
+    labels: np.ndarray
+    regions: list
+    area: np.ndarray
+    bbox: np.ndarray
+    on_border: np.ndarray
+    nucleus: np.ndarray
+    cell_area: float
+    scale: int
+    flags: tuple[str, ...]
+
+    @property
+    def diameter(self) -> float:
+        """The expected cell diameter in px of the full-size field."""
+        return float(2 * np.sqrt(self.cell_area / np.pi) * self.scale)
+
+
+def find_candidates(img: np.ndarray, p: DetectParams) -> Candidates:
+    """Segment a checked field: foreground, cell radius, hole fill, watershed, per-segment measures."""
     s = max(1, int(p.work_scale))
     small = reduce(img, s)
     fg, _, bright = foreground(small, p)
@@ -179,13 +199,13 @@ def detect_cells(image, size: int = 128, params: DetectParams | None = None) -> 
     if fg.mean() > 0.9 or (fg.any() and ndi.binary_fill_holes(fg).mean() > 0.9):
         flags.append(FLAG_HUGE_BLOB)
     if radius < 2:
-        return _empty(size, 0.0, 0, flags + [FLAG_NO_CELLS])
-    fg = fill_small_holes(fg, p.fill_holes_frac * np.pi * radius ** 2)
-    labels = split_cells(fg, radius, p)
+        labels = np.zeros(fg.shape, np.int32)
+    else:
+        labels = split_cells(fill_small_holes(fg, p.fill_holes_frac * np.pi * radius ** 2), radius, p)
     regions = measure.regionprops(labels)
     h, w = labels.shape
     area = np.array([r.area for r in regions], np.float64)
-    bbox = np.array([r.bbox for r in regions], np.int64).reshape(-1, 4)  # y0, x0, y1, x1
+    bbox = np.array([r.bbox for r in regions], np.int64).reshape(-1, 4)
     on_border = (bbox[:, 0] == 0) | (bbox[:, 1] == 0) | (bbox[:, 2] >= h) | (bbox[:, 3] >= w)
     cell_area = np.pi * radius ** 2
     if not p.diameter:  # the field's own reference: the median whole cell that looks like one
@@ -194,23 +214,36 @@ def detect_cells(image, size: int = 128, params: DetectParams | None = None) -> 
             cell_area = float(np.median(area[plausible]))
     # a nucleus is dark in green and bluer than red; red cells, however deep their stain, stay redder than blue
     dark_blue = (small[..., 1] < p.nucleus_level * bright) & (small[..., 2] > small[..., 0])
-    nucleus = ndi.sum(dark_blue, labels, [r.label for r in regions]) if regions else []
-    reason = np.full(len(regions), "", dtype=object)
-    reason[area < p.min_area_frac * cell_area] = "small"
-    reason[(reason == "") & (area > p.max_area_frac * cell_area)] = "large"
-    reason[(reason == "") & on_border & (area < p.border_area_frac * cell_area)] = "border"
-    reason[(reason == "") & (np.asarray(nucleus) > p.nucleus_frac * area)] = "white_cell"
-    keep = np.flatnonzero(reason == "")
-    rejected = {k: int(np.sum(reason == k)) for k in REJECT_REASONS}
-    diameter = 2 * np.sqrt(cell_area / np.pi) * s
-    if not p.min_diameter <= diameter <= p.max_diameter:
+    nucleus = np.asarray(ndi.sum(dark_blue, labels, [r.label for r in regions]) if regions else [], np.float64)
+    return Candidates(labels, regions, area, bbox, on_border, nucleus, float(cell_area), s, tuple(flags))
+
+
+def select_cells(c: Candidates, p: DetectParams) -> tuple[np.ndarray, dict[str, int]]:
+    """Indices of the candidates that are red cells, and how many were rejected for each reason."""
+    ref = c.cell_area
+    reason = np.full(len(c.area), "", dtype=object)
+    reason[c.area < p.min_area_frac * ref] = "small"
+    reason[(reason == "") & (c.area > p.max_area_frac * ref)] = "large"
+    reason[(reason == "") & c.on_border & (c.area < p.border_area_frac * ref)] = "border"
+    reason[(reason == "") & (c.nucleus > p.nucleus_frac * c.area)] = "white_cell"
+    return np.flatnonzero(reason == ""), {k: int(np.sum(reason == k)) for k in REJECT_REASONS}
+
+
+def detect_cells(image, size: int = 128, params: DetectParams | None = None) -> FieldDetection:
+    """The red cells of one field image (uint8 RGB); ``size``: the side of each masked crop."""
+    p = params or DetectParams()
+    img = check_field(image)
+    c = find_candidates(img, p)
+    keep, rejected = select_cells(c, p)
+    flags = list(c.flags)
+    if c.cell_area > 0 and not p.min_diameter <= c.diameter <= p.max_diameter:
         flags.append(FLAG_DIAMETER)
     if not len(keep):
-        return _empty(size, diameter, len(regions), flags + [FLAG_NO_CELLS], rejected)
+        return _empty(size, c.diameter, len(c.regions), flags + [FLAG_NO_CELLS], rejected)
     if len(keep) < p.few_cells:
         flags.append(FLAG_FEW_CELLS)
-    boxes, areas, crops = cut_cells(img, labels, [regions[i] for i in keep], s, size, p.box_pad_frac * diameter)
-    return FieldDetection(boxes, areas, crops, float(diameter), len(regions), rejected, tuple(flags))
+    boxes, areas, crops = cut_cells(img, c, keep, size, p.box_pad_frac * c.diameter)
+    return FieldDetection(boxes, areas, crops, c.diameter, len(c.regions), rejected, tuple(flags))
 
 
 def _empty(size, diameter, n_candidates, flags, rejected=None) -> FieldDetection:
@@ -218,25 +251,31 @@ def _empty(size, diameter, n_candidates, flags, rejected=None) -> FieldDetection
                           float(diameter), n_candidates, dict(rejected or dict.fromkeys(REJECT_REASONS, 0)), tuple(flags))
 
 
-def cut_cells(img: np.ndarray, labels: np.ndarray, regions, s: int, size: int, pad: float):
-    """Boxes (full size, grown by ``pad`` px a side), mask areas and masked ``size`` x ``size``
-    crops of the given segments; the mask is the segment at full size (nearest neighbour)."""
-    H, W = img.shape[:2]
-    boxes = np.zeros((len(regions), 4), np.int32)
-    areas = np.zeros(len(regions), np.int64)
-    crops = np.zeros((len(regions), size, size, 3), np.uint8)
-    for i, r in enumerate(regions):
-        y0, x0, y1, x1 = r.bbox
-        mask = np.repeat(np.repeat(r.image, s, axis=0), s, axis=1)
-        fy0, fx0 = y0 * s, x0 * s
-        # a segment touching the reduced copy's last row/column reaches the field's edge
-        fy1 = H if y1 * s >= (H // s) * s else y1 * s
-        fx1 = W if x1 * s >= (W // s) * s else x1 * s
-        mask = np.pad(mask, ((0, fy1 - fy0 - mask.shape[0]), (0, fx1 - fx0 - mask.shape[1])), mode="edge")
-        cut = img[fy0:fy1, fx0:fx1] * mask[..., None]
+def candidate_boxes(c: Candidates, shape, pad: float = 0.0) -> np.ndarray:
+    """Full-size boxes (x, y, w, h) int32 of every candidate, grown by ``pad`` px a side, clipped
+    to the field; a segment on the reduced copy's last row/column reaches the field's edge."""
+    H, W = shape[:2]
+    s = c.scale
+    y0, x0, y1, x1 = (c.bbox * s).T
+    y1 = np.where(y1 >= (H // s) * s, H, y1)
+    x1 = np.where(x1 >= (W // s) * s, W, x1)
+    bx0, by0 = np.clip(np.round(x0 - pad), 0, W), np.clip(np.round(y0 - pad), 0, H)
+    bx1, by1 = np.clip(np.round(x1 + pad), 0, W), np.clip(np.round(y1 + pad), 0, H)
+    return np.stack([bx0, by0, bx1 - bx0, by1 - by0], axis=1).astype(np.int32).reshape(-1, 4)
+
+
+def cut_cells(img: np.ndarray, c: Candidates, keep: np.ndarray, size: int, pad: float):
+    """Boxes (grown by ``pad`` px a side), mask areas (full-size px) and masked ``size`` x ``size``
+    crops of the kept candidates; the mask is the segment brought to full size (nearest neighbour)."""
+    s = c.scale
+    tight = candidate_boxes(c, img.shape)[keep]
+    areas = np.zeros(len(keep), np.int64)
+    crops = np.zeros((len(keep), size, size, 3), np.uint8)
+    for i, k in enumerate(keep):
+        x, y, w, h = tight[i]
+        mask = np.repeat(np.repeat(c.regions[k].image, s, axis=0), s, axis=1)
+        mask = np.pad(mask, ((0, h - mask.shape[0]), (0, w - mask.shape[1])), mode="edge")
+        cut = img[y:y + h, x:x + w] * mask[..., None]  # outside the cell black, as NIH's crops
         crops[i] = np.asarray(Image.fromarray(cut).resize((size, size), Image.Resampling.BILINEAR))
         areas[i] = int(mask.sum())
-        bx0, by0 = max(0, int(round(fx0 - pad))), max(0, int(round(fy0 - pad)))
-        bx1, by1 = min(W, int(round(fx1 + pad))), min(H, int(round(fy1 + pad)))
-        boxes[i] = (bx0, by0, bx1 - bx0, by1 - by0)
-    return boxes, areas, crops
+    return candidate_boxes(c, img.shape, pad)[keep], areas, crops
