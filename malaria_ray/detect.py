@@ -6,7 +6,7 @@ the model was trained on) and resized to the model's input. The method, on a cop
 ``work_scale`` (block mean):
 
 1. absorbance-like channel ``1 - G / background`` (on Giemsa smears red cells absorb green; the
-   background level is the mode of the bright pixels), Gaussian smoothing, Otsu threshold
+   background level is the 99th percentile of green), Gaussian smoothing, Otsu threshold
    (times ``threshold_scale``); near-black pixels (the burned-in scale bar and its label) removed;
 2. holes smaller than ``fill_holes_frac`` of a cell filled (pale centres), larger ones (background
    ringed by cells) kept;
@@ -38,6 +38,7 @@ MIN_FIELD_SIDE = 64  # px; a smaller image cannot hold a field of cells
 FLAG_NO_CELLS = "no_cells"
 FLAG_HUGE_BLOB = "one_huge_blob"  # most of the picture one object: not a thin smear, or out of focus
 FLAG_FEW_CELLS = "few_cells"
+HUGE_BLOB = 0.3  # one object over this share of the picture: no thin smear has a cell that big
 FLAG_DIAMETER = "diameter_implausible"
 REJECT_REASONS = ("small", "large", "border", "white_cell")
 
@@ -127,8 +128,9 @@ def reduce(image: np.ndarray, s: int) -> np.ndarray:
 def foreground(small: np.ndarray, p: DetectParams):
     """Red-cell-coloured pixels (bool) and the absorbance-like channel of the reduced field."""
     g = small[..., 1]
-    hist = np.bincount(np.clip(g, 0, 255).astype(np.int64).ravel(), minlength=256)
-    bright = int(np.argmax(hist[96:])) + 96  # the background: the commonest bright green level
+    # the background is the brightest thing on a smear; a high percentile, not the mode, so that a
+    # picture mostly covered by one object still has its background found
+    bright = float(np.percentile(g, 99))
     absorb = np.clip(1.0 - g / max(bright, 1), 0.0, 1.0)
     absorb = filters.gaussian(absorb, p.smooth_sigma) if p.smooth_sigma > 0 else absorb
     if absorb.max() - absorb.min() < 0.05:  # a blank picture: Otsu would split the noise
@@ -196,8 +198,10 @@ def find_candidates(img: np.ndarray, p: DetectParams) -> Candidates:
     fg, _, bright = foreground(small, p)
     radius = p.diameter / 2 / s if p.diameter else estimate_radius(fg)
     flags: list[str] = []
-    if fg.mean() > 0.9 or (fg.any() and ndi.binary_fill_holes(fg).mean() > 0.9):
-        flags.append(FLAG_HUGE_BLOB)
+    if fg.any():
+        blobs, _ = ndi.label(ndi.binary_fill_holes(fg))
+        if np.bincount(blobs.ravel())[1:].max() > HUGE_BLOB * fg.size:
+            flags.append(FLAG_HUGE_BLOB)
     if radius < 2:
         labels = np.zeros(fg.shape, np.int32)
     else:
