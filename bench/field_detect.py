@@ -39,9 +39,9 @@ from malaria_ray import annotations as A  # noqa: E402
 from malaria_ray import detect as D  # noqa: E402
 
 DATA = pathlib.Path(os.environ.get("MALARIA_FIELDS_DIR", REPO.parent / "shared" / "data" / "iml_malaria"))
-GRID = {"border_area_frac": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+GRID = {"border_area_frac": (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1),
         "box_pad_frac": (0.0, 0.03, 0.06, 0.09, 0.12),
-        "min_area_frac": (0.2, 0.3, 0.4)}
+        "min_area_frac": (0.3, 0.4, 0.5)}
 
 
 def measure_fields(data: pathlib.Path, names: list[str], size: int, base: D.DetectParams) -> dict:
@@ -172,6 +172,9 @@ def main(argv=None) -> int:
     print(f"speed: {len(names) / det_s:.2f} fields/s per core (detection with {args.size}px crops, one process, "
           f"{1000 * det_s / len(names):.0f} ms/field; JPEG decode {1000 * dec_s / len(names):.0f} ms/field more); "
           f"estimated diameter median {np.median(diam):.1f} px (range {diam.min():.1f}-{diam.max():.1f})")
+    odd = [f"{n} {fields[n]['cand'].diameter:.0f} px {'/'.join(fields[n]['cand'].flags) or ''}"
+           for n in names if not 0.67 < fields[n]["cand"].diameter / np.median(diam) < 1.5]
+    print(f"fields whose estimated diameter is off the median by 1.5x: {len(odd)}" + (": " + "; ".join(odd[:10]) if odd else ""))
     print("annotation ceiling indicators (all fields):", json.dumps(ceiling_indicators(fields, truth, names, chosen)))
     return 0
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
-from skimage import filters, measure, morphology, segmentation
+from skimage import feature, filters, measure, morphology, segmentation
 
 MIN_FIELD_SIDE = 64  # px; a smaller image cannot hold a field of cells
 FLAG_NO_CELLS = "no_cells"
@@ -57,14 +57,22 @@ class DetectParams:
     smooth_sigma: float = 1.0  # Gaussian of the channel, px of the reduced copy
     threshold_scale: float = 1.0  # x Otsu's threshold of the absorbance-like channel
     black_level: int = 60  # all channels below: the scale bar and its label, never a cell
-    fill_holes_frac: float = 0.5  # holes up to this share of a cell are pale centres
-    h_frac: float = 0.08  # h-maxima depth of the distance transform, x the cell radius
-    min_area_frac: float = 0.3  # segments smaller than this share of a cell are debris
+    fill_holes_frac: float = 0.5  # holes up to this share of a cell are pale centres...
+    hole_level: float = 0.6  # ...if stained throughout (absorbance >= this x the threshold)
+    tiny_hole_frac: float = 0.08  # holes up to this share of a cell are filled whatever their shade
+    h_frac: float = 0.08  # h-maxima depth of the watershed surface (distance transform in radii)
+    stain_weight: float = 0.0  # absorbance's weight in that surface
+    peak_distance_frac: float = 0.6  # > 0: markers are the surface's peaks at least this x radius apart...
+    peak_min_frac: float = 0.4  # ...and at least this high (radii from the edge)
+    merge_piece_frac: float = 0.75  # touching segments each under this share of a cell...
+    merge_union_frac: float = 1.3  # ...are joined when together under this share (0: never)...
+    merge_solidity: float = 0.9  # ...and convex
+    min_area_frac: float = 0.4  # segments smaller than this share of a cell are debris
     max_area_frac: float = 2.5  # larger: a heap the watershed could not split
-    border_area_frac: float = 0.6  # a border cell is kept when this share of a cell is visible
+    border_area_frac: float = 0.9  # a border cell is kept when this share of a cell is visible
     nucleus_level: float = 0.22  # G / background below this: a white cell's nucleus
     nucleus_frac: float = 0.15  # share of nucleus pixels that makes a segment a white cell
-    box_pad_frac: float = 0.0  # box grown by this share of the diameter per side (annotators' boxes are loose)
+    box_pad_frac: float = 0.06  # box grown by this share of the diameter per side (annotators' boxes are loose)
     min_diameter: float = 16.0  # px of the full field; an estimate outside [min, max] is flagged
     max_diameter: float = 400.0
     few_cells: int = 10  # fewer cells than this: flagged, too few to call a field
@@ -126,7 +134,8 @@ def reduce(image: np.ndarray, s: int) -> np.ndarray:
 
 
 def foreground(small: np.ndarray, p: DetectParams):
-    """Red-cell-coloured pixels (bool) and the absorbance-like channel of the reduced field."""
+    """Red-cell-coloured pixels (bool), the absorbance-like channel of the reduced field and the
+    threshold applied to it."""
     g = small[..., 1]
     # the background is the brightest thing on a smear; a high percentile, not the mode, so that a
     # picture mostly covered by one object still has its background found
@@ -134,20 +143,25 @@ def foreground(small: np.ndarray, p: DetectParams):
     absorb = np.clip(1.0 - g / max(bright, 1), 0.0, 1.0)
     absorb = filters.gaussian(absorb, p.smooth_sigma) if p.smooth_sigma > 0 else absorb
     if absorb.max() - absorb.min() < 0.05:  # a blank picture: Otsu would split the noise
-        return np.zeros(g.shape, bool), absorb, bright
-    fg = absorb > filters.threshold_otsu(absorb) * p.threshold_scale
+        return np.zeros(g.shape, bool), absorb, 1.0
+    level = filters.threshold_otsu(absorb) * p.threshold_scale
     black = ndi.binary_dilation(small.max(axis=2) < p.black_level, iterations=2)
-    return fg & ~black, absorb, bright
+    return (absorb > level) & ~black, absorb, level
 
 
-def fill_small_holes(fg: np.ndarray, max_area: float) -> np.ndarray:
-    """Fill holes up to ``max_area`` px (a cell's pale centre), not background ringed by cells."""
+def fill_small_holes(fg: np.ndarray, absorb: np.ndarray, level: float, max_area: float, tiny_area: float) -> np.ndarray:
+    """Fill holes up to ``max_area`` px that stay stained (every pixel's absorbance >= ``level``): a
+    cell's pale centre. A gap ringed by touching cells reaches the bare background and stays open,
+    or the cells around it would become one blob. Holes up to ``tiny_area`` are filled whatever
+    their shade: a bright spot in a pale centre is smaller than any gap between cells."""
     holes = ndi.binary_fill_holes(fg) & ~fg
     lab, n = ndi.label(holes)
     if not n:
         return fg
-    small = np.bincount(lab.ravel()) <= max_area
-    small[0] = False
+    idx = np.arange(1, n + 1)
+    size = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    small = np.zeros(n + 1, bool)
+    small[1:] = ((size <= max_area) & (ndi.minimum(absorb, lab, idx) >= level)) | (size <= tiny_area)
     return fg | small[lab]
 
 
@@ -162,11 +176,47 @@ def estimate_radius(fg: np.ndarray) -> float:
     return float(np.median(peaks)) if len(peaks) else 0.0
 
 
-def split_cells(fg: np.ndarray, radius: float, p: DetectParams) -> np.ndarray:
-    """Label image of the foreground, touching cells split by a marker watershed on the distance transform."""
-    dist = filters.gaussian(ndi.distance_transform_edt(fg), 1.0)
-    markers, _ = ndi.label(morphology.h_maxima(dist, max(p.h_frac * radius, 0.5)))
-    return segmentation.watershed(-dist, markers, mask=fg)
+def split_cells(fg: np.ndarray, absorb: np.ndarray, level: float, radius: float, p: DetectParams) -> np.ndarray:
+    """Label image of the foreground, touching cells split by a marker watershed. The surface is the
+    distance transform (in radii) plus ``stain_weight`` x the absorbance (in thresholds): where two
+    cells touch, the line between them is paler than either, so it adds a ridge the shape alone lacks."""
+    dist = ndi.distance_transform_edt(fg) / max(radius, 1.0)
+    height = filters.gaussian(dist + p.stain_weight * absorb / max(level, 1e-6), 1.0)
+    if p.peak_distance_frac > 0:
+        peaks = feature.peak_local_max(height, min_distance=max(1, int(p.peak_distance_frac * radius)),
+                                       threshold_abs=p.peak_min_frac, exclude_border=False)
+        markers = np.zeros(fg.shape, np.int32)
+        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    else:
+        markers, _ = ndi.label(morphology.h_maxima(height, p.h_frac))
+    return segmentation.watershed(-height, markers, mask=fg)
+
+
+def merge_fragments(labels: np.ndarray, cell_area: float, p: DetectParams) -> np.ndarray:
+    """Join touching segments that are each less than ``merge_piece_frac`` of a cell when together
+    they are at most ``merge_union_frac`` of one and convex (solidity >= ``merge_solidity``): one
+    cell the watershed cut in two (a pale centre, a notch), not two cells."""
+    if p.merge_union_frac <= 0:
+        return labels
+    area = np.bincount(labels.ravel())
+    pairs = set()
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1, :], labels[1:, :])):
+        touch = (a != b) & (a > 0) & (b > 0)
+        pairs |= set(zip(np.minimum(a[touch], b[touch]).tolist(), np.maximum(a[touch], b[touch]).tolist()))
+    small = area < p.merge_piece_frac * cell_area
+    merged = np.arange(len(area))
+    for a, b in sorted(pairs, key=lambda ab: area[ab[0]] + area[ab[1]]):
+        ra, rb = merged[a], merged[b]
+        if ra == rb or not (small[a] and small[b]):
+            continue
+        union = (merged[labels] == ra) | (merged[labels] == rb)
+        if union.sum() > p.merge_union_frac * cell_area:
+            continue
+        ys, xs = np.nonzero(union)
+        box = union[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        if box.sum() >= p.merge_solidity * morphology.convex_hull_image(box).sum():
+            merged[merged == rb] = ra
+    return merged[labels]
 
 
 @dataclass
@@ -195,7 +245,8 @@ def find_candidates(img: np.ndarray, p: DetectParams) -> Candidates:
     """Segment a checked field: foreground, cell radius, hole fill, watershed, per-segment measures."""
     s = max(1, int(p.work_scale))
     small = reduce(img, s)
-    fg, _, bright = foreground(small, p)
+    fg, absorb, level = foreground(small, p)
+    bright = float(np.percentile(small[..., 1], 99))
     radius = p.diameter / 2 / s if p.diameter else estimate_radius(fg)
     flags: list[str] = []
     if fg.any():
@@ -205,15 +256,21 @@ def find_candidates(img: np.ndarray, p: DetectParams) -> Candidates:
     if radius < 2:
         labels = np.zeros(fg.shape, np.int32)
     else:
-        labels = split_cells(fill_small_holes(fg, p.fill_holes_frac * np.pi * radius ** 2), radius, p)
+        labels = split_cells(fill_small_holes(fg, absorb, p.hole_level * level, p.fill_holes_frac * np.pi * radius ** 2,
+                                                  p.tiny_hole_frac * np.pi * radius ** 2), absorb, level, radius, p)
+    cell_area = np.pi * radius ** 2
+    if not p.diameter and labels.any():  # the field's own reference: the median segment that looks like one cell
+        sizes = np.bincount(labels.ravel())[1:]
+        plausible = sizes[(sizes > 0.5 * cell_area) & (sizes < 2.5 * cell_area)]
+        cell_area = float(np.median(plausible)) if len(plausible) >= 3 else cell_area
+    labels = merge_fragments(labels, cell_area, p)
     regions = measure.regionprops(labels)
     h, w = labels.shape
     area = np.array([r.area for r in regions], np.float64)
     bbox = np.array([r.bbox for r in regions], np.int64).reshape(-1, 4)
     on_border = (bbox[:, 0] == 0) | (bbox[:, 1] == 0) | (bbox[:, 2] >= h) | (bbox[:, 3] >= w)
-    cell_area = np.pi * radius ** 2
-    if not p.diameter:  # the field's own reference: the median whole cell that looks like one
-        plausible = ~on_border & (area > 0.5 * cell_area) & (area < 1.6 * cell_area)
+    if not p.diameter:  # refined on the merged segments, away from the border
+        plausible = ~on_border & (area > 0.6 * cell_area) & (area < 1.6 * cell_area)
         if plausible.sum() >= 3:
             cell_area = float(np.median(area[plausible]))
     # a nucleus is dark in green and bluer than red; red cells, however deep their stain, stay redder than blue

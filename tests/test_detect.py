@@ -17,7 +17,7 @@ import pytest
 
 from malaria_ray import annotations as A
 from malaria_ray import detect as D
-from malaria_ray.synth_fields import make_field
+from malaria_ray.synth_fields import BOXED_VISIBLE, make_field
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIELDS = pathlib.Path(os.environ.get("MALARIA_FIELDS_DIR", REPO.parent / "shared" / "data" / "iml_malaria"))
@@ -25,9 +25,13 @@ needs_fields = pytest.mark.skipif(not (FIELDS / "annotations.json").exists(),
                                   reason=f"real fields not found: set MALARIA_FIELDS_DIR (tried {FIELDS})")
 
 
+# the synthetic fields box a border cell from BOXED_VISIBLE of it on; the detector follows that convention here
+SYNTH_PARAMS = D.DetectParams(border_area_frac=BOXED_VISIBLE)
+
+
 def _synthetic_scores(seed: int, **kw):
     f = make_field(seed=seed, **kw)
-    det = D.detect_cells(f.image, 64)
+    det = D.detect_cells(f.image, 64, SYNTH_PARAMS)
     truth = np.concatenate([f.boxes, f.cut_off])
     ignore = np.r_[np.zeros(len(f.boxes), bool), np.ones(len(f.cut_off), bool)]  # cut-off cells: either way
     return f, det, A.match_boxes(truth, det.boxes, ignore=ignore)
