@@ -8,16 +8,22 @@ the model was trained on) and resized to the model's input. The method, on a cop
 1. absorbance-like channel ``1 - G / background`` (on Giemsa smears red cells absorb green; the
    background level is the 99th percentile of green), Gaussian smoothing, Otsu threshold
    (times ``threshold_scale``); near-black pixels (the burned-in scale bar and its label) removed;
-2. holes smaller than ``fill_holes_frac`` of a cell filled (pale centres), larger ones (background
-   ringed by cells) kept;
-3. the expected radius: median of the distance-transform maxima of the blobs (each blob, however
+2. the expected radius: median of the distance-transform maxima of the blobs (each blob, however
    many cells it holds, peaks near one cell's radius), unless ``diameter`` is given;
-4. markers: h-maxima of the smoothed distance transform (h = ``h_frac`` x radius), then watershed
-   of the inverted distance transform inside the foreground, which splits touching cells;
+3. holes filled when they are pale centres: up to ``fill_holes_frac`` of a cell and stained
+   throughout, or tiny; a gap ringed by touching cells reaches bare background and stays open;
+4. markers: peaks of the smoothed distance transform at least ``peak_distance_frac`` radii apart
+   (or its h-maxima), then a watershed of the inverted distance transform inside the foreground,
+   which splits touching cells; touching fragments that together make one convex cell are joined;
 5. segments judged against the field's reference cell area (median area of plausible segments):
    too small (platelets, debris, fragments), too large (unsplit heaps), cut by the border with
    less than ``border_area_frac`` of a cell visible (annotators do not box those), white cells
    (a large share of nucleus pixels: dark in green and bluer than red).
+
+Boxes are the segment's bounding box grown by ``box_pad_frac`` of the diameter a side (the
+annotators' boxes are looser than the stained area); the crop is the unpadded box, masked.
+The defaults of the selection parameters are the values chosen on the training runs of
+bench/field_detect.py (docs/fields.md).
 
 Pure: numpy, scipy.ndimage, scikit-image and Pillow (for the crop resize, as ``preprocess``);
 no Ray, no TensorFlow.
@@ -149,6 +155,14 @@ def foreground(small: np.ndarray, p: DetectParams):
     return (absorb > level) & ~black, absorb, level
 
 
+def largest_blob(fg: np.ndarray) -> int:
+    """Pixels of the largest object of ``fg`` with its holes filled (0 when empty)."""
+    if not fg.any():
+        return 0
+    blobs, _ = ndi.label(ndi.binary_fill_holes(fg))
+    return int(np.bincount(blobs.ravel())[1:].max())
+
+
 def fill_small_holes(fg: np.ndarray, absorb: np.ndarray, level: float, max_area: float, tiny_area: float) -> np.ndarray:
     """Fill holes up to ``max_area`` px that stay stained (every pixel's absorbance >= ``level``): a
     cell's pale centre. A gap ringed by touching cells reaches the bare background and stays open,
@@ -249,10 +263,8 @@ def find_candidates(img: np.ndarray, p: DetectParams) -> Candidates:
     bright = float(np.percentile(small[..., 1], 99))
     radius = p.diameter / 2 / s if p.diameter else estimate_radius(fg)
     flags: list[str] = []
-    if fg.any():
-        blobs, _ = ndi.label(ndi.binary_fill_holes(fg))
-        if np.bincount(blobs.ravel())[1:].max() > HUGE_BLOB * fg.size:
-            flags.append(FLAG_HUGE_BLOB)
+    if largest_blob(fg) > HUGE_BLOB * fg.size:
+        flags.append(FLAG_HUGE_BLOB)
     if radius < 2:
         labels = np.zeros(fg.shape, np.int32)
     else:
