@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
-from skimage import feature, filters, measure, morphology, segmentation
+from skimage import feature, filters, morphology, segmentation
 
 MIN_FIELD_SIDE = 64  # px; a smaller image cannot hold a field of cells
 FLAG_NO_CELLS = "no_cells"
@@ -240,7 +240,7 @@ class Candidates:
     ``on_border``, ``nucleus`` (px of nucleus colour); ``cell_area`` the reference cell (reduced px)."""
 
     labels: np.ndarray
-    regions: list
+    ids: np.ndarray  # label of each segment in ``labels``
     area: np.ndarray
     bbox: np.ndarray
     on_border: np.ndarray
@@ -276,10 +276,13 @@ def find_candidates(img: np.ndarray, p: DetectParams) -> Candidates:
         plausible = sizes[(sizes > 0.5 * cell_area) & (sizes < 2.5 * cell_area)]
         cell_area = float(np.median(plausible)) if len(plausible) >= 3 else cell_area
     labels = merge_fragments(labels, cell_area, p)
-    regions = measure.regionprops(labels)
+    # find_objects + bincount: the boxes and areas regionprops would give, at a tenth of its cost
+    slices = ndi.find_objects(labels)
+    ids = np.array([i + 1 for i, sl in enumerate(slices) if sl is not None], np.int64)
     h, w = labels.shape
-    area = np.array([r.area for r in regions], np.float64)
-    bbox = np.array([r.bbox for r in regions], np.int64).reshape(-1, 4)
+    area = np.bincount(labels.ravel())[ids].astype(np.float64)
+    bbox = np.array([(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop) for sl in slices if sl is not None],
+                    np.int64).reshape(-1, 4)
     on_border = (bbox[:, 0] == 0) | (bbox[:, 1] == 0) | (bbox[:, 2] >= h) | (bbox[:, 3] >= w)
     if not p.diameter:  # refined on the merged segments, away from the border
         plausible = ~on_border & (area > 0.6 * cell_area) & (area < 1.6 * cell_area)
@@ -287,8 +290,8 @@ def find_candidates(img: np.ndarray, p: DetectParams) -> Candidates:
             cell_area = float(np.median(area[plausible]))
     # a nucleus is dark in green and bluer than red; red cells, however deep their stain, stay redder than blue
     dark_blue = (small[..., 1] < p.nucleus_level * bright) & (small[..., 2] > small[..., 0])
-    nucleus = np.asarray(ndi.sum(dark_blue, labels, [r.label for r in regions]) if regions else [], np.float64)
-    return Candidates(labels, regions, area, bbox, on_border, nucleus, float(cell_area), s, tuple(flags))
+    nucleus = np.asarray(ndi.sum(dark_blue, labels, ids) if len(ids) else [], np.float64)
+    return Candidates(labels, ids, area, bbox, on_border, nucleus, float(cell_area), s, tuple(flags))
 
 
 def select_cells(c: Candidates, p: DetectParams) -> tuple[np.ndarray, dict[str, int]]:
@@ -312,11 +315,11 @@ def detect_cells(image, size: int = 128, params: DetectParams | None = None) -> 
     if c.cell_area > 0 and not p.min_diameter <= c.diameter <= p.max_diameter:
         flags.append(FLAG_DIAMETER)
     if not len(keep):
-        return _empty(size, c.diameter, len(c.regions), flags + [FLAG_NO_CELLS], rejected)
+        return _empty(size, c.diameter, len(c.ids), flags + [FLAG_NO_CELLS], rejected)
     if len(keep) < p.few_cells:
         flags.append(FLAG_FEW_CELLS)
     boxes, areas, crops = cut_cells(img, c, keep, size, p.box_pad_frac * c.diameter)
-    return FieldDetection(boxes, areas, crops, c.diameter, len(c.regions), rejected, tuple(flags))
+    return FieldDetection(boxes, areas, crops, c.diameter, len(c.ids), rejected, tuple(flags))
 
 
 def _empty(size, diameter, n_candidates, flags, rejected=None) -> FieldDetection:
@@ -346,7 +349,8 @@ def cut_cells(img: np.ndarray, c: Candidates, keep: np.ndarray, size: int, pad: 
     crops = np.zeros((len(keep), size, size, 3), np.uint8)
     for i, k in enumerate(keep):
         x, y, w, h = tight[i]
-        mask = np.repeat(np.repeat(c.regions[k].image, s, axis=0), s, axis=1)
+        y0, x0, y1, x1 = c.bbox[k]
+        mask = np.repeat(np.repeat(c.labels[y0:y1, x0:x1] == c.ids[k], s, axis=0), s, axis=1)
         mask = np.pad(mask, ((0, h - mask.shape[0]), (0, w - mask.shape[1])), mode="edge")
         cut = img[y:y + h, x:x + w] * mask[..., None]  # outside the cell black, as NIH's crops
         crops[i] = np.asarray(Image.fromarray(cut).resize((size, size), Image.Resampling.BILINEAR))
