@@ -12,7 +12,7 @@ held-out run is reported with them. Per split, one line: recall and precision at
 against the raw boxes, and again with the documented exclusions (``annotations.exclusion_reasons``:
 degenerate boxes, boxes over 1.6x the field's median area, boxes touching the edge; a detection on
 an excluded box, or lying mostly inside one, is not counted). Then detection speed: fields/s of one
-process (= per core), decode excluded, crops at ``--size`` included. Then indicators of the
+process (= per core) by wall clock and by CPU time, decode excluded, crops at ``--size`` included. Then indicators of the
 annotation's own ceiling. ``--overlays DIR`` writes PNGs of held-out fields (annotated boxes green,
 missed yellow; detections blue, unmatched red) to look at; never commit them.
 """
@@ -50,13 +50,13 @@ def measure_fields(data: pathlib.Path, names: list[str], size: int, base: D.Dete
     for n in names:
         t0 = time.perf_counter()
         img = np.asarray(Image.open(data / "images" / n).convert("RGB"))
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         c = D.find_candidates(D.check_field(img), base)
         keep, _ = D.select_cells(c, base)
         D.cut_cells(img, c, keep, size, base.box_pad_frac * c.diameter)  # timed: part of what detection costs
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         out[n] = {"cand": dataclasses.replace(c, labels=None), "shape": img.shape,
-                  "decode_s": t1 - t0, "detect_s": t2 - t1}
+                  "decode_s": t1 - t0, "detect_s": t2 - t1, "detect_cpu_s": c2 - c1}
     return out
 
 
@@ -167,10 +167,13 @@ def main(argv=None) -> int:
         print(f"all held-out fields, {key} boxes: recall {tp / (tp + fn):.3f} precision {tp / (tp + fp):.3f} "
               f"(tp {tp}, fp {fp}, fn {fn})")
     det_s = sum(f["detect_s"] for f in fields.values())
+    cpu_s = sum(f["detect_cpu_s"] for f in fields.values())
     dec_s = sum(f["decode_s"] for f in fields.values())
     diam = np.array([f["cand"].diameter for f in fields.values()])
     print(f"speed: {len(names) / det_s:.2f} fields/s per core (detection with {args.size}px crops, one process, "
           f"{1000 * det_s / len(names):.0f} ms/field; JPEG decode {1000 * dec_s / len(names):.0f} ms/field more); "
+          f"by CPU time, which other processes on the machine disturb less: {len(names) / cpu_s:.2f} fields per CPU-second "
+          f"(load average then {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs); "
           f"estimated diameter median {np.median(diam):.1f} px (range {diam.min():.1f}-{diam.max():.1f})")
     odd = [f"{n} {fields[n]['cand'].diameter:.0f} px {'/'.join(fields[n]['cand'].flags) or ''}"
            for n in names if not 0.67 < fields[n]["cand"].diameter / np.median(diam) < 1.5]
