@@ -73,7 +73,7 @@ class DetectParams:
     merge_piece_frac: float = 0.75  # touching segments each under this share of a cell...
     merge_union_frac: float = 1.3  # ...are joined when together under this share (0: never)...
     merge_solidity: float = 0.9  # ...and convex
-    min_area_frac: float = 0.4  # segments smaller than this share of a cell are debris
+    min_area_frac: float = 0.5  # segments smaller than this share of a cell are debris
     max_area_frac: float = 2.5  # larger: a heap the watershed could not split
     border_area_frac: float = 0.9  # a border cell is kept when this share of a cell is visible
     nucleus_level: float = 0.22  # G / background below this: a white cell's nucleus

@@ -215,8 +215,8 @@ def test_real_fields_detect_most_boxed_cells():
         assert 40 < det.diameter < 120, (n, det.diameter)
         m = A.match_boxes(truth[n].all_boxes(), det.boxes)
         tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
-    # the floor, well under the measured figures (docs/fields.md), catches a broken detector
-    assert tp / (tp + fn) > 0.75 and tp / (tp + fp) > 0.8, (tp, fp, fn)
+    # a floor under the measured 0.92 / 0.87 on these five fields (one of them the thick PA171750): catches a broken detector
+    assert tp / (tp + fn) > 0.85 and tp / (tp + fp) > 0.8, (tp, fp, fn)
 
 
 @needs_fields
