@@ -1,13 +1,13 @@
 """Field detection, annotations, contiguous splits and box matching (pure: no Ray, no TensorFlow).
 
 Synthetic fields (``malaria_ray.synth_fields``) run everywhere; the real IML-Malaria fields run
-when ``MALARIA_FIELDS_DIR`` (default ``../shared/data/iml_malaria`` beside the checkout) holds them.
+when ``MALARIA_FIELDS_DIR`` (default ``../shared/data/iml_malaria`` beside the checkout) holds them
+(conftest's ``fields_dir``: skipped with one line without them, failed in CI).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -20,9 +20,6 @@ from malaria_ray import detect as D
 from malaria_ray.synth_fields import BOXED_VISIBLE, make_field
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FIELDS = pathlib.Path(os.environ.get("MALARIA_FIELDS_DIR", REPO.parent / "shared" / "data" / "iml_malaria"))
-needs_fields = pytest.mark.skipif(not (FIELDS / "annotations.json").exists(),
-                                  reason=f"real fields not found: set MALARIA_FIELDS_DIR (tried {FIELDS})")
 
 
 # the synthetic fields box a border cell from BOXED_VISIBLE of it on; the detector follows that convention here
@@ -202,16 +199,15 @@ def test_ignored_boxes_count_neither_way():
 
 # ---------------------------------------------------------------- real fields (skipped without them)
 
-@needs_fields
-def test_real_fields_detect_most_boxed_cells():
+def test_real_fields_detect_most_boxed_cells(fields_dir):
     from PIL import Image
 
-    truth = A.load_annotations(str(FIELDS / "annotations.json"))
+    truth = A.load_annotations(str(fields_dir / "annotations.json"))
     names = sorted(truth)[::60]  # 5 fields spread over the session
-    truth = A.check_boxes({n: truth[n] for n in names}, A.image_sizes(str(FIELDS / "images"), names))
+    truth = A.check_boxes({n: truth[n] for n in names}, A.image_sizes(str(fields_dir / "images"), names))
     tp = fp = fn = 0
     for n in names:
-        det = D.detect_cells(np.asarray(Image.open(FIELDS / "images" / n).convert("RGB")), 64)
+        det = D.detect_cells(np.asarray(Image.open(fields_dir / "images" / n).convert("RGB")), 64)
         assert 40 < det.diameter < 120, (n, det.diameter)
         m = A.match_boxes(truth[n].all_boxes(), det.boxes)
         tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
@@ -219,9 +215,8 @@ def test_real_fields_detect_most_boxed_cells():
     assert tp / (tp + fn) > 0.85 and tp / (tp + fp) > 0.8, (tp, fp, fn)
 
 
-@needs_fields
-def test_real_annotation_file_reads_with_its_stated_counts():
-    truth = A.load_annotations(str(FIELDS / "annotations.json"))
+def test_real_annotation_file_reads_with_its_stated_counts(fields_dir):
+    truth = A.load_annotations(str(fields_dir / "annotations.json"))
     assert len(truth) == 300
     n_boxes = sum(len(t.boxes) + len(t.difficult) for t in truth.values())
     stages = [s for t in truth.values() for s in t.stages if s != "red blood cell"]
