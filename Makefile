@@ -22,21 +22,25 @@ DOCKER ?= docker
 # TensorFlow logs its CPU feature banner at import; keep the demo and test output readable.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
+.DEFAULT_GOAL := venv
 .PHONY: python venv venv-dev demo test test-fast bench image clean
 
 # One line, exit 2, when no usable interpreter is there (none in range, or Debian's python3 without
-# its -venv package, which has no ensurepip).
+# its -venv package, which has no ensurepip); make adds its own "*** Error 2" line after it.
+PYVERSION = $$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+CHECK_PYTHON = if [ -z "$(PYTHON)" ]; then \
+	  echo "make: malaria-ray needs Python 3.10-3.13 and found none on PATH (python3, python3.13 ... python3.10); install one or pass PYTHON=/path/to/python3.X" >&2; exit 2; fi; \
+	command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: PYTHON=$(PYTHON) not found" >&2; exit 2; }; \
+	$(PYTHON) -c 'import sys; sys.exit(not ($(SUPPORTED)))' 2>/dev/null || { \
+	  echo "make: PYTHON=$(PYTHON) is Python $(PYVERSION); malaria-ray needs 3.10-3.13" >&2; exit 2; }; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  echo "make: $(PYTHON) (Python $(PYVERSION)) cannot create a virtualenv: install its venv module (Debian/Ubuntu: apt-get install python$(PYVERSION)-venv)" >&2; exit 2; }
+
 python:
-	@if [ -z "$(PYTHON)" ]; then \
-	  echo "make: malaria-ray needs Python 3.10-3.13 and found none on PATH (python3, python3.13 ... python3.10); install one or pass PYTHON=/path/to/python3.X" >&2; exit 2; fi
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: PYTHON=$(PYTHON) not found" >&2; exit 2; }
-	@$(PYTHON) -c 'import sys; sys.exit(not ($(SUPPORTED)))' 2>/dev/null || { \
-	  echo "make: PYTHON=$(PYTHON) is Python $$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null); malaria-ray needs 3.10-3.13" >&2; exit 2; }
-	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
-	  echo "make: $(PYTHON) (Python $$v) cannot create a virtualenv: install its venv module (Debian/Ubuntu: apt-get install python$$v-venv)" >&2; exit 2; }
+	@$(CHECK_PYTHON)
 
 $(BIN)/.installed: pyproject.toml
-	@$(MAKE) --no-print-directory python PYTHON="$(PYTHON)"
+	@$(CHECK_PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e .
