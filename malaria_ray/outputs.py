@@ -40,14 +40,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from malaria_ray import storage
-from malaria_ray.config import CLASS_NAMES, POSITIVE_CLASS
+from malaria_ray import metrics, storage
 from malaria_ray.ingest import NO_IDS
-from malaria_ray.metrics import wilson_interval
 from malaria_ray.schema import (
-    COL_CALL, COL_ERROR, COL_FRAC_HIGH, COL_FRAC_LOW, COL_FRAC_POS, COL_IMAGE_ID, COL_LABEL, COL_LEVEL, COL_MEAN_PROB,
-    COL_MODEL_ID, COL_N_CELLS, COL_N_LABEL_NEG, COL_N_LABEL_POS, COL_N_PRED_POS, COL_PATIENT, COL_PRED, COL_PROB,
-    COL_SLIDE, COL_SOURCE_VERSION, COL_URI, METRIC_RATES, METRICS_COLUMNS, PREDICTIONS_SCHEMA, SLIDES_SCHEMA,
+    COL_ERROR, COL_IMAGE_ID, COL_LABEL, COL_MODEL_ID, COL_PATIENT, COL_PRED, COL_PROB, COL_SLIDE, COL_SOURCE_VERSION,
+    COL_URI, METRIC_RATES, METRICS_COLUMNS, PREDICTIONS_SCHEMA,
 )
 
 PREDICTIONS_DIR, STAGING_DIR, RUNS_DIR = "predictions", "_staging", "runs"
@@ -348,32 +345,28 @@ def rebuild_metrics(root: str) -> pa.Table:
     return table
 
 
-_SUMS = (COL_N_CELLS, COL_N_PRED_POS, "sum_prob", COL_N_LABEL_POS, COL_N_LABEL_NEG)
-
-
 def rebuild_slides(root: str, model_id: str, fp_rate: float | None = None) -> pa.Table:
-    """Per-slide and per-patient roll-up of the current model's committed predictions.
+    """Per-slide and per-patient roll-up (``metrics.evidence``) of the current model's committed
+    predictions.
 
-    Streams the predictions batch by batch and sums each batch per (slide, patient) with Arrow's
-    group-by, so memory grows with the number of slides, not of rows. An input (same bytes at the
-    same uri) scored by this model in several runs (no --skip-scored) counts once, from its newest
-    run: ``_SeenInputs`` keeps 8 bytes per input for that. ``fp_rate``: the model's false-positive
-    rate per cell at its operating point, for the slide and patient calls (``metrics.CALL_RULE``).
+    Streams the predictions batch by batch and sums each batch per (slide, patient)
+    (``metrics.evidence_sums``), so memory grows with the number of slides, not of rows. An input
+    (same bytes at the same uri) scored by this model in several runs (no --skip-scored) counts
+    once, from its newest run: ``_SeenInputs`` keeps 8 bytes per input for that. ``fp_rate``: the
+    model's false-positive rate per cell at its operating point, for the slide and patient calls
+    (``metrics.CALL_RULE``).
     """
-    cols = [COL_IMAGE_ID, COL_URI, COL_SLIDE, COL_PATIENT, COL_LABEL, COL_PROB, COL_PRED]
+    cols = [COL_IMAGE_ID, COL_URI, COL_SLIDE, COL_PATIENT, COL_LABEL, COL_PROB, COL_PRED, COL_ERROR]
     seen, parts = _SeenInputs(), []
     for batch in _model_batches(root, model_id, cols, ok_only=True):  # newest run first: its rows win
         fresh = seen.first_time(batch.column(COL_IMAGE_ID).to_pylist(), batch.column(COL_URI).to_pylist())
         if fresh.any():
-            parts.append(_slide_sums(pa.Table.from_batches([batch]).filter(pa.array(fresh))))
+            parts.append(metrics.evidence_sums(pa.Table.from_batches([batch]).filter(pa.array(fresh))))
         if len(parts) > 64:
-            parts = [_merge_sums(parts)]
-    per_slide = _merge_sums(parts) if parts else _slide_sums(pa.table({c: pa.array([], PREDICTIONS_SCHEMA.field(c).type)
-                                                                        for c in cols}))
-    no_slide = pa.nulls(len(per_slide), pa.string())
-    per_patient = _merge_sums([per_slide.set_column(per_slide.schema.get_field_index(COL_SLIDE), COL_SLIDE, no_slide)])
-    table = pa.concat_tables([_finish(per_patient, "patient", model_id, fp_rate),
-                              _finish(per_slide, "slide", model_id, fp_rate)])
+            parts = [metrics.merge_evidence_sums(parts)]
+    sums = (metrics.merge_evidence_sums(parts) if parts else
+            metrics.evidence_sums(pa.table({c: pa.array([], PREDICTIONS_SCHEMA.field(c).type) for c in cols})))
+    table = metrics.evidence(sums, fp_rate, model_id)
     storage.replace_file(storage.join(root, SLIDES_FILE), storage.table_bytes(table))
     return table
 
@@ -392,41 +385,6 @@ class _SeenInputs:
         fresh &= np.isin(np.arange(len(keys)), first)
         self.keys = np.union1d(self.keys, keys[fresh])
         return fresh
-
-
-def _slide_sums(t: pa.Table) -> pa.Table:
-    """One row per (slide_id, patient_id) of ``t`` with the counts and the sum of probabilities."""
-
-    t = pa.table({
-        COL_SLIDE: t.column(COL_SLIDE), COL_PATIENT: t.column(COL_PATIENT),
-        COL_N_CELLS: pa.array(np.ones(len(t), dtype=np.int64)),
-        COL_N_PRED_POS: pc.cast(pc.equal(t.column(COL_PRED), POSITIVE_CLASS), pa.int64()),
-        "sum_prob": pc.cast(t.column(COL_PROB), pa.float64()),
-        COL_N_LABEL_POS: pc.cast(pc.fill_null(pc.equal(t.column(COL_LABEL), POSITIVE_CLASS), False), pa.int64()),
-        COL_N_LABEL_NEG: pc.cast(pc.fill_null(pc.equal(t.column(COL_LABEL), CLASS_NAMES[1]), False), pa.int64()),
-    })
-    return _merge_sums([t])
-
-
-def _merge_sums(parts: list[pa.Table]) -> pa.Table:
-    t = pa.concat_tables(parts).group_by([COL_SLIDE, COL_PATIENT], use_threads=False)
-    t = t.aggregate([(c, "sum") for c in _SUMS])
-    return t.rename_columns([c.removesuffix("_sum") for c in t.column_names])
-
-
-def _finish(t: pa.Table, level: str, model_id: str, fp_rate: float | None) -> pa.Table:
-    """The slides.parquet rows of one level, sorted by (slide_id, patient_id) with nulls first."""
-    rows = sorted(t.to_pylist(), key=lambda r: (str(r[COL_SLIDE]), str(r[COL_PATIENT])))
-    out = []
-    for r in rows:
-        low, high = wilson_interval(r[COL_N_PRED_POS], r[COL_N_CELLS])
-        out.append({
-            COL_LEVEL: level, COL_SLIDE: r[COL_SLIDE], COL_PATIENT: r[COL_PATIENT], COL_N_CELLS: r[COL_N_CELLS],
-            COL_N_PRED_POS: r[COL_N_PRED_POS], COL_FRAC_POS: r[COL_N_PRED_POS] / r[COL_N_CELLS],
-            COL_MEAN_PROB: r["sum_prob"] / r[COL_N_CELLS], COL_N_LABEL_POS: r[COL_N_LABEL_POS],
-            COL_N_LABEL_NEG: r[COL_N_LABEL_NEG], COL_MODEL_ID: model_id, COL_FRAC_LOW: low, COL_FRAC_HIGH: high,
-            COL_CALL: None if fp_rate is None else bool(low > fp_rate)})
-    return pa.Table.from_pylist(out, schema=SLIDES_SCHEMA)
 
 
 LEASE_FILE = "_lease.json"  # under ROOT; "_": no reader takes it for output

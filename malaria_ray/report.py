@@ -120,7 +120,8 @@ def model_card(cfg: dict, listing, val_mask: np.ndarray, rows: list[dict], group
                history: list[dict], n_unreadable: int) -> str:
     """``model_card.md`` of a training run: data, split, recipe, metrics with intervals at the
     operating point, calibration, per-patient evidence, intended use and limitations."""
-    from malaria_ray.metrics import CALL_RULE
+    from malaria_ray import schema
+    from malaria_ray.metrics import CALL_RULE, infected
 
     op, argmax = rows[0], rows[1]
     ids = set(listing.patient_ids)
@@ -133,7 +134,7 @@ def model_card(cfg: dict, listing, val_mask: np.ndarray, rows: list[dict], group
     recipe = ", ".join(f"{k} {cfg[k]}" for k in ("image_size", "epochs", "batch_size", "learning_rate", "lr_schedule",
                                                    "warmup_epochs", "label_smoothing", "augment", "augment_policy", "weights",
                                                    "bn_recal_batches", "num_workers", "seed"))
-    patients = [g for g in groups if g["level"] == "patient"]
+    patients = [g for g in groups.to_pylist() if g[schema.COL_LEVEL] == "patient"]
     lines = [
         f"# Model card: malaria-ray ResNet50V2, model_id {cfg['model_id']}",
         "",
@@ -178,9 +179,9 @@ def model_card(cfg: dict, listing, val_mask: np.ndarray, rows: list[dict], group
         "",
         "| patient | cells | called Parasitized | parasitemia (95% Wilson CI) | call | infected (labels) |",
         "|---|---|---|---|---|---|",
-        *[f"| {g['patient_id']} | {g['n_cells']} | {g['n_pred_parasitized']} | {g['parasitemia']:.3f} "
-          f"({g['parasitemia_ci_low']:.3f}-{g['parasitemia_ci_high']:.3f}) | "
-          f"{'Parasitized' if g['call_parasitized'] else 'Uninfected'} | {g['infected']} |" for g in patients[:60]],
+        *[f"| {g[schema.COL_PATIENT]} | {g[schema.COL_N_CELLS]} | {g[schema.COL_N_PRED_POS]} | "
+          f"{g[schema.COL_FRAC_POS]:.3f} ({g[schema.COL_FRAC_LOW]:.3f}-{g[schema.COL_FRAC_HIGH]:.3f}) | "
+          f"{'Parasitized' if g[schema.COL_CALL] else 'Uninfected'} | {infected(g)} |" for g in patients[:60]],
         *(["", f"({len(patients) - 60} more in `patients.parquet`)"] if len(patients) > 60 else []),
         "",
         "## Limitations",

@@ -58,14 +58,16 @@ COL_N_IMAGES, COL_N_ERRORS, COL_N_LABELLED = "n_images", "n_errors", "n_labelled
 METRICS_COLUMNS = (COL_RUN_ID, COL_MODEL_ID, COL_THRESHOLD, COL_N_IMAGES, COL_N_ERRORS, COL_N_LABELLED,
                    *METRIC_COUNTS, *METRIC_RATES)
 
-# ---------------------------------------------------------------- slides.parquet
-# One row per slide (level "slide") and per patient (level "patient").
+# ---------------------------------------------------------------- roll-ups: slides.parquet, patients.parquet
+# One row per slide (level "slide") and per patient (level "patient"), the same columns in a
+# scoring root's slides.parquet and a training run's patients.parquet (``metrics.evidence``).
 COL_LEVEL, COL_N_CELLS, COL_N_PRED_POS = "level", "n_cells", "n_pred_parasitized"
 COL_FRAC_POS, COL_MEAN_PROB = "frac_parasitized", "mean_prob"
 COL_N_LABEL_POS, COL_N_LABEL_NEG = "n_label_parasitized", "n_label_uninfected"
 # frac_parasitized is the parasitemia estimate; its Wilson 95% interval, and the call by
 # metrics.CALL_RULE (null where the model records no operating point to take a false-positive rate from).
 COL_FRAC_LOW, COL_FRAC_HIGH, COL_CALL = "frac_parasitized_ci_low", "frac_parasitized_ci_high", "call_parasitized"
+COL_SUM_PROB = "sum_prob"  # a partial sum inside the roll-up (``metrics.evidence_sums``), never written
 SLIDES_SCHEMA = pa.schema([(COL_LEVEL, pa.string()), (COL_SLIDE, pa.string()), (COL_PATIENT, pa.string()),
                            (COL_N_CELLS, pa.int64()), (COL_N_PRED_POS, pa.int64()), (COL_FRAC_POS, pa.float64()),
                            (COL_MEAN_PROB, pa.float64()), (COL_N_LABEL_POS, pa.int64()),

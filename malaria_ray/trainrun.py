@@ -89,14 +89,13 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
     val_uris = set(np.asarray(listing.uris)[val_mask].tolist())
     val_errors = [e for e in unreadable if e[S.COL_URI] in val_uris]
     preds = predictions_table(uris, ids, labels, probs, val_errors, model_id, run_id, threshold)
-    described = [corpus.describe(u) for u in uris]  # (label, slide, patient), once per image
-    patients = np.asarray([d[2] or f"uri:{u}" for d, u in zip(described, uris)], dtype=object)
+    # bootstrap groups: the patient, or the image itself where no patient is known
+    patients = np.asarray([p or f"uri:{u}" for p, u in zip(preds.column(S.COL_PATIENT).to_pylist()[:len(uris)], uris)],
+                          dtype=object)
     common = {S.COL_N_IMAGES: len(uris) + len(val_errors), S.COL_N_ERRORS: len(val_errors), S.COL_MODEL_ID: model_id,
               S.COL_RUN_ID: run_id, "split": "val", "split_kind": cfg.split, "best_epoch": best_state["epoch"],
               "synthetic": cfg.synthetic, "brier": metrics.brier(y, probs)}
-    groups = metrics.group_evidence([d[1] for d in described], [d[2] for d in described],
-                                    [CLASS_NAMES[int(i)] for i in labels], probs >= threshold,
-                                    1 - op["val_specificity"])
+    groups = metrics.roll_up(preds, 1 - op["val_specificity"], model_id)  # as scoring's slides.parquet
     rows = []
     for kind, t in (("operating_point", threshold), ("argmax", THRESHOLD)):
         ci = metrics.patient_bootstrap(y, probs, patients, t, n_boot=BOOTSTRAP_SAMPLES, seed=cfg.seed)
@@ -124,7 +123,7 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
     storage.write_bytes(storage.join(out, "split.parquet"), storage.table_bytes(split_tbl))
     storage.write_bytes(storage.join(out, "predictions.parquet"), storage.table_bytes(preds))
     storage.write_bytes(storage.join(out, "metrics.parquet"), storage.table_bytes(pa.Table.from_pylist(rows)))
-    storage.write_bytes(storage.join(out, "patients.parquet"), storage.table_bytes(pa.Table.from_pylist(groups)))
+    storage.write_bytes(storage.join(out, "patients.parquet"), storage.table_bytes(groups))
     storage.write_bytes(storage.join(out, "plots", "curves.png"), report.curves_png(
         {k: [h[k] for h in history] for k in ("loss", "val_loss", "accuracy", "val_accuracy")}))
     storage.write_bytes(storage.join(out, "plots", "confusion_matrix.png"), report.confusion_png(cm, title))

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
@@ -341,3 +342,13 @@ def test_streamed_training_runs_from_decoded_shards_and_removes_them(small_corpu
     assert (out / "plots" / "disagreements.png").stat().st_size > 1000
     preds = pd.read_parquet(out / "predictions.parquet")
     assert len(preds) == summary["n_val"] and preds["prob_parasitized"].between(0, 1).all()
+    # patients.parquet: the roll-up of scoring's slides.parquet, over the validation predictions
+    import pyarrow.parquet as pq
+
+    from malaria_ray import schema
+
+    patients = pq.read_table(out / "patients.parquet")
+    assert patients.schema == schema.SLIDES_SCHEMA
+    slides = patients.filter(pc.equal(patients.column(schema.COL_LEVEL), "slide")).to_pandas()
+    assert slides[schema.COL_N_CELLS].sum() == preds["error"].isna().sum()
+    assert "Evidence by patient" in (out / "model_card.md").read_text()
