@@ -215,9 +215,9 @@ def _score(argv: list[str]) -> int:
         cfg = score_config(argv)
         from malaria_ray import runtime, score
 
-        score.preflight(cfg)
+        checked = score.preflight(cfg)
         with runtime.ray_for("score"):
-            return score.main(cfg)
+            return score.main(cfg, checked)
 
     return run_guarded(go)
 

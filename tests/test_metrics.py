@@ -117,6 +117,7 @@ def test_training_and_scoring_roll_ups_of_the_same_predictions_are_equal(tmp_pat
     validation predictions of a training run, committed under a scoring root, roll up to the same
     table the training run writes (scoring streams them in row groups and merges the sums)."""
     from malaria_ray import outputs, trainrun
+    from malaria_ray.writer import PredictionWriter
 
     rng = np.random.default_rng(1)
     n = 20_000  # more than one row group, so scoring merges partial sums
@@ -129,7 +130,7 @@ def test_training_and_scoring_roll_ups_of_the_same_predictions_are_equal(tmp_pat
                schema.COL_ERROR: "bad bytes"}]
     preds = trainrun.predictions_table(uris, [f"id{i}" for i in range(n)], labels, probs, errors, "m", "run", 0.4)
     trained = metrics.roll_up(preds, 0.05, "m")
-    writer = outputs.PredictionWriter(str(tmp_path), "20250101T000000Z-aaaaaa")
+    writer = PredictionWriter(str(tmp_path), "20250101T000000Z-aaaaaa")
     writer.write(preds)
     writer.close()
     writer.commit()
@@ -178,3 +179,24 @@ def test_disagreement_rows_are_found_by_image_id_in_str_and_object_batches():
         got = _rows_with_ids(batch, np.array(["d", "b", "x"], dtype=object))
         assert got["image_id"].tolist() == ["b", "d"] and np.array_equal(got["image"], images[[1, 3]])
         assert set(got) == {"image_id", "image"}
+
+
+def test_metrics_accumulator_matches_exact_metrics():
+    rng = np.random.default_rng(0)
+    n = 5000
+    y = rng.random(n) < 0.4
+    prob = np.clip(y * 0.3 + rng.random(n) * 0.7, 0, 1).astype(np.float32)
+    acc = metrics.MetricsAccumulator(0.5)
+    labels = np.where(y, "Parasitized", "Uninfected").astype(object)
+    labels[:100] = None  # unknown labels: counted as images, not in the confusion matrix
+    errors = np.array([None] * n, dtype=object)
+    errors[100:110] = "bad bytes"
+    for a in range(0, n, 700):
+        acc.update(labels[a:a + 700], prob[a:a + 700], errors[a:a + 700])
+    keep = np.arange(n) >= 110
+    exact = metrics.binary_metrics(y[keep], prob[keep], 0.5)
+    row = acc.row()
+    assert {k: row[k] for k in ("tp", "fp", "fn", "tn")} == {k: exact[k] for k in ("tp", "fp", "fn", "tn")}
+    assert row["n_images"] == n and row["n_errors"] == 10 and row["n_labelled"] == n - 110
+    assert abs(row["roc_auc"] - exact["roc_auc"]) < 1e-3
+    assert acc.confusion().sum() == n - 110

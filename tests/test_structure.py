@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "malaria_ray"
-PURE = ("config", "schema", "storage", "sources", "corpus", "preprocess", "ingest", "metrics", "outputs",
-        "checkpoint", "logs", "faults", "resources", "trainrun", "train", "score", "cli", "runtime", "model")
+PURE = ("config", "schema", "storage", "sources", "corpus", "preprocess", "ingest", "metrics", "outputs", "writer",
+        "manifests", "lease", "scoringrun", "checkpoint", "logs", "faults", "resources", "trainrun", "train", "score",
+        "cli", "runtime", "model")
 
 
 def _imports(module: pathlib.Path, top_level_only: bool) -> set[str]:
@@ -44,6 +45,18 @@ def test_no_import_cycle_between_modules():
     for node in sorted(graph):
         if node not in state:
             visit(node, [])
+
+
+def test_the_scoring_driver_and_its_commit_protocol_read_a_function_at_a_time():
+    """No function over 80 lines in the scoring driver and the modules of its output root, and no
+    module of the package over 420 lines (one job each; docs/architecture.md)."""
+    for module in ("score", "outputs", "writer", "manifests", "lease", "scoringrun"):
+        tree = ast.parse((PKG / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno < 80, f"{module}.{node.name}: {node.end_lineno - node.lineno} lines"
+    sizes = {p.stem: len(p.read_text().splitlines()) for p in PKG.glob("*.py")}
+    assert max(sizes.values()) <= 420, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
 
 
 def test_importing_modules_loads_neither_ray_nor_tensorflow():
