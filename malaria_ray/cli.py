@@ -33,7 +33,7 @@ EXIT_USAGE = 2
 def _user_errors() -> tuple[type[BaseException], ...]:
     from malaria_ray.config import CorpusError
     from malaria_ray.model import ModelError
-    from malaria_ray.outputs import LeaseHeld
+    from malaria_ray.lease import LeaseHeld
     from malaria_ray.storage import StorageError
 
     return (ConfigError, CorpusError, ModelError, StorageError, FileExistsError, LeaseHeld)
