@@ -102,7 +102,7 @@ def ray_train(data: str, n: int, size: int, batch: int, epochs: int) -> tuple[fl
                       augment=True, max_images=n, val_fraction=0.3, split="random")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        train.fit(cfg)
+        train.fit(train.plan_run(cfg))
     finally:
         ray.shutdown()
     hist = pd.read_parquet(os.path.join(out, "history.parquet")).iloc[1:]

@@ -204,7 +204,7 @@ def _train(argv: list[str]) -> int:
 
         plan = train.plan_run(cfg, resume=resume)  # bad data/output paths fail here, before any start-up
         with runtime.ray_for("train"):
-            train.fit(plan.cfg, plan)
+            train.fit(plan)
         return 0
 
     return run_guarded(go)

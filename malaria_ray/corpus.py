@@ -86,13 +86,58 @@ def describe(uri: str, label_hint: str | None = None, slide_hint: str | None = N
     3. folders: the label from a class folder (``label_of``), the slide from the nearest other
        folder (``folder_slide``); the patient stays unknown.
 
-    A scoring ``--manifest`` overrides all of these afterwards (``score.Identities``).
+    A scoring ``--manifest`` overrides all of these (``identify``).
     """
     path = path_within(uri)
     ident = parse_identity(path)
     label = label_hint if label_hint in CLASS_NAMES else label_of(path)
     slide = slide_hint or ident.slide_id or folder_slide(uri)
     return label, slide, patient_hint or ident.patient_id
+
+
+@dataclass(frozen=True)
+class Identities:
+    """Label, slide and patient decided before decoding, by uri (sorted arrays: a decode task looks
+    an image up by binary search, and the arrays travel to it once): a training listing's, for every
+    image, or a scoring ``--manifest``'s, whose empty label leaves the image its own."""
+
+    uris: np.ndarray  # sorted str
+    labels: np.ndarray  # object arrays, in ``uris`` order
+    slides: np.ndarray
+    patients: np.ndarray
+
+    @classmethod
+    def of(cls, uris, labels, slides, patients) -> "Identities":
+        uris = np.asarray(uris, dtype=str)
+        order = np.argsort(uris, kind="stable")
+        return cls(uris[order], *(np.asarray(list(x), dtype=object)[order] for x in (labels, slides, patients)))
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, tuple[str | None, str | None, str | None]]) -> "Identities":
+        """``sources.load_manifest``'s {uri: (slide_id, patient_id, label)}."""
+        return cls.of(list(manifest), [v[2] for v in manifest.values()], [v[0] for v in manifest.values()],
+                      [v[1] for v in manifest.values()])
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def get(self, uri: str) -> tuple[str | None, str | None, str | None] | None:
+        """(label, slide_id, patient_id) of ``uri``, or None when it is not known here."""
+        i = int(np.searchsorted(self.uris, uri))
+        if i < len(self.uris) and self.uris[i] == uri:
+            return self.labels[i], self.slides[i], self.patients[i]
+        return None
+
+
+def identify(uri: str, known: Identities | None, label_hint: str | None = None, slide_hint: str | None = None,
+             patient_hint: str | None = None) -> tuple[str | None, str | None, str | None]:
+    """(label, slide_id, patient_id) of one image: what ``known`` says (a training listing, a
+    ``--manifest``: its slide and patient win, and its label where it has one), else ``describe``."""
+    found = known.get(uri) if known is not None else None
+    if found is not None and found[0] is not None:
+        return found
+    label, slide, patient = describe(uri, label_hint, slide_hint, patient_hint)
+    return (label, slide, patient) if found is None else (label, found[1], found[2])
 
 
 @dataclass(frozen=True)
@@ -106,6 +151,10 @@ class Listing:
 
     def __len__(self) -> int:
         return len(self.uris)
+
+    def identities(self) -> Identities:
+        """The label and identity decided for every listed image (by ``describe``, once)."""
+        return Identities.of(self.uris, self.labels, self.slide_ids, self.patient_ids)
 
     def subset(self, idx: np.ndarray | list[int]) -> "Listing":
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731

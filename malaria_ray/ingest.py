@@ -2,9 +2,10 @@
 
 A Ray Data task expands its units into raw rows (``sources.expand_unit``: loose files, tar/zip
 members, Parquet rows), then ``prepare_batch`` gives each row its image id (sha256 of the bytes),
-label and identity (``corpus.describe``) and ``image_size`` pixels. A row that cannot be read or
-decoded keeps ``status == "error"`` and the reason in ``error`` (None otherwise); it is never
-fatal. Imports neither Ray nor TensorFlow.
+label and identity (``corpus.identify``: what a training listing or a scoring ``--manifest``
+decided, else ``corpus.describe``; once per image) and ``image_size`` pixels. A row that cannot be
+read or decoded keeps ``status == "error"`` and the reason in ``error`` (None otherwise); it is
+never fatal. Imports neither Ray nor TensorFlow.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ def image_id_of(data: bytes | None, uri: str) -> str:
     return hashlib.sha256(data).hexdigest() if data is not None else hashlib.sha256(b"uri:" + uri.encode()).hexdigest()
 
 
-def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.ndarray = NO_IDS) -> dict[str, np.ndarray]:
+def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.ndarray = NO_IDS,
+                  known: corpus.Identities | None = None) -> dict[str, np.ndarray]:
     """Raw rows -> ids, identity, label and ``image_size`` pixels; bad bytes become error rows.
 
+    Identity and label are decided here, once per image (``corpus.identify``): ``known`` (a
+    training listing, a scoring ``--manifest``) wins over what the input and its names say.
     Rows whose image id is in ``skip_ids`` (sorted) become ``already_scored`` and are not decoded.
     """
     n = len(batch[COL_URI])
@@ -46,8 +50,8 @@ def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.nd
         uri, data, err = batch[COL_URI][i], batch[COL_DATA][i], batch[COL_ERROR][i]
         if status[i] not in (STATUS_OK, STATUS_ERROR):
             continue  # non-images and empty archives travel on only to be counted
-        cols[COL_LABEL][i], cols[COL_SLIDE][i], cols[COL_PATIENT][i] = corpus.describe(
-            uri, batch[COL_LABEL_HINT][i], batch[COL_SLIDE_HINT][i], batch[COL_PATIENT_HINT][i])
+        cols[COL_LABEL][i], cols[COL_SLIDE][i], cols[COL_PATIENT][i] = corpus.identify(
+            uri, known, batch[COL_LABEL_HINT][i], batch[COL_SLIDE_HINT][i], batch[COL_PATIENT_HINT][i])
         cols[COL_IMAGE_ID][i] = image_id_of(data if status[i] == STATUS_OK else None, uri)
         if in_sorted(skip_ids, cols[COL_IMAGE_ID][i]):
             status[i] = STATUS_ALREADY
@@ -64,12 +68,13 @@ def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.nd
 
 
 def read_and_prepare(units: dict[str, np.ndarray], image_size: int, skip_ids: np.ndarray, batch_size: int,
-                     limits: sources.Limits = sources.DEFAULT_LIMITS) -> Iterator[dict[str, np.ndarray]]:
+                     limits: sources.Limits = sources.DEFAULT_LIMITS,
+                     known: corpus.Identities | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Listed units -> prepared batches of ``batch_size`` rows, read and decoded in one CPU task
     (training: its corpus is many files, and decoded once per run). An archive streams member by
     member, so a task holds at most one batch of bytes, however large the archive."""
     for rows in _raw_rows(units, batch_size, limits):
-        yield prepare_batch(sources.rows_to_batch(rows), image_size, skip_ids)
+        yield prepare_batch(sources.rows_to_batch(rows), image_size, skip_ids, known)
 
 
 def read_raw(units: dict[str, np.ndarray], batch_size: int, limits: sources.Limits = sources.DEFAULT_LIMITS,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from malaria_ray import faults, ingest, logs, manifests, outputs, resources, sources, storage
+from malaria_ray import corpus, faults, ingest, logs, manifests, outputs, resources, sources, storage
 from malaria_ray import schema as S
 from malaria_ray.config import CLASS_NAMES, DEFAULT_THRESHOLD, POSITIVE_CLASS, ConfigError, CorpusError, ScoreConfig
 from malaria_ray.model import ModelError, inspect_artifact, read_contract
@@ -161,14 +161,14 @@ def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Listing, m
     unchanged = 0
     if cfg.skip_scored:  # loose files listed as they were when this model scored them: not read again
         listing, unchanged = skip_unchanged(listing, outputs.scored_sources(cfg.output, model_id))
-    identities = sources.load_manifest(cfg.manifest, cfg.input) if cfg.manifest else {}
+    known = corpus.Identities.from_manifest(sources.load_manifest(cfg.manifest, cfg.input)) if cfg.manifest else None
     # Runs that were killed before they finished: with --skip-scored this run completes them.
     unfinished = manifests.unfinished_runs(cfg.output) if cfg.skip_scored else []
 
-    ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run.run_id, remote_env)
+    ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run.run_id, remote_env, known)
     if cfg.gpus_per_actor:
         resources.require_visible_gpu("--gpus-per-actor", remote_env.get("runtime_env"))
-    run.begin(cfg, model_id, size, listing, len(identities), unfinished, unchanged)
+    run.begin(cfg, model_id, size, listing, len(known) if known is not None else 0, unfinished, unchanged)
     started = time.perf_counter()
     failure: str | None = None
     try:
@@ -178,7 +178,7 @@ def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Listing, m
                 break
             rows = run.tally(batch)
             if rows is not None:
-                run.write(apply_manifest(rows, identities) if identities else rows)
+                run.write(rows)
         if failure is not None:
             raise ModelError(failure)
         run.close()
@@ -207,8 +207,9 @@ def model_failure(batch) -> str | None:
 
 
 def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_ids: np.ndarray, model_id: str,
-                   run_id: str, remote_args: dict):
-    """The Ray Data pipeline, not yet executed: units -> rows -> decoded pixels -> model rows."""
+                   run_id: str, remote_args: dict, known: corpus.Identities | None = None):
+    """The Ray Data pipeline, not yet executed: units -> rows -> decoded pixels -> model rows.
+    ``known``: the ``--manifest`` identities, applied where each image's identity is decided."""
     import ray
 
     cluster = ray.cluster_resources()
@@ -236,7 +237,7 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
     # --batch-size rows, or one archive would be one block and so one decode task.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     ds = ds.map_batches(ingest.prepare_batch, batch_size=None, batch_format="numpy", num_cpus=1,
-                        fn_kwargs={"image_size": size, "skip_ids": skip_ids}, **remote_args)
+                        fn_kwargs={"image_size": size, "skip_ids": skip_ids, "known": known}, **remote_args)
     return ds.map_batches(
         Scorer, batch_size=cfg.batch_size, batch_format="pyarrow",
         compute=pool.strategy(),
@@ -266,19 +267,6 @@ def skip_unchanged(listing: sources.Listing, scored: np.ndarray) -> tuple[source
                                            t.column("version").to_pylist())), dtype=np.uint64, count=t.num_rows)
     same = np.isin(keys, scored) & (keys != 0)
     return sources.Listing(t.filter(pa.array(~same)), listing.skipped), int(same.sum())
-
-
-def apply_manifest(rows, identities: dict):
-    """``--manifest`` identity and labels over what names and folders gave (the manifest wins)."""
-    import pyarrow as pa
-
-    uris = rows.column(S.COL_URI).to_pylist()
-    found = [identities.get(u) for u in uris]
-    for i, name in enumerate((S.COL_SLIDE, S.COL_PATIENT, S.COL_LABEL)):
-        old = rows.column(name).to_pylist()
-        new = [f[i] if f is not None and (f[i] is not None or name != S.COL_LABEL) else o for f, o in zip(found, old)]
-        rows = rows.set_column(rows.schema.get_field_index(name), name, pa.array(new, pa.string()))
-    return rows
 
 
 def summary(result: RunResult) -> str:

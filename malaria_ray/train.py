@@ -66,6 +66,7 @@ def decoded_rows(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainConfig
 
     uris = np.asarray(listing.uris, dtype=object)
     keep, val = np.sort(uris.astype(str)), np.sort(uris[val_mask].astype(str))
+    known = listing.identities()  # the decode tasks take each image's label from the listing
     # Only the units that hold listed images (--max-images may keep a few of many).
     containers = pa.array(sorted({split_member_uri(u)[0] for u in listing.uris}), pa.string())
     units = listing.units.filter(pc.is_in(listing.units.column("uri"), value_set=containers))
@@ -74,7 +75,8 @@ def decoded_rows(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainConfig
     return (
         ray.data.from_arrow(ingest.slices(units, blocks))
         .map_batches(ingest.read_and_prepare, batch_size=None, batch_format="numpy", num_cpus=1,
-                     fn_kwargs={"image_size": cfg.image_size, "skip_ids": ingest.NO_IDS, "batch_size": DECODE_BATCH},
+                     fn_kwargs={"image_size": cfg.image_size, "skip_ids": ingest.NO_IDS, "batch_size": DECODE_BATCH,
+                                "known": known},
                      runtime_env={"env_vars": storage.worker_env()})
         .map_batches(training_rows, batch_size=None, batch_format="numpy", fn_kwargs={"keep": keep, "val": val})
     )
@@ -282,8 +284,9 @@ def plan_resume(run_dir: str) -> Plan:
     return dataclasses.replace(plan, run_name=saved["run_name"], resumed=True)
 
 
-def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
-    """Train per ``cfg`` on the connected Ray cluster and write the run directory; returns a summary.
+def fit(plan: Plan) -> dict[str, Any]:
+    """Train per ``plan`` (``plan_run``: its config, listing and split) on the connected Ray cluster
+    and write the run directory; returns a summary.
 
     The caller owns the Ray instance (``runtime.ray_for`` in the entrypoints).
     """
@@ -294,8 +297,6 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
     from malaria_ray.worker import train_loop_per_worker
 
     t_start = time.perf_counter()
-    if plan is None:
-        plan = plan_run(cfg)
     cfg, listing, val_mask = plan.cfg, plan.listing, plan.val_mask
 
     cluster = ray.cluster_resources()

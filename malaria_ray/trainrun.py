@@ -18,7 +18,7 @@ import pyarrow as pa
 from malaria_ray import checkpoint, corpus, logs, metrics, report, storage
 from malaria_ray import schema as S
 from malaria_ray import config
-from malaria_ray.config import CLASS_NAMES, DEFAULT_THRESHOLD, POSITIVE_CLASS, TrainConfig
+from malaria_ray.config import CLASS_NAMES, DEFAULT_THRESHOLD, NEGATIVE_CLASS, POSITIVE_CLASS, TrainConfig
 
 log = logs.get("train")
 THRESHOLD = DEFAULT_THRESHOLD  # argmax of a 2-way softmax, as the notebook
@@ -36,20 +36,21 @@ def predict_dataset(model, ds, batch_size: int = 64) -> tuple[list[str], list[st
     return uris, ids, np.concatenate(labels), np.concatenate(probs).astype(np.float32)
 
 
-def predictions_table(uris, ids, labels, probs, errors: list[dict], model_id: str, run_id: str,
+def predictions_table(uris, ids, probs, errors: list[dict], known: corpus.Identities, model_id: str, run_id: str,
                       threshold: float = THRESHOLD) -> pa.Table:
+    """The validation predictions, with the label and identity the listing decided (``known``):
+    the split, these rows, the roll-up and the bootstrap name the same patients."""
     now = dt.datetime.now(dt.timezone.utc)
     all_uris = list(uris) + [e[S.COL_URI] for e in errors]
-    described = [corpus.describe(u) for u in all_uris]  # (label, slide, patient)
-    names = [CLASS_NAMES[int(i)] for i in labels] + [d[0] for d in described[len(uris):]]
-    preds = [CLASS_NAMES[0] if p >= threshold else CLASS_NAMES[1] for p in probs] + [None] * len(errors)
+    identity = [known.get(u) or (None, None, None) for u in all_uris]  # (label, slide, patient)
+    preds = [POSITIVE_CLASS if p >= threshold else NEGATIVE_CLASS for p in probs] + [None] * len(errors)
     n = len(all_uris)
     return pa.Table.from_pydict({
         S.COL_IMAGE_ID: list(ids) + [e[S.COL_IMAGE_ID] or None for e in errors],
         S.COL_URI: all_uris,
-        S.COL_SLIDE: [d[1] for d in described],
-        S.COL_PATIENT: [d[2] for d in described],
-        S.COL_LABEL: names,
+        S.COL_SLIDE: [d[1] for d in identity],
+        S.COL_PATIENT: [d[2] for d in identity],
+        S.COL_LABEL: [d[0] for d in identity],
         S.COL_PROB: list(probs) + [None] * len(errors),
         S.COL_PRED: preds,
         S.COL_THRESHOLD: [threshold] * n,
@@ -88,7 +89,7 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
 
     val_uris = set(np.asarray(listing.uris)[val_mask].tolist())
     val_errors = [e for e in unreadable if e[S.COL_URI] in val_uris]
-    preds = predictions_table(uris, ids, labels, probs, val_errors, model_id, run_id, threshold)
+    preds = predictions_table(uris, ids, probs, val_errors, listing.identities(), model_id, run_id, threshold)
     # bootstrap groups: the patient, or the image itself where no patient is known
     patients = np.asarray([p or f"uri:{u}" for p, u in zip(preds.column(S.COL_PATIENT).to_pylist()[:len(uris)], uris)],
                           dtype=object)

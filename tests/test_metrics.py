@@ -116,7 +116,8 @@ def test_training_and_scoring_roll_ups_of_the_same_predictions_are_equal(tmp_pat
     """Training's patients.parquet and scoring's slides.parquet come from one function: the
     validation predictions of a training run, committed under a scoring root, roll up to the same
     table the training run writes (scoring streams them in row groups and merges the sums)."""
-    from malaria_ray import outputs, trainrun
+    from malaria_ray import corpus, outputs, trainrun
+    from malaria_ray.config import CLASS_NAMES
     from malaria_ray.writer import PredictionWriter
 
     rng = np.random.default_rng(1)
@@ -128,7 +129,9 @@ def test_training_and_scoring_roll_ups_of_the_same_predictions_are_equal(tmp_pat
     probs = rng.random(n).astype(np.float32)
     errors = [{schema.COL_URI: "/d/Parasitized/C1P1thinF_IMG_x_cell_0.png", schema.COL_IMAGE_ID: None,
                schema.COL_ERROR: "bad bytes"}]
-    preds = trainrun.predictions_table(uris, [f"id{i}" for i in range(n)], labels, probs, errors, "m", "run", 0.4)
+    known = corpus.Identities.of(uris + [errors[0][schema.COL_URI]], [CLASS_NAMES[i] for i in labels] + ["Parasitized"],
+                                 *zip(*[corpus.describe(u)[1:] for u in uris + [errors[0][schema.COL_URI]]]))
+    preds = trainrun.predictions_table(uris, [f"id{i}" for i in range(n)], probs, errors, known, "m", "run", 0.4)
     trained = metrics.roll_up(preds, 0.05, "m")
     writer = PredictionWriter(str(tmp_path), "20250101T000000Z-aaaaaa")
     writer.write(preds)

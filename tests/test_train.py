@@ -42,7 +42,7 @@ def test_two_workers_train_resume_after_killed_worker_and_write_run(corpus_with_
                       batch_size_per_worker=16, num_workers=2, max_failures=2, seed=0)
     marker = tmp_path / "killed-worker"
     monkeypatch.setenv(faults.ENV, faults.spec("train.epoch", 2, str(marker)))
-    summary = train.fit(cfg)
+    summary = train.fit(train.plan_run(cfg))
     assert marker.exists(), "the fault injection killed a worker"
 
     hist = pd.read_parquet(out / "history.parquet")
@@ -334,7 +334,7 @@ def test_streamed_training_runs_from_decoded_shards_and_removes_them(small_corpu
     out = tmp_path / "run"
     cfg = TrainConfig(data=str(small_corpus), output=str(out), image_size=32, epochs=2, batch_size=16,
                       stream="on", max_images=160, seed=0)
-    summary = train.fit(cfg)
+    summary = train.fit(train.plan_run(cfg))
     hist = pd.read_parquet(out / "history.parquet")
     saved = json.loads((out / "config.json").read_text())
     assert hist["epoch"].tolist() == [1, 2] and (hist["train_images"] == saved["steps_per_epoch"] * 16).all()
@@ -352,3 +352,42 @@ def test_streamed_training_runs_from_decoded_shards_and_removes_them(small_corpu
     slides = patients.filter(pc.equal(patients.column(schema.COL_LEVEL), "slide")).to_pandas()
     assert slides[schema.COL_N_CELLS].sum() == preds["error"].isna().sum()
     assert "Evidence by patient" in (out / "model_card.md").read_text()
+
+
+@pytest.mark.ray
+@pytest.mark.tf
+@pytest.mark.slow
+def test_a_parquet_corpus_keeps_its_own_slides_and_patients_through_training(small_corpus, tmp_path, ray_session):
+    """A Parquet corpus whose rows name their slide and patient, under file names that say nothing:
+    the split, predictions.parquet and patients.parquet all name the listing's patients."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for label, first in (("Parasitized", 0), ("Uninfected", 4)):  # patients Q0-Q3 infected, Q4-Q7 not
+        for i, png in enumerate(sorted((small_corpus / label).glob("*.png"))[:32]):
+            patient = f"Q{first + i % 4}"
+            rows.append({"image": png.read_bytes(), "path": f"cell-{len(rows):03d}.png", "label": label,
+                         "slide_id": f"{patient}-slide{i % 2}", "patient_id": patient})
+    (tmp_path / "corpus").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus" / "cells.parquet")
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=str(tmp_path / "corpus"), output=str(out), image_size=32, epochs=1, batch_size=16,
+                      num_workers=1, augment=False, seed=0)
+    summary = train.fit(train.plan_run(cfg))
+
+    split = pd.read_parquet(out / "split.parquet")
+    assert set(split["patient_id"]) == {f"Q{i}" for i in range(8)}
+    val = split[split["split"] == "val"]
+    val_patients = set(val["patient_id"])
+    assert 2 <= len(val_patients) <= 6 and not val_patients & set(split.loc[split["split"] == "train", "patient_id"])
+    preds = pd.read_parquet(out / "predictions.parquet").set_index("uri")
+    assert len(preds) == len(val) == summary["n_val"]
+    want = val.set_index("uri")
+    for column in ("slide_id", "patient_id", "label"):
+        assert (preds.loc[want.index, column] == want[column]).all(), column
+    patients = pd.read_parquet(out / "patients.parquet")
+    assert set(patients.loc[patients["level"] == "patient", "patient_id"]) == val_patients
+    assert set(patients.loc[patients["level"] == "slide", "slide_id"]) == set(val["slide_id"])
+    m = pd.read_parquet(out / "metrics.parquet").iloc[0]
+    assert m["patient_n"] == len(val_patients)
