@@ -34,7 +34,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from malaria_ray import corpus, preprocess, storage  # noqa: E402
-from malaria_ray.config import CLASS_NAMES, TrainConfig  # noqa: E402
+from malaria_ray.config import TrainConfig  # noqa: E402
+from malaria_ray.schema import CLASS_NAMES  # noqa: E402
 
 
 def bare_step(x: np.ndarray, y: np.ndarray, batch: int, augment: bool):

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from malaria_ray import sources
-from malaria_ray.config import CLASS_NAMES, CorpusError
-from malaria_ray.schema import CONTAINER_SUFFIXES, STATUS_OK, path_within, split_member_uri
+from malaria_ray.config import CorpusError
+from malaria_ray.schema import (
+    CLASS_NAMES, COL_KIND, COL_LABEL_HINT, COL_PATIENT_HINT, COL_SLIDE_HINT, COL_STATUS, COL_URI, CONTAINER_SUFFIXES,
+    STATUS_OK, path_within, split_member_uri,
+)
 
 _SLIDE_RE = re.compile(r"^(C\d+.*?)_IMG_", re.IGNORECASE)
 _PATIENT_RE = re.compile(r"^C\d+[A-Z]?P(\d+)", re.IGNORECASE)
@@ -174,15 +177,15 @@ def list_corpus(data_uri: str) -> Listing:
     """
     units = sources.list_units(data_uri)
     rows, skipped = [], [u for u in units.skipped if label_of(u) is not None]
-    for kind, uri in zip(units.table.column("kind").to_pylist(), units.table.column("uri").to_pylist()):
-        for row in sources.expand_unit({"kind": kind, "uri": uri}, with_data=False):
-            label, slide, patient = describe(row["uri"], row["label_hint"], row["slide_hint"], row["patient_hint"])
+    for kind, uri in zip(units.table.column(COL_KIND).to_pylist(), units.table.column(COL_URI).to_pylist()):
+        for row in sources.expand_unit({COL_KIND: kind, COL_URI: uri}, with_data=False):
+            label, slide, patient = describe(row[COL_URI], row[COL_LABEL_HINT], row[COL_SLIDE_HINT], row[COL_PATIENT_HINT])
             if label is None:
                 continue
-            if row["status"] != STATUS_OK:
-                skipped.append(row["uri"])
+            if row[COL_STATUS] != STATUS_OK:
+                skipped.append(row[COL_URI])
                 continue
-            rows.append((row["uri"], label, slide, patient))
+            rows.append((row[COL_URI], label, slide, patient))
     missing = [c for c in CLASS_NAMES if not any(r[1] == c for r in rows)]
     if missing:
         raise CorpusError(

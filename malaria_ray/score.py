@@ -24,8 +24,8 @@ import numpy as np
 
 from malaria_ray import corpus, faults, ingest, logs, manifests, outputs, resources, sources, storage
 from malaria_ray import schema as S
-from malaria_ray.config import CLASS_NAMES, DEFAULT_THRESHOLD, POSITIVE_CLASS, ConfigError, CorpusError, ScoreConfig
-from malaria_ray.model import ModelError, inspect_artifact, read_contract
+from malaria_ray.config import DEFAULT_THRESHOLD, ConfigError, CorpusError, ScoreConfig
+from malaria_ray.model import ModelError, inspect_artifact, read_contract, resize_of
 from malaria_ray.scoringrun import ERRORS, SCORED, RunResult, ScoringRun
 
 log = logs.get("score")
@@ -88,7 +88,7 @@ class Scorer:
             if self.pad_to and len(x) % self.pad_to:
                 x = np.concatenate([x, np.zeros((self.pad_to - len(x) % self.pad_to, *x.shape[1:]), x.dtype)])
             prob[ok] = self.predict(x)[:int(ok.sum())]
-        pred = np.where(prob >= self.threshold, POSITIVE_CLASS, CLASS_NAMES[1]).astype(object)
+        pred = np.where(prob >= self.threshold, S.POSITIVE_CLASS, S.NEGATIVE_CLASS).astype(object)
         pred[~ok] = None
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
         # Columns that were all null in a block may arrive as Arrow's null type: the driver's
@@ -114,7 +114,7 @@ def inspect_model(model_uri: str) -> dict:
     from malaria_ray.model import load_model
 
     model, model_id = load_model(model_uri)
-    return {"image_size": int(model.input_shape[1]), "model_id": model_id}
+    return {S.KEY_IMAGE_SIZE: int(model.input_shape[1]), S.KEY_MODEL_ID: model_id}
 
 
 def score_archive(cfg: ScoreConfig, checked: Preflight | None = None) -> RunResult:
@@ -141,22 +141,23 @@ def score_archive(cfg: ScoreConfig, checked: Preflight | None = None) -> RunResu
     if storage.exists(outputs.run_uri(cfg.output, run_id)) or run_id in outputs.committed_runs(cfg.output):
         raise CorpusError(f"--run-id {run_id} was already used under {cfg.output}: a run id names one run")
     with ScoringRun(cfg.output, run_id) as run:
-        return _score_leased(cfg, run, listing, checked.model_info)
+        return _score_leased(cfg, run, listing, checked)
 
 
-def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Listing, model_info: dict | None) -> RunResult:
+def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Listing, checked: Preflight) -> RunResult:
     """The pipeline and its loop; ``run`` carries out the commit protocol."""
     import ray
 
     env = storage.worker_env()
     remote_env = {"runtime_env": {"env_vars": env}} if env else {}
+    model_info = checked.model_info
     if model_info is None:  # a legacy .h5 only Keras can read: inspect it in a throwaway worker
         try:
             model_info = ray.get(ray.remote(max_calls=1)(inspect_model).options(**remote_env).remote(cfg.model))
         except ray.exceptions.RayTaskError as exc:
             raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
-    model_id, size = model_info["model_id"], model_info["image_size"]
-    cfg, fp_rate = operating_point(cfg, read_contract(cfg.model))
+    model_id, size = model_info[S.KEY_MODEL_ID], model_info[S.KEY_IMAGE_SIZE]
+    cfg, fp_rate = operating_point(cfg, checked.contract)
     skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else ingest.NO_IDS
     unchanged = 0
     if cfg.skip_scored:  # loose files listed as they were when this model scored them: not read again
@@ -165,7 +166,7 @@ def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Listing, m
     # Runs that were killed before they finished: with --skip-scored this run completes them.
     unfinished = manifests.unfinished_runs(cfg.output) if cfg.skip_scored else []
 
-    ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run.run_id, remote_env, known)
+    ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run.run_id, remote_env, known, checked.resize)
     if cfg.gpus_per_actor:
         resources.require_visible_gpu("--gpus-per-actor", remote_env.get("runtime_env"))
     run.begin(cfg, model_id, size, listing, len(known) if known is not None else 0, unfinished, unchanged)
@@ -193,9 +194,9 @@ def operating_point(cfg: ScoreConfig, contract: dict) -> tuple[ScoreConfig, floa
     was trained, unless ``--threshold`` says otherwise), and the per-cell false-positive rate for
     the slide calls: known only at the model's own threshold."""
     if cfg.threshold is None:
-        cfg = dataclasses.replace(cfg, threshold=float(contract.get("threshold", DEFAULT_THRESHOLD)))
-    own = cfg.threshold == contract.get("threshold") and contract.get("val_specificity") is not None
-    return cfg, (1 - contract["val_specificity"] if own else None)
+        cfg = dataclasses.replace(cfg, threshold=float(contract.get(S.KEY_THRESHOLD, DEFAULT_THRESHOLD)))
+    own = cfg.threshold == contract.get(S.KEY_THRESHOLD) and contract.get(S.KEY_VAL_SPECIFICITY) is not None
+    return cfg, (1 - contract[S.KEY_VAL_SPECIFICITY] if own else None)
 
 
 def model_failure(batch) -> str | None:
@@ -207,9 +208,11 @@ def model_failure(batch) -> str | None:
 
 
 def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_ids: np.ndarray, model_id: str,
-                   run_id: str, remote_args: dict, known: corpus.Identities | None = None):
+                   run_id: str, remote_args: dict, known: corpus.Identities | None = None,
+                   resize: str = S.RESIZE_DEFAULT):
     """The Ray Data pipeline, not yet executed: units -> rows -> decoded pixels -> model rows.
-    ``known``: the ``--manifest`` identities, applied where each image's identity is decided."""
+    ``known``: the ``--manifest`` identities, applied where each image's identity is decided;
+    ``resize``: the model contract's resize method."""
     import ray
 
     cluster = ray.cluster_resources()
@@ -237,7 +240,8 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
     # --batch-size rows, or one archive would be one block and so one decode task.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     ds = ds.map_batches(ingest.prepare_batch, batch_size=None, batch_format="numpy", num_cpus=1,
-                        fn_kwargs={"image_size": size, "skip_ids": skip_ids, "known": known}, **remote_args)
+                        fn_kwargs={"image_size": size, "skip_ids": skip_ids, "known": known, "resize_method": resize},
+                        **remote_args)
     return ds.map_batches(
         Scorer, batch_size=cfg.batch_size, batch_format="pyarrow",
         compute=pool.strategy(),
@@ -262,9 +266,9 @@ def skip_unchanged(listing: sources.Listing, scored: np.ndarray) -> tuple[source
     if not len(scored) or not len(listing):
         return listing, 0
     t = listing.table
-    keys = np.fromiter((outputs.source_key(u, v) if k == sources.KIND_IMAGE and v is not None else 0
-                        for k, u, v in zip(t.column("kind").to_pylist(), t.column("uri").to_pylist(),
-                                           t.column("version").to_pylist())), dtype=np.uint64, count=t.num_rows)
+    keys = np.fromiter((outputs.source_key(u, v) if k == S.KIND_IMAGE and v is not None else 0
+                        for k, u, v in zip(t.column(S.COL_KIND).to_pylist(), t.column(S.COL_URI).to_pylist(),
+                                           t.column(S.COL_VERSION).to_pylist())), dtype=np.uint64, count=t.num_rows)
     same = np.isin(keys, scored) & (keys != 0)
     return sources.Listing(t.filter(pa.array(~same)), listing.skipped), int(same.sum())
 
@@ -315,9 +319,12 @@ def summary(result: RunResult) -> str:
 @dataclass(frozen=True)
 class Preflight:
     """What ``preflight`` found: the artifact's ``image_size`` and ``model_id`` (None for a legacy
-    ``.h5``, which is inspected inside Ray)."""
+    ``.h5``, which is inspected inside Ray), its ``model.json`` ({} for a bare artifact) and the
+    resize method that names (the documented default without one: ``schema.RESIZE_DEFAULT``)."""
 
     model_info: dict | None
+    contract: dict
+    resize: str
 
 
 def preflight(cfg: ScoreConfig) -> Preflight:
@@ -335,7 +342,9 @@ def preflight(cfg: ScoreConfig) -> Preflight:
         raise CorpusError(f"cannot list input {cfg.input}: {type(exc).__name__}: {exc}") from exc
     if not found:
         raise CorpusError(f"input {cfg.input} does not exist")
-    return Preflight(inspect_artifact(cfg.model))  # None for a legacy .h5: that one is checked inside Ray
+    contract = read_contract(cfg.model)
+    # inspect_artifact: None for a legacy .h5, which is checked inside Ray
+    return Preflight(inspect_artifact(cfg.model), contract, resize_of(contract))
 
 
 EXIT_TOO_MANY_ERRORS = 3
@@ -359,7 +368,7 @@ def check_paths(cfg: ScoreConfig) -> None:
     """An output root inside the input would be read back as input the next night: refused."""
     def norm(uri: str) -> str:
         if storage.is_remote(uri):
-            return uri.replace("s3a://", "s3://", 1).rstrip("/") + "/"
+            return storage.canonical(uri).rstrip("/") + "/"
         return os.path.abspath(storage.local_path(uri)).rstrip("/") + "/"
 
     if norm(cfg.output).startswith(norm(cfg.input)) or norm(cfg.output) == norm(cfg.input):

@@ -35,7 +35,7 @@ from malaria_ray.lease import Lease
 from malaria_ray.writer import PredictionWriter, normalize
 
 log = logs.get("score")
-SCORED, ERRORS = "scored", "errors"  # the counts of rows scored and of error rows
+SCORED, ERRORS = S.COUNT_SCORED, S.COUNT_ERRORS  # the counts of rows scored and of error rows
 ERROR_EXAMPLES = 3  # error rows quoted in the summary
 
 

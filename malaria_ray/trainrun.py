@@ -18,7 +18,8 @@ import pyarrow as pa
 from malaria_ray import checkpoint, corpus, logs, metrics, report, storage
 from malaria_ray import schema as S
 from malaria_ray import config
-from malaria_ray.config import CLASS_NAMES, DEFAULT_THRESHOLD, NEGATIVE_CLASS, POSITIVE_CLASS, TrainConfig
+from malaria_ray.config import DEFAULT_THRESHOLD, TrainConfig
+from malaria_ray.schema import CLASS_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS
 
 log = logs.get("train")
 THRESHOLD = DEFAULT_THRESHOLD  # argmax of a 2-way softmax, as the notebook
@@ -28,11 +29,11 @@ def predict_dataset(model, ds, batch_size: int = 64) -> tuple[list[str], list[st
     """(uris, image_ids, labels, P(Parasitized)) over a decoded Ray dataset, streamed in batches."""
     uris, ids, labels, probs = [], [], [], []
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        p = model.predict_on_batch(batch["image"].astype(np.float32))
+        p = model.predict_on_batch(batch[S.COL_TRAIN_IMAGE].astype(np.float32))
         probs.append(np.asarray(p)[:, 0])
         uris.extend(batch[S.COL_URI].tolist())
-        ids.extend(batch["image_id"].tolist())
-        labels.append(batch["label"])
+        ids.extend(batch[S.COL_IMAGE_ID].tolist())
+        labels.append(batch[S.COL_TRAIN_LABEL])
     return uris, ids, np.concatenate(labels), np.concatenate(probs).astype(np.float32)
 
 
@@ -78,14 +79,14 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
         best_state = checkpoint.read_state(d)
         made = checkpoint.read_val_predictions(d)
     if made is not None and made.num_rows == val_ds.count():  # made by the workers at that epoch
-        uris, ids = made.column("uri").to_pylist(), made.column("image_id").to_pylist()
-        labels, probs = made.column("label").to_numpy(), made.column("prob").to_numpy()
+        uris, ids = made.column(S.COL_URI).to_pylist(), made.column(S.COL_IMAGE_ID).to_pylist()
+        labels, probs = made.column(S.COL_TRAIN_LABEL).to_numpy(), made.column(S.COL_VAL_PROB).to_numpy()
     else:  # a checkpoint from before workers wrote them: predict here
         uris, ids, labels, probs = predict_dataset(best, val_ds)
     y = labels == CLASS_NAMES.index(POSITIVE_CLASS)
     op = operating_point(y, probs, cfg.target_sensitivity)
     model_id = model_mod.save_model(best, out, h5=cfg.export_h5, operating_point=op)
-    threshold = op["threshold"]
+    threshold = op[S.KEY_THRESHOLD]
 
     val_uris = set(np.asarray(listing.uris)[val_mask].tolist())
     val_errors = [e for e in unreadable if e[S.COL_URI] in val_uris]
@@ -96,7 +97,7 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
     common = {S.COL_N_IMAGES: len(uris) + len(val_errors), S.COL_N_ERRORS: len(val_errors), S.COL_MODEL_ID: model_id,
               S.COL_RUN_ID: run_id, "split": "val", "split_kind": cfg.split, "best_epoch": best_state["epoch"],
               "synthetic": cfg.synthetic, "brier": metrics.brier(y, probs)}
-    groups = metrics.roll_up(preds, 1 - op["val_specificity"], model_id)  # as scoring's slides.parquet
+    groups = metrics.roll_up(preds, 1 - op[S.KEY_VAL_SPECIFICITY], model_id)  # as scoring's slides.parquet
     rows = []
     for kind, t in (("operating_point", threshold), ("argmax", THRESHOLD)):
         ci = metrics.patient_bootstrap(y, probs, patients, t, n_boot=BOOTSTRAP_SAMPLES, seed=cfg.seed)
@@ -153,7 +154,7 @@ def disagreements_png(val_ds, ids: list[str], y: np.ndarray, probs: np.ndarray, 
     pixels = {}
     if len(wanted):
         for row in val_ds.map_batches(_rows_with_ids, batch_format="numpy", fn_kwargs={"ids": wanted}).take_all():
-            pixels[row[S.COL_IMAGE_ID]] = row["image"]
+            pixels[row[S.COL_IMAGE_ID]] = row[S.COL_TRAIN_IMAGE]
     if len(pixels) < len(set(wanted)):
         log.warning(f"disagreements plot: {len(set(wanted)) - len(pixels)} of {len(set(wanted))} selected validation "
                     "images were not found in the validation set; the plot leaves them out")
@@ -165,7 +166,7 @@ def disagreements_png(val_ds, ids: list[str], y: np.ndarray, probs: np.ndarray, 
 def _rows_with_ids(batch: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
     """The rows of a numpy batch whose image_id is in ``ids`` (str or object arrays alike)."""
     keep = np.isin(batch[S.COL_IMAGE_ID].astype(object), ids)
-    return {S.COL_IMAGE_ID: batch[S.COL_IMAGE_ID][keep], "image": batch["image"][keep]}
+    return {S.COL_IMAGE_ID: batch[S.COL_IMAGE_ID][keep], S.COL_TRAIN_IMAGE: batch[S.COL_TRAIN_IMAGE][keep]}
 
 
 def operating_point(y: np.ndarray, probs: np.ndarray, target: float) -> dict[str, Any]:
@@ -175,9 +176,9 @@ def operating_point(y: np.ndarray, probs: np.ndarray, target: float) -> dict[str
     if np.isnan(t):  # no positive cell in validation: keep the argmax
         t = THRESHOLD
     m = metrics.binary_metrics(y, probs, t)
-    return {"threshold": float(t), "target_sensitivity": float(target), "val_sensitivity": m["sensitivity"],
-            "val_specificity": m["specificity"],
-            "threshold_source": "chosen on this run's validation split (the same images its metrics describe)"}
+    return {S.KEY_THRESHOLD: float(t), S.KEY_TARGET_SENSITIVITY: float(target), S.KEY_VAL_SENSITIVITY: m["sensitivity"],
+            S.KEY_VAL_SPECIFICITY: m["specificity"],
+            S.KEY_THRESHOLD_SOURCE: "chosen on this run's validation split (the same images its metrics describe)"}
 
 
 def print_summary(s: dict[str, Any]) -> None:

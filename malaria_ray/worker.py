@@ -21,6 +21,11 @@ import numpy as np
 
 from malaria_ray import checkpoint, faults, logs
 from malaria_ray.config import TrainConfig
+from malaria_ray.schema import COL_IMAGE_ID, COL_TRAIN_IMAGE, COL_TRAIN_LABEL, COL_URI
+
+# The local shuffle buffer of each epoch, in batches (at least 256 rows); a streamed corpus,
+# whose shards arrive in file order, asks for more (``train.STREAM_SHUFFLE_BATCHES``).
+SHUFFLE_BATCHES = 4
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -58,7 +63,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         stats, clean = run_epoch(cfg, fns, train_shard, epoch, steps, cfg.batch_size // world, rng, log,
                                  fault=fault if rank == world - 1 else None,
-                                 shuffle_batches=config.get("shuffle_buffer", 4))
+                                 shuffle_batches=config["shuffle_buffer"])
         train_seconds = time.perf_counter() - t0
         if clean:
             recalibrate(clean)
@@ -165,7 +170,7 @@ def build_steps(cfg: TrainConfig, strategy, steps_per_epoch: int) -> Steps:
 
 def run_epoch(cfg: TrainConfig, fns: Steps, shard, epoch: int, steps: int, local_batch: int,
               rng: np.random.Generator, log: Callable[[str], None],
-              fault: str | None = None, shuffle_batches: int = 4) -> tuple[dict, list[np.ndarray]]:
+              fault: str | None = None, shuffle_batches: int = SHUFFLE_BATCHES) -> tuple[dict, list[np.ndarray]]:
     """One epoch of ``steps`` global batches; returns its loss/accuracy and up to
     ``cfg.bn_recal_batches`` clean (un-augmented) uint8 batches for the BatchNorm recalibration.
     ``fault``: the test's armed fault (``malaria_ray.faults``), checked halfway through.
@@ -184,9 +189,9 @@ def run_epoch(cfg: TrainConfig, fns: Steps, shard, epoch: int, steps: int, local
         if step == steps // 2:
             faults.maybe_fail(fault, "train.epoch", epoch)
         if step < cfg.bn_recal_batches:
-            clean.append(batch["image"])  # uint8: 4x smaller than the float batch
+            clean.append(batch[COL_TRAIN_IMAGE])  # uint8: 4x smaller than the float batch
         seed = tf.constant(rng.integers(0, 2**62, size=2), tf.int64)
-        totals += tf.stack(fns.train_step(tf.constant(batch["image"]), tf.one_hot(batch["label"], 2), seed))
+        totals += tf.stack(fns.train_step(tf.constant(batch[COL_TRAIN_IMAGE]), tf.one_hot(batch[COL_TRAIN_LABEL], 2), seed))
         seen += cfg.batch_size
         if (step + 1) % max(1, steps // 4) == 0 and step + 1 < steps:  # progress on long epochs
             log(f"epoch {epoch} step {step + 1}/{steps}: loss {float(totals[0]) / seen:.4f} "
@@ -202,14 +207,12 @@ def evaluate(fns: Steps, shard, local_batch: int) -> tuple[dict[str, float], dic
     are made here, on the training devices, not again on the driver."""
     import tensorflow as tf
 
-    from malaria_ray.schema import COL_IMAGE_ID, COL_URI
-
     v = np.zeros(3, np.float32)  # val loss sum, hits, count on this worker
     cols: dict[str, list] = {"uris": [], "image_ids": [], "labels": [], "probs": []}
     for batch in shard.iter_batches(batch_size=local_batch, batch_format="numpy"):
-        ls, h, p = fns.eval_step(tf.constant(batch["image"]), tf.one_hot(batch["label"], 2))
-        v += (float(ls), float(h), len(batch["label"]))
-        for key, values in zip(cols, (batch[COL_URI], batch[COL_IMAGE_ID], batch["label"], p.numpy())):
+        ls, h, p = fns.eval_step(tf.constant(batch[COL_TRAIN_IMAGE]), tf.one_hot(batch[COL_TRAIN_LABEL], 2))
+        v += (float(ls), float(h), len(batch[COL_TRAIN_LABEL]))
+        for key, values in zip(cols, (batch[COL_URI], batch[COL_IMAGE_ID], batch[COL_TRAIN_LABEL], p.numpy())):
             cols[key].append(values)
     v = fns.all_sum(tf.constant(v)).numpy()
     predictions = {k: np.concatenate(c) if c else np.array([]) for k, c in cols.items()}

@@ -117,7 +117,7 @@ def test_training_and_scoring_roll_ups_of_the_same_predictions_are_equal(tmp_pat
     validation predictions of a training run, committed under a scoring root, roll up to the same
     table the training run writes (scoring streams them in row groups and merges the sums)."""
     from malaria_ray import corpus, outputs, trainrun
-    from malaria_ray.config import CLASS_NAMES
+    from malaria_ray.schema import CLASS_NAMES
     from malaria_ray.writer import PredictionWriter
 
     rng = np.random.default_rng(1)

@@ -165,3 +165,17 @@ def test_cells_policy_rotates_any_way_jitters_colour_and_leaves_the_notebook_pol
         TrainConfig(data="d", output="o", augment_policy="strong")
     with pytest.raises(ConfigError, match="--no-augment"):
         parse_train(["--data", "d", "--output", "o", "--augment-policy", "cells", "--no-augment"])
+
+
+def test_scoring_resizes_as_the_model_contract_says(sample_dir):
+    """The resize method comes from model.json; a bare .keras (no model.json) gets the documented
+    default, which is what training uses; a method preprocess does not have is refused."""
+    from malaria_ray import model, schema
+
+    assert model.resize_of({}) == schema.RESIZE_DEFAULT == "bilinear"
+    assert model.resize_of({schema.KEY_RESIZE: "nearest"}) == "nearest"
+    with pytest.raises(model.ModelError, match="resize"):
+        model.resize_of({schema.KEY_RESIZE: "seam-carving"})
+    data = next((sample_dir / "Parasitized").glob("*.png")).read_bytes()
+    assert np.array_equal(preprocess.decode_image(data, 32), preprocess.decode_image(data, 32, "bilinear"))
+    assert not np.array_equal(preprocess.decode_image(data, 32, "nearest"), preprocess.decode_image(data, 32))
