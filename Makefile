@@ -46,7 +46,7 @@ test: venv
 
 test-fast: venv
 	$(BIN)/ruff check malaria_ray jobs bench tests
-	$(BIN)/python -m pytest -m "not ray and not tf and not cluster and not fresh" -ra
+	$(BIN)/python -m pytest -m "not ray and not tf and not cluster and not fresh and not slow" -ra
 
 bench: venv
 	$(BIN)/python bench/train_throughput.py

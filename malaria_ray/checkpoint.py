@@ -68,13 +68,15 @@ def save_val_predictions(directory: str, rank: int, uris, image_ids, labels, pro
 
 
 def read_val_predictions(directory: str):
-    """Every rank's validation predictions in a checkpoint as one table (rank order), or None where
-    the checkpoint has none (written by an older version)."""
+    """Every rank's validation predictions in a checkpoint as one table (rank order)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     files = sorted(f for f in os.listdir(directory) if f.startswith(VAL_PREDICTIONS_PREFIX))
-    return pa.concat_tables([pq.read_table(os.path.join(directory, f)) for f in files]) if files else None
+    if not files:
+        raise FileNotFoundError(f"checkpoint {directory} holds no {VAL_PREDICTIONS_PREFIX}*.parquet: "
+                                "not a checkpoint of this version")
+    return pa.concat_tables([pq.read_table(os.path.join(directory, f)) for f in files])
 
 
 def model_path(directory: str) -> str:

@@ -60,19 +60,13 @@ def write_run_metrics(root: str, run_id: str, row: dict) -> None:
 
 def finished_runs(root: str) -> list[str]:
     """Runs whose manifest says they finished (a night with nothing new to score publishes no
-    predictions file, and still finished), oldest name first; runs of earlier versions, whose
-    manifest has no ``finished``, count when their predictions file is published."""
+    predictions file, and still finished), oldest name first."""
     fs, path = storage.filesystem(storage.join(root, RUNS_DIR))
     fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
-    published = set(committed_runs(root))
-    out = []
-    for run_id in sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)):
-        m = read_manifest(root, run_id) or {}
-        if m.get("finished") or ("finished" not in m and run_id in published):
-            out.append(run_id)
-    return out
+    return [run_id for run_id in sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+            if (read_manifest(root, run_id) or {}).get("finished")]
 
 
 def rebuild_metrics(root: str) -> pa.Table:

@@ -42,22 +42,13 @@ def rates(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
 
 
 def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
-    """Mann-Whitney AUC with midranks for ties; NaN when only one class is present."""
+    """ROC AUC (``sklearn.metrics.roc_auc_score``: ties count half); NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
     y = np.asarray(y_true, dtype=bool)
-    s = np.asarray(score, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if not n_pos or not n_neg:
+    if y.all() or not y.any():
         return math.nan
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    # midranks: each run of equal scores gets the mean of its 1-based positions
-    boundaries = np.flatnonzero(np.diff(sorted_s)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(s)]])
-    for a, b in zip(starts, ends):
-        ranks[order[a:b]] = (a + b + 1) / 2.0
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(y, np.asarray(score, dtype=np.float64)))
 
 
 def counts(y_true: np.ndarray, prob: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> dict[str, int]:
@@ -170,25 +161,37 @@ def patient_bootstrap(y_true: np.ndarray, prob: np.ndarray, groups: np.ndarray, 
     """Percentile intervals of ``BOOTSTRAP_METRICS`` from a bootstrap that resamples **groups**
     (patients), with replacement, keeping each drawn patient's cells together: cells of one
     patient are not independent, and a cell bootstrap would give intervals that are too narrow."""
+    return patient_bootstraps(y_true, prob, groups, [threshold], n_boot, seed, level)[0]
+
+
+def patient_bootstraps(y_true: np.ndarray, prob: np.ndarray, groups: np.ndarray, thresholds: list[float],
+                       n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[dict[str, tuple[float, float]]]:
+    """``patient_bootstrap`` at each of ``thresholds``, over one set of resamples: the AUC (which
+    no threshold changes) is computed once per resample, and each threshold's intervals are those
+    ``patient_bootstrap`` gives it alone with the same ``seed``."""
     y = np.asarray(y_true, dtype=bool)
     p = np.asarray(prob, dtype=np.float64)
     keys, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(len(keys))]
     rng = np.random.default_rng(seed)
-    draws = {k: [] for k in BOOTSTRAP_METRICS}
+    draws = [{k: [] for k in BOOTSTRAP_METRICS} for _ in thresholds]
     for _ in range(n_boot):
         idx = np.concatenate([members[g] for g in rng.integers(0, len(keys), len(keys))])
-        c = counts(y[idx], p[idx], threshold)
-        r = rates(**c)
-        for k in ("accuracy", "sensitivity", "specificity"):
-            draws[k].append(r[k])
-        draws["roc_auc"].append(roc_auc(y[idx], p[idx]))
+        auc = roc_auc(y[idx], p[idx])
+        for t, d in zip(thresholds, draws):
+            r = rates(**counts(y[idx], p[idx], t))
+            for k in ("accuracy", "sensitivity", "specificity"):
+                d[k].append(r[k])
+            d["roc_auc"].append(auc)
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    out = {}
-    for k, v in draws.items():
-        v = np.asarray(v, dtype=np.float64)
-        v = v[~np.isnan(v)]
-        out[k] = (float(np.percentile(v, lo)), float(np.percentile(v, hi))) if len(v) else (math.nan, math.nan)
+    out = []
+    for d in draws:
+        intervals = {}
+        for k, v in d.items():
+            v = np.asarray(v, dtype=np.float64)
+            v = v[~np.isnan(v)]
+            intervals[k] = (float(np.percentile(v, lo)), float(np.percentile(v, hi))) if len(v) else (math.nan, math.nan)
+        out.append(intervals)
     return out
 
 

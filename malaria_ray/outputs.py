@@ -31,13 +31,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from malaria_ray import metrics, storage
+from malaria_ray import logs, metrics, storage
 from malaria_ray.ingest import NO_IDS
 from malaria_ray.schema import (
     COL_ERROR, COL_IMAGE_ID, COL_LABEL, COL_MODEL_ID, COL_PATIENT, COL_PRED, COL_PROB, COL_SLIDE, COL_SOURCE_VERSION,
     COL_URI, PREDICTIONS_SCHEMA,
 )
 
+log = logs.get("score")
 PREDICTIONS_DIR, STAGING_DIR, RUNS_DIR = "predictions", "_staging", "runs"
 METRICS_FILE, SLIDES_FILE = "metrics.parquet", "slides.parquet"
 # Rows the writer holds before it writes a row group: bounds the driver's memory (the rows of a
@@ -96,9 +97,12 @@ def committed_files(root: str) -> list[tuple[str, str]]:
     for name in (posixpath.basename(p) for p in fs.ls(path, detail=False)):
         if not name.endswith(".parquet") or name.startswith(("_", ".")):
             continue
-        stem = name[: -len(".parquet")]
-        m = PART_SUFFIX.match(stem)  # a whole-run file of earlier versions has no part suffix
-        found.append((m.group("run") if m else stem, int(m.group("part")) if m else 0, name))
+        m = PART_SUFFIX.match(name[: -len(".parquet")])
+        if m is None:
+            log.warning(f"{predictions_uri(root)}/{name} is not a published part (<run_id>.partNNNNN.parquet): "
+                        "left out of --skip-scored and the roll-ups")
+            continue
+        found.append((m.group("run"), int(m.group("part")), name))
     return [(run, name) for run, _, name in sorted(found)]
 
 
@@ -119,8 +123,10 @@ def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool =
     for _run_id, name in reversed(committed_files(root)):
         with fs.open(posixpath.join(pred_path, name), "rb") as f:
             pf = pq.ParquetFile(f)
-            if not set(read) <= set(pf.schema_arrow.names):  # a file of an earlier version lacks a column
-                continue
+            missing = sorted(set(read) - set(pf.schema_arrow.names))
+            if missing:
+                raise storage.StorageError(f"{predictions_uri(root)}/{name} lacks column(s) {', '.join(missing)}: "
+                                           "not a predictions part of this version; move it out of the output root")
             for batch in pf.iter_batches(batch_size=ROW_GROUP_ROWS, columns=read, use_threads=False):
                 keep = pc.equal(batch.column(COL_MODEL_ID), model_id)
                 if ok_only:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from malaria_ray import corpus, faults, ingest, logs, manifests, outputs, resources, sources, storage
-from malaria_ray import schema as S
+from malaria_ray import schema
 from malaria_ray.config import DEFAULT_THRESHOLD, ConfigError, CorpusError, ScoreConfig
 from malaria_ray.model import ModelError, inspect_artifact, read_contract, resize_of
 from malaria_ray.scoringrun import ERRORS, SCORED, RunResult, ScoringRun
@@ -74,33 +74,33 @@ class Scorer:
         import pyarrow.compute as pc
 
         n = batch.num_rows
-        status, error = batch.column(S.COL_STATUS), batch.column(S.COL_ERROR)
+        status, error = batch.column(schema.COL_STATUS), batch.column(schema.COL_ERROR)
         if self.error is not None:
-            status = pa.array([S.STATUS_MODEL_ERROR] * n, pa.string())
+            status = pa.array([schema.STATUS_MODEL_ERROR] * n, pa.string())
             error = pa.array([str(self.error)] * n, pa.string())
         else:
             self.calls += 1
             faults.maybe_fail(self.fault, "score.batch", self.calls)
-        ok = pc.fill_null(pc.equal(status, S.STATUS_OK), False).to_numpy(zero_copy_only=False)
+        ok = pc.fill_null(pc.equal(status, schema.STATUS_OK), False).to_numpy(zero_copy_only=False)
         prob = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
-            x = pixels(batch.column(S.COL_PIXELS))[ok]
+            x = pixels(batch.column(schema.COL_PIXELS))[ok]
             if self.pad_to and len(x) % self.pad_to:
                 x = np.concatenate([x, np.zeros((self.pad_to - len(x) % self.pad_to, *x.shape[1:]), x.dtype)])
             prob[ok] = self.predict(x)[:int(ok.sum())]
-        pred = np.where(prob >= self.threshold, S.POSITIVE_CLASS, S.NEGATIVE_CLASS).astype(object)
+        pred = np.where(prob >= self.threshold, schema.POSITIVE_CLASS, schema.NEGATIVE_CLASS).astype(object)
         pred[~ok] = None
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
         # Columns that were all null in a block may arrive as Arrow's null type: the driver's
         # ``writer.normalize`` gives every column its contract type.
-        out = {k: batch.column(k) for k in (S.COL_IMAGE_ID, S.COL_URI, S.COL_SLIDE, S.COL_PATIENT, S.COL_LABEL,
-                                            S.COL_SOURCE_VERSION)}
-        return pa.table({**out, S.COL_ERROR: error, S.COL_STATUS: status,
-                         S.COL_PROB: pa.array(prob, pa.float32(), mask=~ok), S.COL_PRED: pa.array(pred, pa.string()),
-                         S.COL_THRESHOLD: pa.array(np.full(n, self.threshold)),
-                         S.COL_MODEL_ID: pa.array([self.model_id] * n, pa.string()),
-                         S.COL_RUN_ID: pa.array([self.run_id] * n, pa.string()),
-                         S.COL_SCORED_AT: pa.array([now] * n, pa.timestamp("us"))})
+        out = {k: batch.column(k) for k in (schema.COL_IMAGE_ID, schema.COL_URI, schema.COL_SLIDE, schema.COL_PATIENT,
+                                            schema.COL_LABEL, schema.COL_SOURCE_VERSION)}
+        return pa.table({**out, schema.COL_ERROR: error, schema.COL_STATUS: status,
+                         schema.COL_PROB: pa.array(prob, pa.float32(), mask=~ok), schema.COL_PRED: pa.array(pred, pa.string()),
+                         schema.COL_THRESHOLD: pa.array(np.full(n, self.threshold)),
+                         schema.COL_MODEL_ID: pa.array([self.model_id] * n, pa.string()),
+                         schema.COL_RUN_ID: pa.array([self.run_id] * n, pa.string()),
+                         schema.COL_SCORED_AT: pa.array([now] * n, pa.timestamp("us"))})
 
 
 def pixels(column) -> np.ndarray:
@@ -114,7 +114,7 @@ def inspect_model(model_uri: str) -> dict:
     from malaria_ray.model import load_model
 
     model, model_id = load_model(model_uri)
-    return {S.KEY_IMAGE_SIZE: int(model.input_shape[1]), S.KEY_MODEL_ID: model_id}
+    return {schema.KEY_IMAGE_SIZE: int(model.input_shape[1]), schema.KEY_MODEL_ID: model_id}
 
 
 def score_archive(cfg: ScoreConfig, checked: Preflight | None = None) -> RunResult:
@@ -144,7 +144,7 @@ def score_archive(cfg: ScoreConfig, checked: Preflight | None = None) -> RunResu
         return _score_leased(cfg, run, listing, checked)
 
 
-def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Listing, checked: Preflight) -> RunResult:
+def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Units, checked: Preflight) -> RunResult:
     """The pipeline and its loop; ``run`` carries out the commit protocol."""
     import ray
 
@@ -156,7 +156,7 @@ def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Listing, c
             model_info = ray.get(ray.remote(max_calls=1)(inspect_model).options(**remote_env).remote(cfg.model))
         except ray.exceptions.RayTaskError as exc:
             raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
-    model_id, size = model_info[S.KEY_MODEL_ID], model_info[S.KEY_IMAGE_SIZE]
+    model_id, size = model_info[schema.KEY_MODEL_ID], model_info[schema.KEY_IMAGE_SIZE]
     cfg, fp_rate = operating_point(cfg, checked.contract)
     skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else ingest.NO_IDS
     unchanged = 0
@@ -194,22 +194,22 @@ def operating_point(cfg: ScoreConfig, contract: dict) -> tuple[ScoreConfig, floa
     was trained, unless ``--threshold`` says otherwise), and the per-cell false-positive rate for
     the slide calls: known only at the model's own threshold."""
     if cfg.threshold is None:
-        cfg = dataclasses.replace(cfg, threshold=float(contract.get(S.KEY_THRESHOLD, DEFAULT_THRESHOLD)))
-    own = cfg.threshold == contract.get(S.KEY_THRESHOLD) and contract.get(S.KEY_VAL_SPECIFICITY) is not None
-    return cfg, (1 - contract[S.KEY_VAL_SPECIFICITY] if own else None)
+        cfg = dataclasses.replace(cfg, threshold=float(contract.get(schema.KEY_THRESHOLD, DEFAULT_THRESHOLD)))
+    own = cfg.threshold == contract.get(schema.KEY_THRESHOLD) and contract.get(schema.KEY_VAL_SPECIFICITY) is not None
+    return cfg, (1 - contract[schema.KEY_VAL_SPECIFICITY] if own else None)
 
 
 def model_failure(batch) -> str | None:
     """The reason a scoring actor's model did not load, where this batch carries one."""
     import pyarrow.compute as pc
 
-    failed = batch.filter(pc.equal(batch.column(S.COL_STATUS), S.STATUS_MODEL_ERROR))
-    return failed.column(S.COL_ERROR)[0].as_py() if failed.num_rows else None
+    failed = batch.filter(pc.equal(batch.column(schema.COL_STATUS), schema.STATUS_MODEL_ERROR))
+    return failed.column(schema.COL_ERROR)[0].as_py() if failed.num_rows else None
 
 
-def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_ids: np.ndarray, model_id: str,
+def build_pipeline(cfg: ScoreConfig, listing: sources.Units, size: int, skip_ids: np.ndarray, model_id: str,
                    run_id: str, remote_args: dict, known: corpus.Identities | None = None,
-                   resize: str = S.RESIZE_DEFAULT):
+                   resize: str = schema.RESIZE_DEFAULT):
     """The Ray Data pipeline, not yet executed: units -> rows -> decoded pixels -> model rows.
     ``known``: the ``--manifest`` identities, applied where each image's identity is decided;
     ``resize``: the model contract's resize method."""
@@ -258,7 +258,7 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
     )
 
 
-def skip_unchanged(listing: sources.Listing, scored: np.ndarray) -> tuple[sources.Listing, int]:
+def skip_unchanged(listing: sources.Units, scored: np.ndarray) -> tuple[sources.Units, int]:
     """``listing`` without the loose images whose (uri, version) this model already scored, and
     how many were dropped. Archive members and unversioned files go on to the content-hash check."""
     import pyarrow as pa
@@ -266,11 +266,11 @@ def skip_unchanged(listing: sources.Listing, scored: np.ndarray) -> tuple[source
     if not len(scored) or not len(listing):
         return listing, 0
     t = listing.table
-    keys = np.fromiter((outputs.source_key(u, v) if k == S.KIND_IMAGE and v is not None else 0
-                        for k, u, v in zip(t.column(S.COL_KIND).to_pylist(), t.column(S.COL_URI).to_pylist(),
-                                           t.column(S.COL_VERSION).to_pylist())), dtype=np.uint64, count=t.num_rows)
+    keys = np.fromiter((outputs.source_key(u, v) if k == schema.KIND_IMAGE and v is not None else 0
+                        for k, u, v in zip(t.column(schema.COL_KIND).to_pylist(), t.column(schema.COL_URI).to_pylist(),
+                                           t.column(schema.COL_VERSION).to_pylist())), dtype=np.uint64, count=t.num_rows)
     same = np.isin(keys, scored) & (keys != 0)
-    return sources.Listing(t.filter(pa.array(~same)), listing.skipped), int(same.sum())
+    return sources.Units(t.filter(pa.array(~same)), listing.skipped), int(same.sum())
 
 
 def summary(result: RunResult) -> str:
@@ -281,12 +281,12 @@ def summary(result: RunResult) -> str:
         f"malaria-ray score: run {result.run_id} committed (model {result.model_id})",
         f"  images scored     {c.get(SCORED, 0):>10,}",
         f"  error rows        {c.get(ERRORS, 0):>10,}",
-        f"  already scored    {c.get(S.STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored; "
+        f"  already scored    {c.get(schema.STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored; "
         f"{result.unchanged:,} unchanged in the listing, not read)",
-        f"  non-images        {c.get(S.STATUS_NON_IMAGE, 0):>10,}  (skipped and counted)",
-        f"  empty archives    {c.get(S.STATUS_EMPTY, 0):>10,}",
-        f"  hidden members    {c.get(S.STATUS_HIDDEN, 0):>10,}  (under '.'/'_' folders in archives; counted)",
-        f"  duplicate names   {c.get(S.STATUS_DUPLICATE, 0):>10,}  (a second archive member of one name; counted)",
+        f"  non-images        {c.get(schema.STATUS_NON_IMAGE, 0):>10,}  (skipped and counted)",
+        f"  empty archives    {c.get(schema.STATUS_EMPTY, 0):>10,}",
+        f"  hidden members    {c.get(schema.STATUS_HIDDEN, 0):>10,}  (under '.'/'_' folders in archives; counted)",
+        f"  duplicate names   {c.get(schema.STATUS_DUPLICATE, 0):>10,}  (a second archive member of one name; counted)",
         f"  entries           {sum(c.values()):>10,}  (every file and archive member: the sum of the above)",
         f"  throughput        {rate:>10,.1f} images/s over {result.seconds:.1f} s",
     ]

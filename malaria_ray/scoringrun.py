@@ -29,13 +29,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from malaria_ray import logs, manifests, metrics, outputs, sources, storage
-from malaria_ray import schema as S
+from malaria_ray import schema
 from malaria_ray.config import CorpusError, ScoreConfig
 from malaria_ray.lease import Lease
 from malaria_ray.writer import PredictionWriter, normalize
 
 log = logs.get("score")
-SCORED, ERRORS = S.COUNT_SCORED, S.COUNT_ERRORS  # the counts of rows scored and of error rows
+SCORED, ERRORS = schema.COUNT_SCORED, schema.COUNT_ERRORS  # the counts of rows scored and of error rows
 ERROR_EXAMPLES = 3  # error rows quoted in the summary
 
 
@@ -99,7 +99,7 @@ class ScoringRun:
     def __exit__(self, *exc) -> None:
         self.lease.release()
 
-    def begin(self, cfg: ScoreConfig, model_id: str, image_size: int, listing: sources.Listing,
+    def begin(self, cfg: ScoreConfig, model_id: str, image_size: int, listing: sources.Units,
               identity_rows: int, unfinished: list[str], unchanged: int) -> None:
         """Write the run's config and its manifest (``finished: false``); open the part writer.
         ``unfinished``: earlier killed runs this one completes; ``unchanged``: listed loose files
@@ -115,8 +115,8 @@ class ScoringRun:
             "units": {k: listing.count(k) for k in sources.UNIT_KINDS},
             "commit": "rows are committed part by part: every file listed in `parts` is whole and final"}
         self._write_manifest()
-        self.counts = {SCORED: 0, ERRORS: 0, S.STATUS_NON_IMAGE: len(listing.skipped), S.STATUS_EMPTY: 0,
-                       S.STATUS_ALREADY: unchanged, S.STATUS_HIDDEN: 0, S.STATUS_DUPLICATE: 0}
+        self.counts = {SCORED: 0, ERRORS: 0, schema.STATUS_NON_IMAGE: len(listing.skipped), schema.STATUS_EMPTY: 0,
+                       schema.STATUS_ALREADY: unchanged, schema.STATUS_HIDDEN: 0, schema.STATUS_DUPLICATE: 0}
         self.accumulator = metrics.MetricsAccumulator(cfg.threshold)
         self.writer = PredictionWriter(self.root, self.run_id, part_rows=cfg.commit_every_rows,
                                        part_seconds=60 * cfg.commit_every_minutes, on_part=self._on_part)
@@ -132,22 +132,22 @@ class ScoringRun:
         """Count a batch of the pipeline by row status and renew the lease; the rows to write (scored
         and error rows, in ``PREDICTIONS_SCHEMA``), or None when it holds none."""
         self.lease.renew()
-        status = batch.column(S.COL_STATUS)
+        status = batch.column(schema.COL_STATUS)
         for name, n in zip(*np.unique(status.to_numpy(zero_copy_only=False).astype(str), return_counts=True)):
-            key = {S.STATUS_OK: SCORED, S.STATUS_ERROR: ERRORS}.get(name, name)
+            key = {schema.STATUS_OK: SCORED, schema.STATUS_ERROR: ERRORS}.get(name, name)
             self.counts[key] = self.counts.get(key, 0) + int(n)
-        rows = batch.filter(pc.is_in(status, pa.array([S.STATUS_OK, S.STATUS_ERROR])))
+        rows = batch.filter(pc.is_in(status, pa.array([schema.STATUS_OK, schema.STATUS_ERROR])))
         return normalize(rows) if rows.num_rows else None
 
     def write(self, rows: pa.Table) -> None:
         """Rows of ``tally`` (identities final) into the run's metrics and its open part."""
-        self.accumulator.update(rows.column(S.COL_LABEL).to_pylist(),
-                                rows.column(S.COL_PROB).to_numpy(zero_copy_only=False),
-                                rows.column(S.COL_ERROR).to_pylist())
+        self.accumulator.update(rows.column(schema.COL_LABEL).to_pylist(),
+                                rows.column(schema.COL_PROB).to_numpy(zero_copy_only=False),
+                                rows.column(schema.COL_ERROR).to_pylist())
         if len(self.examples) < ERROR_EXAMPLES:
-            errs = rows.filter(pc.is_valid(rows.column(S.COL_ERROR)))
-            self.examples += [f"{u}: {e}" for u, e in zip(errs.column(S.COL_URI).to_pylist()[:ERROR_EXAMPLES],
-                                                         errs.column(S.COL_ERROR).to_pylist()[:ERROR_EXAMPLES])]
+            errs = rows.filter(pc.is_valid(rows.column(schema.COL_ERROR)))
+            self.examples += [f"{u}: {e}" for u, e in zip(errs.column(schema.COL_URI).to_pylist()[:ERROR_EXAMPLES],
+                                                         errs.column(schema.COL_ERROR).to_pylist()[:ERROR_EXAMPLES])]
         self.writer.write(rows)
 
     def close(self) -> None:
@@ -163,13 +163,13 @@ class ScoringRun:
         """Publish the run: its metrics row and plot, the last part, the finished manifest, the
         earlier runs it completes, then the rebuilt ``metrics.parquet`` and ``slides.parquet``.
         ``fp_rate``: the model's false-positive rate per cell for the slide calls (or None)."""
-        if self.writer.rows == 0 and self.counts[S.STATUS_ALREADY] == 0:
+        if self.writer.rows == 0 and self.counts[schema.STATUS_ALREADY] == 0:
             self.writer.abort()
-            raise CorpusError(f"no images found in {self.cfg.input} ({self.counts[S.STATUS_NON_IMAGE]} non-image "
-                              f"files, {self.counts[S.STATUS_EMPTY]} empty archives)")
+            raise CorpusError(f"no images found in {self.cfg.input} ({self.counts[schema.STATUS_NON_IMAGE]} non-image "
+                              f"files, {self.counts[schema.STATUS_EMPTY]} empty archives)")
         acc = self.accumulator
         result = RunResult(self.run_id, self.model_id, self.root, outputs.predictions_uri(self.root), seconds,
-                           self.counts, {S.COL_RUN_ID: self.run_id, S.COL_MODEL_ID: self.model_id, **acc.row()},
+                           self.counts, {schema.COL_RUN_ID: self.run_id, schema.COL_MODEL_ID: self.model_id, **acc.row()},
                            acc.confusion() if acc.metrics_known else None, self.examples[:ERROR_EXAMPLES],
                            completes=self.unfinished, unchanged=self.unchanged)
         manifests.write_run_metrics(self.root, self.run_id, result.metrics)

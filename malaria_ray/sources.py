@@ -57,7 +57,7 @@ DEFAULT_LIMITS = Limits()
 
 
 @dataclass
-class Listing:
+class Units:
     """What the driver found under an input: units to read, and loose files it skipped.
 
     The units live in one Arrow table (``kind``, ``uri``), which Ray Data reads as is
@@ -107,7 +107,7 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(HIDDEN_FOLDER_PREFIXES) for part in rel.split("/")[:-1])
 
 
-def list_units(input_uri: str) -> Listing:
+def list_units(input_uri: str) -> Units:
     """Every readable unit under ``input_uri`` (sorted), and the non-image files it skipped.
 
     Raises ``CorpusError`` when the input is missing or unreadable (missing bucket, no access).
@@ -150,7 +150,7 @@ def list_units(input_uri: str) -> Listing:
     except Exception as exc:  # missing bucket, denied, bad endpoint: the backend's type varies
         raise CorpusError(f"cannot list input {input_uri}: {type(exc).__name__}: {exc}") from exc
     chunks.append(_units_table(kinds, uris, versions))
-    return Listing(pa.concat_tables(chunks), skipped)
+    return Units(pa.concat_tables(chunks), skipped)
 
 
 def _units_table(kinds: list, uris: list, versions: list) -> pa.Table:

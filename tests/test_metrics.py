@@ -203,3 +203,15 @@ def test_metrics_accumulator_matches_exact_metrics():
     assert row["n_images"] == n and row["n_errors"] == 10 and row["n_labelled"] == n - 110
     assert abs(row["roc_auc"] - exact["roc_auc"]) < 1e-3
     assert acc.confusion().sum() == n - 110
+
+
+def test_one_bootstrap_serves_both_thresholds():
+    """trainrun's two metrics rows share one set of patient resamples: each gets the intervals a
+    bootstrap of its own threshold (same seed) gives, and the AUC's is the same for both."""
+    rng = np.random.default_rng(3)
+    y = rng.random(400) < 0.5
+    p = np.clip(y * 0.4 + rng.random(400) * 0.6, 0, 1)
+    groups = np.repeat([f"P{i}" for i in range(20)], 20)
+    both = metrics.patient_bootstraps(y, p, groups, [0.3, 0.5], n_boot=200, seed=7)
+    assert both == [metrics.patient_bootstrap(y, p, groups, t, n_boot=200, seed=7) for t in (0.3, 0.5)]
+    assert both[0]["roc_auc"] == both[1]["roc_auc"] and both[0]["sensitivity"] != both[1]["sensitivity"]

@@ -151,7 +151,7 @@ def test_a_scoring_run_commits_part_by_part_and_finishes_once(tmp_path):
 
     root, run_id = str(tmp_path / "root"), "20250101T000000Z-aaaaaa"
     cfg = ScoreConfig(input=str(tmp_path / "in"), model="m.keras", output=root, threshold=0.5, commit_every_rows=8)
-    listing = sources.Listing(pa.table({"kind": ["image"] * 9, "uri": [f"/x/{i}.png" for i in range(9)]}), ["a.txt"])
+    listing = sources.Units(pa.table({"kind": ["image"] * 9, "uri": [f"/x/{i}.png" for i in range(9)]}), ["a.txt"])
     with ScoringRun(root, run_id) as run:
         assert json.loads((tmp_path / "root" / LEASE_FILE).read_text())["run_id"] == run_id
         run.begin(cfg, "m", 32, listing, identity_rows=0, unfinished=[], unchanged=0)
@@ -187,7 +187,7 @@ def test_a_failed_scoring_run_says_why_and_publishes_nothing_more(tmp_path):
 
     root, run_id = str(tmp_path), "20250101T000000Z-bbbbbb"
     cfg = ScoreConfig(input=str(tmp_path / "in"), model="m.keras", output=root, threshold=0.5)
-    listing = sources.Listing(pa.table({"kind": ["image"], "uri": ["/x/0.png"]}))
+    listing = sources.Units(pa.table({"kind": ["image"], "uri": ["/x/0.png"]}))
     with ScoringRun(root, run_id) as run:
         run.begin(cfg, "m", 32, listing, identity_rows=0, unfinished=[], unchanged=0)
         run.write(run.tally(_pipeline_batch(run_id, 3, [schema.STATUS_OK] * 3)))

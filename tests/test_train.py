@@ -201,19 +201,19 @@ def test_bf16_precision_trains_with_float32_weights_and_probabilities(sample_dir
     import tensorflow as tf
 
     from malaria_ray.preprocess import decode_image
-    from malaria_ray.worker import build_steps
+    from malaria_ray.worker import compile_model
 
     files = sorted((sample_dir / "Parasitized").glob("*.png"))[:8] + sorted((sample_dir / "Uninfected").glob("*.png"))[:8]
     x = tf.constant(np.stack([decode_image(f.read_bytes(), 32) for f in files]))
     y = tf.one_hot([0] * 8 + [1] * 8, 2)
     cfg = TrainConfig(data="d", output="o", image_size=32, batch_size=16, precision="bf16", augment=False)
     try:
-        fns = build_steps(cfg, tf.distribute.get_strategy(), steps_per_epoch=4)
-        conv = next(la for la in fns.model.get_layer("resnet50v2").layers if isinstance(la, keras.layers.Conv2D))
+        compiled = compile_model(cfg, tf.distribute.get_strategy(), steps_per_epoch=4)
+        conv = next(la for la in compiled.model.get_layer("resnet50v2").layers if isinstance(la, keras.layers.Conv2D))
         assert conv.compute_dtype == "bfloat16" and conv.kernel.dtype == "float32"
-        assert fns.model.output.dtype == "float32"
+        assert compiled.model.output.dtype == "float32"
         seed = tf.constant([0, 0], tf.int64)
-        losses = [float(fns.train_step(x, y, seed)[0]) for _ in range(4)]
+        losses = [float(compiled.train_step(x, y, seed)[0]) for _ in range(4)]
         assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
@@ -227,7 +227,7 @@ def test_xla_step_matches_the_default_step(sample_dir):
     import tensorflow as tf
 
     from malaria_ray.preprocess import decode_image
-    from malaria_ray.worker import build_steps
+    from malaria_ray.worker import compile_model
 
     files = sorted((sample_dir / "Parasitized").glob("*.png"))[:8] + sorted((sample_dir / "Uninfected").glob("*.png"))[:8]
     x = tf.constant(np.stack([decode_image(f.read_bytes(), 32) for f in files]))
@@ -236,9 +236,9 @@ def test_xla_step_matches_the_default_step(sample_dir):
     losses = {}
     for xla in (False, True):
         cfg = TrainConfig(data="d", output="o", image_size=32, batch_size=16, xla=xla, seed=0)
-        fns = build_steps(cfg, tf.distribute.get_strategy(), steps_per_epoch=4)
-        fns.model.get_layer("dropout_head").rate = 0.0  # XLA draws other dropout masks: compare without
-        losses[xla] = [float(fns.train_step(x, y, seed)[0]) for _ in range(4)]
+        compiled = compile_model(cfg, tf.distribute.get_strategy(), steps_per_epoch=4)
+        compiled.model.get_layer("dropout_head").rate = 0.0  # XLA draws other dropout masks: compare without
+        losses[xla] = [float(compiled.train_step(x, y, seed)[0]) for _ in range(4)]
     assert np.isclose(losses[True][0], losses[False][0], rtol=1e-4), losses  # the same function
     assert losses[True][-1] < losses[True][0] / 2, losses  # and it trains (later steps drift apart by rounding)
 
