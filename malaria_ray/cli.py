@@ -144,10 +144,6 @@ def config_from_args(cls, args: argparse.Namespace, preset: dict[str, Any] | Non
     return cls(**values)
 
 
-def train_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    return parse_train(argv)[0]
-
-
 def parse_train(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
     """(config, resume): with ``--resume RUN_DIR`` the config only names the run directory; the
     run's saved config replaces it (``train.plan_resume``)."""

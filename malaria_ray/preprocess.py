@@ -107,11 +107,6 @@ def _affine(u, size: int, m, rotation_deg: float | None = None):
     return m.stack([a0, a1, c + tx - (a0 + a1) * c, a3, a4, c + ty - (a3 + a4) * c, zero, zero], axis=1)
 
 
-def augment_matrices(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` random transforms on the host (numpy): the reference for ``augment_tf``."""
-    return _affine(rng.random((n, 7)), size, np).astype(np.float32)
-
-
 def augment_tf(images, seed, policy: str = "notebook"):
     """Warp a float32 batch (N, H, W, 3) with fresh random transforms (and, for the "cells" policy,
     a colour jitter), as TensorFlow ops: runs inside the compiled train step, on the device that
@@ -150,11 +145,3 @@ def color_jitter_tf(images, u, strength: float | None = None):
     grey = tf.reduce_mean(images, axis=-1, keepdims=True)
     out = (grey + (images - grey) * sat) * gain[:, None, None, :]
     return tf.clip_by_value(out, 0.0, 255.0)
-
-
-def augment_batch(images: np.ndarray, rng: np.random.Generator, policy: str = "notebook"):
-    """``augment_tf`` on a host batch with a seed drawn from ``rng``; returns a float32 ``tf.Tensor``."""
-    import tensorflow as tf
-
-    seed = tf.constant(rng.integers(0, 2**62, size=2), tf.int64)
-    return augment_tf(tf.convert_to_tensor(images, tf.float32), seed, policy)
