@@ -200,3 +200,30 @@ def test_a_failed_scoring_run_says_why_and_publishes_nothing_more(tmp_path):
         run.close()
         with pytest.raises(CorpusError, match="no images found"):
             run.finish(0.0, fp_rate=None)
+
+
+def test_files_that_are_not_parts_of_this_version_are_named_not_read(tmp_path, caplog):
+    """A file in predictions/ that is not a published part is left out with a warning; a part
+    lacking a column the readers need stops them with its name; a run whose manifest does not
+    say it finished is not a finished run."""
+    import pyarrow.parquet as pq
+
+    from malaria_ray import manifests, storage
+
+    root = str(tmp_path)
+    w = PredictionWriter(root, "20250101T000000Z-aaaaaa")
+    w.write(prediction_table("20250101T000000Z-aaaaaa", 3))
+    w.close()
+    w.commit()
+    pred = tmp_path / outputs.PREDICTIONS_DIR
+    pq.write_table(prediction_table("x", 2), pred / "compacted.parquet")
+    with caplog.at_level("WARNING"):
+        assert outputs.committed_runs(root) == ["20250101T000000Z-aaaaaa"]
+    assert "compacted.parquet is not a published part" in caplog.text
+    assert len(outputs.scored_ids(root, "m")) == 3
+    pq.write_table(prediction_table("20250102T000000Z-bbbbbb", 2).drop_columns([schema.COL_SOURCE_VERSION]),
+                   pred / outputs.part_name("20250102T000000Z-bbbbbb", 1))
+    with pytest.raises(storage.StorageError, match="lacks column.*source_version"):
+        outputs.scored_sources(root, "m")
+    manifests.write_manifest(root, "20250101T000000Z-aaaaaa", {"run_id": "20250101T000000Z-aaaaaa"})
+    assert manifests.finished_runs(root) == []
