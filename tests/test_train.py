@@ -391,3 +391,37 @@ def test_a_parquet_corpus_keeps_its_own_slides_and_patients_through_training(sma
     assert set(patients.loc[patients["level"] == "slide", "slide_id"]) == set(val["slide_id"])
     m = pd.read_parquet(out / "metrics.parquet").iloc[0]
     assert m["patient_n"] == len(val_patients)
+
+
+def test_decoded_training_rows_and_run_files_carry_the_listings_identity(small_corpus, tmp_path):
+    """Without Ray: the decode path of training (``ingest.read_and_prepare`` with the listing's
+    identities, then ``train.training_rows``) and ``trainrun.predictions_table`` keep the label,
+    slide and patient a Parquet corpus's own columns gave, not what its file names would say."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from malaria_ray import ingest, trainrun
+
+    rows = [{"image": png.read_bytes(), "path": f"{label}/C1P1thinF_IMG_x_cell_{i}.png", "label": label,
+             "slide_id": f"S{i % 3}", "patient_id": f"Q{i % 3}"}
+            for label in ("Parasitized", "Uninfected")
+            for i, png in enumerate(sorted((small_corpus / label).glob("*.png"))[:6])]
+    (tmp_path / "corpus").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus" / "cells.parquet")
+    listing = corpus.list_corpus(str(tmp_path / "corpus"))
+    assert set(listing.patient_ids) == {"Q0", "Q1", "Q2"}  # the names alone would say P1
+    known = listing.identities()
+    units = {c: listing.units.column(c).to_numpy(zero_copy_only=False) for c in listing.units.column_names}
+    decoded = [train.training_rows(b, np.sort(np.asarray(listing.uris, dtype=str)), np.array([], dtype=str))
+               for b in ingest.read_and_prepare(units, 32, ingest.NO_IDS, batch_size=5, known=known)]
+    uris = np.concatenate([d["uri"] for d in decoded]).tolist()
+    labels = np.concatenate([d["label"] for d in decoded])
+    want = dict(zip(listing.uris, listing.labels))
+    assert sorted(uris) == sorted(listing.uris)
+    assert [("Parasitized", "Uninfected")[i] for i in labels] == [want[u] for u in uris]
+    preds = trainrun.predictions_table(uris, [f"id{i}" for i in range(len(uris))], np.full(len(uris), 0.7), [],
+                                       known, "m", "run")
+    by_uri = dict(zip(listing.uris, zip(listing.labels, listing.slide_ids, listing.patient_ids)))
+    got = zip(preds.column("label").to_pylist(), preds.column("slide_id").to_pylist(),
+              preds.column("patient_id").to_pylist())
+    assert list(got) == [by_uri[u] for u in uris]
