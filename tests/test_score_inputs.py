@@ -385,3 +385,19 @@ def test_slices_in_multiples_of_the_batch():
     assert [t.column("i").to_pylist() for t in ingest.slices(pa.table({"i": list(range(5))}), 8, 2)] == [
         [0, 1], [2, 3], [4]]
     assert [len(t) for t in ingest.slices(pa.table({"i": pa.array([], pa.int64())}), 4, 64)] == [0]  # all skipped
+
+
+def test_a_manifest_decides_identity_in_the_decode_task(sample_dir, tmp_path):
+    """--manifest identities reach ``prepare_batch`` (where scoring decides identity, once): its
+    slide and patient win; its empty label leaves the image's own; other images keep their names'."""
+    from malaria_ray import corpus
+
+    pngs = real_pngs(sample_dir, "Parasitized", 2)
+    for p in pngs:
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    uris = [str(tmp_path / p.name) for p in pngs]
+    known = corpus.Identities.from_manifest({uris[0]: ("slide-7", "Q7", None)})
+    out = prepare_batch(raw_batch([r for u in uris for r in _rows("image", u)]), 32, known=known)
+    assert out[schema.COL_SLIDE].tolist()[0] == "slide-7" and out[schema.COL_PATIENT].tolist()[0] == "Q7"
+    assert out[schema.COL_LABEL].tolist() == [None, None]  # no class folder above tmp_path, none in the manifest
+    assert out[schema.COL_PATIENT].tolist()[1] == corpus.describe(uris[1])[2]
