@@ -41,7 +41,8 @@ RUN pip install --no-cache-dir \
       "scikit-learn>=1.5,<2" \
       "fsspec>=2024.6" \
       "s3fs>=2024.6" \
-      "matplotlib>=3.8,<4"
+      "matplotlib>=3.8,<4" \
+      "scikit-image>=0.22,<0.27"
 
 # The project itself, without dev extras: the package and its `malaria-ray` command in
 # site-packages, and jobs/ at a fixed path that the RayJobs' entrypoints name. Its dependencies are

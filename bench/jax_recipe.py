@@ -59,7 +59,7 @@ def pack(data: str, out: str, size: int, splits: list[int], val_fraction: float,
     import numpy as np
 
     from malaria_ray import corpus
-    from malaria_ray.config import CLASS_NAMES
+    from malaria_ray.schema import CLASS_NAMES
 
     listing = corpus.list_corpus(data)
     if any("#" in u for u in listing.uris):

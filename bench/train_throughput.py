@@ -34,7 +34,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from malaria_ray import corpus, preprocess, storage  # noqa: E402
-from malaria_ray.config import CLASS_NAMES, TrainConfig  # noqa: E402
+from malaria_ray.config import TrainConfig  # noqa: E402
+from malaria_ray.schema import CLASS_NAMES  # noqa: E402
 
 
 def bare_step(x: np.ndarray, y: np.ndarray, batch: int, augment: bool):
@@ -102,7 +103,7 @@ def ray_train(data: str, n: int, size: int, batch: int, epochs: int) -> tuple[fl
                       augment=True, max_images=n, val_fraction=0.3, split="random")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        train.fit(cfg)
+        train.fit(train.plan_run(cfg))
     finally:
         ray.shutdown()
     hist = pd.read_parquet(os.path.join(out, "history.parquet")).iloc[1:]

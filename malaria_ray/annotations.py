@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from malaria_ray.config import CorpusError
+from malaria_ray.schema import NEGATIVE_CLASS, POSITIVE_CLASS
 
 PARASITE_STAGES = ("ring", "trophozoite", "schizont", "gametocyte")
 UNINFECTED_TYPES = ("red blood cell", "rbc", "uninfected", "healthy")
 DIFFICULT_TYPES = ("difficult",)
-PARASITIZED, UNINFECTED = "Parasitized", "Uninfected"
+PARASITIZED, UNINFECTED = POSITIVE_CLASS, NEGATIVE_CLASS
 # Boxes may run this far past the image edge (IML-Malaria has 1,100 such boxes, all <= 5 px); they
 # are clipped to the image. Anything further out is an error in the annotation file.
 EDGE_TOLERANCE = 8

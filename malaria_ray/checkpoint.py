@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.keras", "optimizer.npz", "state.json"
+from malaria_ray.schema import COL_IMAGE_ID, COL_TRAIN_LABEL, COL_URI, COL_VAL_PROB, MODEL_FILE
+
+OPTIMIZER_FILE, STATE_FILE = "optimizer.npz", "state.json"
 # Columns of history.parquet: one row per epoch.
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds", "train_seconds",
                    "train_images")
@@ -60,19 +62,21 @@ def save_val_predictions(directory: str, rank: int, uris, image_ids, labels, pro
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({"uri": pa.array(uris, pa.string()), "image_id": pa.array(image_ids, pa.string()),
-                      "label": pa.array(labels, pa.int8()), "prob": pa.array(probs, pa.float32())})
+    table = pa.table({COL_URI: pa.array(uris, pa.string()), COL_IMAGE_ID: pa.array(image_ids, pa.string()),
+                      COL_TRAIN_LABEL: pa.array(labels, pa.int8()), COL_VAL_PROB: pa.array(probs, pa.float32())})
     pq.write_table(table, os.path.join(directory, f"{VAL_PREDICTIONS_PREFIX}{rank:03d}.parquet"))
 
 
 def read_val_predictions(directory: str):
-    """Every rank's validation predictions in a checkpoint as one table (rank order), or None where
-    the checkpoint has none (written by an older version)."""
+    """Every rank's validation predictions in a checkpoint as one table (rank order)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     files = sorted(f for f in os.listdir(directory) if f.startswith(VAL_PREDICTIONS_PREFIX))
-    return pa.concat_tables([pq.read_table(os.path.join(directory, f)) for f in files]) if files else None
+    if not files:
+        raise FileNotFoundError(f"checkpoint {directory} holds no {VAL_PREDICTIONS_PREFIX}*.parquet: "
+                                "not a checkpoint of this version")
+    return pa.concat_tables([pq.read_table(os.path.join(directory, f)) for f in files])
 
 
 def model_path(directory: str) -> str:

@@ -33,7 +33,7 @@ EXIT_USAGE = 2
 def _user_errors() -> tuple[type[BaseException], ...]:
     from malaria_ray.config import CorpusError
     from malaria_ray.model import ModelError
-    from malaria_ray.outputs import LeaseHeld
+    from malaria_ray.lease import LeaseHeld
     from malaria_ray.storage import StorageError
 
     return (ConfigError, CorpusError, ModelError, StorageError, FileExistsError, LeaseHeld)
@@ -144,10 +144,6 @@ def config_from_args(cls, args: argparse.Namespace, preset: dict[str, Any] | Non
     return cls(**values)
 
 
-def train_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    return parse_train(argv)[0]
-
-
 def parse_train(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
     """(config, resume): with ``--resume RUN_DIR`` the config only names the run directory; the
     run's saved config replaces it (``train.plan_resume``)."""
@@ -204,7 +200,7 @@ def _train(argv: list[str]) -> int:
 
         plan = train.plan_run(cfg, resume=resume)  # bad data/output paths fail here, before any start-up
         with runtime.ray_for("train"):
-            train.fit(plan.cfg, plan)
+            train.fit(plan)
         return 0
 
     return run_guarded(go)
@@ -215,9 +211,9 @@ def _score(argv: list[str]) -> int:
         cfg = score_config(argv)
         from malaria_ray import runtime, score
 
-        score.preflight(cfg)
+        checked = score.preflight(cfg)
         with runtime.ray_for("score"):
-            return score.main(cfg)
+            return score.main(cfg, checked)
 
     return run_guarded(go)
 

@@ -12,8 +12,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-CLASS_NAMES = ("Parasitized", "Uninfected")  # index 0 is the positive class
-POSITIVE_CLASS = "Parasitized"
 DEFAULT_THRESHOLD = 0.5  # P(Parasitized) at or above which a cell is called Parasitized (argmax)
 SPLITS = ("patient", "random")
 LR_SCHEDULES = ("constant", "cosine")

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from malaria_ray import sources
-from malaria_ray.config import CLASS_NAMES, CorpusError
-from malaria_ray.schema import CONTAINER_SUFFIXES, STATUS_OK, path_within, split_member_uri
+from malaria_ray.config import CorpusError
+from malaria_ray.schema import (
+    CLASS_NAMES, COL_KIND, COL_LABEL_HINT, COL_PATIENT_HINT, COL_SLIDE_HINT, COL_STATUS, COL_URI, CONTAINER_SUFFIXES,
+    STATUS_OK, path_within, split_member_uri,
+)
 
 _SLIDE_RE = re.compile(r"^(C\d+.*?)_IMG_", re.IGNORECASE)
 _PATIENT_RE = re.compile(r"^C\d+[A-Z]?P(\d+)", re.IGNORECASE)
@@ -86,13 +89,58 @@ def describe(uri: str, label_hint: str | None = None, slide_hint: str | None = N
     3. folders: the label from a class folder (``label_of``), the slide from the nearest other
        folder (``folder_slide``); the patient stays unknown.
 
-    A scoring ``--manifest`` overrides all of these afterwards (``score.Identities``).
+    A scoring ``--manifest`` overrides all of these (``identify``).
     """
     path = path_within(uri)
     ident = parse_identity(path)
     label = label_hint if label_hint in CLASS_NAMES else label_of(path)
     slide = slide_hint or ident.slide_id or folder_slide(uri)
     return label, slide, patient_hint or ident.patient_id
+
+
+@dataclass(frozen=True)
+class Identities:
+    """Label, slide and patient decided before decoding, by uri (sorted arrays: a decode task looks
+    an image up by binary search, and the arrays travel to it once): a training listing's, for every
+    image, or a scoring ``--manifest``'s, whose empty label leaves the image its own."""
+
+    uris: np.ndarray  # sorted str
+    labels: np.ndarray  # object arrays, in ``uris`` order
+    slides: np.ndarray
+    patients: np.ndarray
+
+    @classmethod
+    def of(cls, uris, labels, slides, patients) -> "Identities":
+        uris = np.asarray(uris, dtype=str)
+        order = np.argsort(uris, kind="stable")
+        return cls(uris[order], *(np.asarray(list(x), dtype=object)[order] for x in (labels, slides, patients)))
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, tuple[str | None, str | None, str | None]]) -> "Identities":
+        """``sources.load_manifest``'s {uri: (slide_id, patient_id, label)}."""
+        return cls.of(list(manifest), [v[2] for v in manifest.values()], [v[0] for v in manifest.values()],
+                      [v[1] for v in manifest.values()])
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def get(self, uri: str) -> tuple[str | None, str | None, str | None] | None:
+        """(label, slide_id, patient_id) of ``uri``, or None when it is not known here."""
+        i = int(np.searchsorted(self.uris, uri))
+        if i < len(self.uris) and self.uris[i] == uri:
+            return self.labels[i], self.slides[i], self.patients[i]
+        return None
+
+
+def identify(uri: str, known: Identities | None, label_hint: str | None = None, slide_hint: str | None = None,
+             patient_hint: str | None = None) -> tuple[str | None, str | None, str | None]:
+    """(label, slide_id, patient_id) of one image: what ``known`` says (a training listing, a
+    ``--manifest``: its slide and patient win, and its label where it has one), else ``describe``."""
+    found = known.get(uri) if known is not None else None
+    if found is not None and found[0] is not None:
+        return found
+    label, slide, patient = describe(uri, label_hint, slide_hint, patient_hint)
+    return (label, slide, patient) if found is None else (label, found[1], found[2])
 
 
 @dataclass(frozen=True)
@@ -106,6 +154,10 @@ class Listing:
 
     def __len__(self) -> int:
         return len(self.uris)
+
+    def identities(self) -> Identities:
+        """The label and identity decided for every listed image (by ``describe``, once)."""
+        return Identities.of(self.uris, self.labels, self.slide_ids, self.patient_ids)
 
     def subset(self, idx: np.ndarray | list[int]) -> "Listing":
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
@@ -125,15 +177,15 @@ def list_corpus(data_uri: str) -> Listing:
     """
     units = sources.list_units(data_uri)
     rows, skipped = [], [u for u in units.skipped if label_of(u) is not None]
-    for kind, uri in zip(units.table.column("kind").to_pylist(), units.table.column("uri").to_pylist()):
-        for row in sources.expand_unit({"kind": kind, "uri": uri}, with_data=False):
-            label, slide, patient = describe(row["uri"], row["label_hint"], row["slide_hint"], row["patient_hint"])
+    for kind, uri in zip(units.table.column(COL_KIND).to_pylist(), units.table.column(COL_URI).to_pylist()):
+        for row in sources.expand_unit({COL_KIND: kind, COL_URI: uri}, with_data=False):
+            label, slide, patient = describe(row[COL_URI], row[COL_LABEL_HINT], row[COL_SLIDE_HINT], row[COL_PATIENT_HINT])
             if label is None:
                 continue
-            if row["status"] != STATUS_OK:
-                skipped.append(row["uri"])
+            if row[COL_STATUS] != STATUS_OK:
+                skipped.append(row[COL_URI])
                 continue
-            rows.append((row["uri"], label, slide, patient))
+            rows.append((row[COL_URI], label, slide, patient))
     missing = [c for c in CLASS_NAMES if not any(r[1] == c for r in rows)]
     if missing:
         raise CorpusError(

@@ -2,9 +2,10 @@
 
 A Ray Data task expands its units into raw rows (``sources.expand_unit``: loose files, tar/zip
 members, Parquet rows), then ``prepare_batch`` gives each row its image id (sha256 of the bytes),
-label and identity (``corpus.describe``) and ``image_size`` pixels. A row that cannot be read or
-decoded keeps ``status == "error"`` and the reason in ``error`` (None otherwise); it is never
-fatal. Imports neither Ray nor TensorFlow.
+label and identity (``corpus.identify``: what a training listing or a scoring ``--manifest``
+decided, else ``corpus.describe``; once per image) and ``image_size`` pixels. A row that cannot be
+read or decoded keeps ``status == "error"`` and the reason in ``error`` (None otherwise); it is
+never fatal. Imports neither Ray nor TensorFlow.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import numpy as np
 from malaria_ray import corpus, sources
 from malaria_ray.preprocess import DecodeError, decode_image
 from malaria_ray.schema import (
-    COL_DATA, COL_ERROR, COL_IMAGE_ID, COL_LABEL, COL_LABEL_HINT, COL_PATIENT, COL_PATIENT_HINT, COL_PIXELS, COL_SLIDE,
-    COL_SLIDE_HINT, COL_SOURCE_VERSION, COL_STATUS, COL_URI, STATUS_ALREADY, STATUS_ERROR, STATUS_OK,
+    COL_DATA, COL_ERROR, COL_IMAGE_ID, COL_KIND, COL_LABEL, COL_LABEL_HINT, COL_PATIENT, COL_PATIENT_HINT, COL_PIXELS,
+    COL_SLIDE, COL_SLIDE_HINT, COL_SOURCE_VERSION, COL_STATUS, COL_URI, COL_VERSION, KIND_IMAGE, RESIZE_DEFAULT,
+    STATUS_ALREADY, STATUS_ERROR, STATUS_OK,
 )
 
 READ_THREADS = 16  # loose files in flight per read task (object-store latency, not CPU, bounds them)
@@ -33,9 +35,13 @@ def image_id_of(data: bytes | None, uri: str) -> str:
     return hashlib.sha256(data).hexdigest() if data is not None else hashlib.sha256(b"uri:" + uri.encode()).hexdigest()
 
 
-def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.ndarray = NO_IDS) -> dict[str, np.ndarray]:
+def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.ndarray = NO_IDS,
+                  known: corpus.Identities | None = None, resize_method: str = RESIZE_DEFAULT) -> dict[str, np.ndarray]:
     """Raw rows -> ids, identity, label and ``image_size`` pixels; bad bytes become error rows.
 
+    Identity and label are decided here, once per image (``corpus.identify``): ``known`` (a
+    training listing, a scoring ``--manifest``) wins over what the input and its names say.
+    ``resize_method``: the model contract's (``preprocess.RESIZE_FILTERS``).
     Rows whose image id is in ``skip_ids`` (sorted) become ``already_scored`` and are not decoded.
     """
     n = len(batch[COL_URI])
@@ -46,8 +52,8 @@ def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.nd
         uri, data, err = batch[COL_URI][i], batch[COL_DATA][i], batch[COL_ERROR][i]
         if status[i] not in (STATUS_OK, STATUS_ERROR):
             continue  # non-images and empty archives travel on only to be counted
-        cols[COL_LABEL][i], cols[COL_SLIDE][i], cols[COL_PATIENT][i] = corpus.describe(
-            uri, batch[COL_LABEL_HINT][i], batch[COL_SLIDE_HINT][i], batch[COL_PATIENT_HINT][i])
+        cols[COL_LABEL][i], cols[COL_SLIDE][i], cols[COL_PATIENT][i] = corpus.identify(
+            uri, known, batch[COL_LABEL_HINT][i], batch[COL_SLIDE_HINT][i], batch[COL_PATIENT_HINT][i])
         cols[COL_IMAGE_ID][i] = image_id_of(data if status[i] == STATUS_OK else None, uri)
         if in_sorted(skip_ids, cols[COL_IMAGE_ID][i]):
             status[i] = STATUS_ALREADY
@@ -56,7 +62,7 @@ def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.nd
             cols[COL_ERROR][i] = err
             continue
         try:
-            pixels[i] = decode_image(bytes(data), image_size)
+            pixels[i] = decode_image(bytes(data), image_size, resize_method)
         except DecodeError as exc:
             status[i], cols[COL_ERROR][i] = STATUS_ERROR, str(exc)
     return {COL_URI: np.asarray(batch[COL_URI], dtype=object), COL_STATUS: status, COL_PIXELS: pixels,
@@ -64,12 +70,13 @@ def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.nd
 
 
 def read_and_prepare(units: dict[str, np.ndarray], image_size: int, skip_ids: np.ndarray, batch_size: int,
-                     limits: sources.Limits = sources.DEFAULT_LIMITS) -> Iterator[dict[str, np.ndarray]]:
+                     limits: sources.Limits = sources.DEFAULT_LIMITS,
+                     known: corpus.Identities | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Listed units -> prepared batches of ``batch_size`` rows, read and decoded in one CPU task
     (training: its corpus is many files, and decoded once per run). An archive streams member by
     member, so a task holds at most one batch of bytes, however large the archive."""
     for rows in _raw_rows(units, batch_size, limits):
-        yield prepare_batch(sources.rows_to_batch(rows), image_size, skip_ids)
+        yield prepare_batch(sources.rows_to_batch(rows), image_size, skip_ids, known)
 
 
 def read_raw(units: dict[str, np.ndarray], batch_size: int, limits: sources.Limits = sources.DEFAULT_LIMITS,
@@ -97,22 +104,22 @@ def _raw_rows(units: dict[str, np.ndarray], batch_size: int, limits: sources.Lim
 
 
 def _unit_rows(units: dict[str, np.ndarray], limits: sources.Limits, threads: int) -> Iterator[dict]:
-    versions = units["version"] if "version" in units else [None] * len(units["uri"])
-    listed = list(zip(units["kind"], units["uri"], versions))
+    versions = units[COL_VERSION] if COL_VERSION in units else [None] * len(units[COL_URI])
+    listed = list(zip(units[COL_KIND], units[COL_URI], versions))
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     try:
         i = 0
         while i < len(listed):
             kind, uri, version = listed[i]
-            if kind != sources.KIND_IMAGE:
-                yield from sources.expand_unit({"kind": kind, "uri": uri}, limits=limits)
+            if kind != KIND_IMAGE:
+                yield from sources.expand_unit({COL_KIND: kind, COL_URI: uri}, limits=limits)
                 i += 1
                 continue
             j = i  # a run of loose files, fetched concurrently (at most 4 x threads in flight)
-            while j < len(listed) and j - i < 4 * threads and listed[j][0] == sources.KIND_IMAGE:
+            while j < len(listed) and j - i < 4 * threads and listed[j][0] == KIND_IMAGE:
                 j += 1
             run = listed[i:j]
-            read = lambda unit: list(sources.expand_unit({"kind": unit[0], "uri": unit[1]}, limits=limits))
+            read = lambda unit: list(sources.expand_unit({COL_KIND: unit[0], COL_URI: unit[1]}, limits=limits))
             for (_, _, version), unit_rows in zip(run, pool.map(read, run) if pool else map(read, run)):
                 for row in unit_rows:
                     row[COL_SOURCE_VERSION] = version  # a loose file: its listing version names its bytes

@@ -1,4 +1,5 @@
-"""Confusion matrix, rates and ROC AUC; positive class Parasitized. Pure numpy.
+"""Confusion matrix, rates and ROC AUC; positive class Parasitized; the slide and patient roll-up.
+Pure numpy and pyarrow.
 
 ``binary_metrics`` works on whole arrays (training's validation split); ``MetricsAccumulator``
 gives the same numbers batch by batch in constant memory (a scoring run of any size). Both derive
@@ -11,9 +12,17 @@ import math
 from typing import Iterable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from malaria_ray.config import CLASS_NAMES, DEFAULT_THRESHOLD, POSITIVE_CLASS
-from malaria_ray.schema import COL_N_ERRORS, COL_N_IMAGES, COL_N_LABELLED, COL_THRESHOLD, METRIC_COUNTS
+from malaria_ray.config import DEFAULT_THRESHOLD
+from malaria_ray.schema import (
+    CLASS_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS,
+    COL_CALL, COL_ERROR, COL_FRAC_HIGH, COL_FRAC_LOW, COL_FRAC_POS, COL_LABEL, COL_LEVEL, COL_MEAN_PROB, COL_MODEL_ID,
+    COL_N_CELLS, COL_N_ERRORS, COL_N_IMAGES, COL_N_LABEL_NEG, COL_N_LABEL_POS, COL_N_LABELLED, COL_N_PRED_POS,
+    COL_PATIENT, COL_PRED, COL_PROB, COL_SLIDE, COL_SUM_PROB, COL_THRESHOLD, METRIC_COUNTS, SLIDES_SCHEMA,
+)
+
 AUC_BINS = 1 << 16  # streaming ROC AUC: ties within 1/65536 of probability count as ties
 
 
@@ -33,22 +42,13 @@ def rates(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
 
 
 def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
-    """Mann-Whitney AUC with midranks for ties; NaN when only one class is present."""
+    """ROC AUC (``sklearn.metrics.roc_auc_score``: ties count half); NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
     y = np.asarray(y_true, dtype=bool)
-    s = np.asarray(score, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if not n_pos or not n_neg:
+    if y.all() or not y.any():
         return math.nan
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    # midranks: each run of equal scores gets the mean of its 1-based positions
-    boundaries = np.flatnonzero(np.diff(sorted_s)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(s)]])
-    for a, b in zip(starts, ends):
-        ranks[order[a:b]] = (a + b + 1) / 2.0
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(y, np.asarray(score, dtype=np.float64)))
 
 
 def counts(y_true: np.ndarray, prob: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> dict[str, int]:
@@ -193,25 +193,37 @@ def patient_bootstrap(y_true: np.ndarray, prob: np.ndarray, groups: np.ndarray, 
     """Percentile intervals of ``BOOTSTRAP_METRICS`` from a bootstrap that resamples **groups**
     (patients), with replacement, keeping each drawn patient's cells together: cells of one
     patient are not independent, and a cell bootstrap would give intervals that are too narrow."""
+    return patient_bootstraps(y_true, prob, groups, [threshold], n_boot, seed, level)[0]
+
+
+def patient_bootstraps(y_true: np.ndarray, prob: np.ndarray, groups: np.ndarray, thresholds: list[float],
+                       n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[dict[str, tuple[float, float]]]:
+    """``patient_bootstrap`` at each of ``thresholds``, over one set of resamples: the AUC (which
+    no threshold changes) is computed once per resample, and each threshold's intervals are those
+    ``patient_bootstrap`` gives it alone with the same ``seed``."""
     y = np.asarray(y_true, dtype=bool)
     p = np.asarray(prob, dtype=np.float64)
     keys, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(len(keys))]
     rng = np.random.default_rng(seed)
-    draws = {k: [] for k in BOOTSTRAP_METRICS}
+    draws = [{k: [] for k in BOOTSTRAP_METRICS} for _ in thresholds]
     for _ in range(n_boot):
         idx = np.concatenate([members[g] for g in rng.integers(0, len(keys), len(keys))])
-        c = counts(y[idx], p[idx], threshold)
-        r = rates(**c)
-        for k in ("accuracy", "sensitivity", "specificity"):
-            draws[k].append(r[k])
-        draws["roc_auc"].append(roc_auc(y[idx], p[idx]))
+        auc = roc_auc(y[idx], p[idx])
+        for t, d in zip(thresholds, draws):
+            r = rates(**counts(y[idx], p[idx], t))
+            for k in ("accuracy", "sensitivity", "specificity"):
+                d[k].append(r[k])
+            d["roc_auc"].append(auc)
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    out = {}
-    for k, v in draws.items():
-        v = np.asarray(v, dtype=np.float64)
-        v = v[~np.isnan(v)]
-        out[k] = (float(np.percentile(v, lo)), float(np.percentile(v, hi))) if len(v) else (math.nan, math.nan)
+    out = []
+    for d in draws:
+        intervals = {}
+        for k, v in d.items():
+            v = np.asarray(v, dtype=np.float64)
+            v = v[~np.isnan(v)]
+            intervals[k] = (float(np.percentile(v, lo)), float(np.percentile(v, hi))) if len(v) else (math.nan, math.nan)
+        out.append(intervals)
     return out
 
 
@@ -237,35 +249,83 @@ CALL_RULE = ("Parasitized when the Wilson 95% lower bound of the slide's (patien
              "called Parasitized exceeds the model's false-positive rate per cell (1 - validation "
              "specificity at the operating point): more positive cells than false positives alone explain.")
 
+# The roll-up of prediction rows, shared by training (``patients.parquet``) and scoring
+# (``slides.parquet``): rows are summed per group of ``ROLLUP_KEYS`` (``evidence_sums``; sums of
+# batches merge with ``merge_evidence_sums``, so a stream of any length rolls up in memory that grows
+# with the groups, not the rows), then each level of ``ROLLUP_LEVELS`` regroups those sums by its own
+# keys and turns them into evidence (``evidence``). A new kind of row or group is a new key or level.
+ROLLUP_KEYS = (COL_SLIDE, COL_PATIENT)
+ROLLUP_LEVELS = (("patient", (COL_PATIENT,)), ("slide", (COL_SLIDE, COL_PATIENT)))
+ROLLUP_SUMS = (COL_N_CELLS, COL_N_PRED_POS, COL_SUM_PROB, COL_N_LABEL_POS, COL_N_LABEL_NEG)
 
-def group_evidence(slides: list, patients: list, labels: list, called_pos: np.ndarray,
-                   fp_rate: float) -> list[dict]:
-    """One row per slide (level "slide") and per patient (level "patient"): cells, cells called
-    Parasitized, parasitemia estimate with its Wilson 95% interval, the call by ``CALL_RULE``, and,
-    where cells carry labels, whether the group is infected (any cell labelled Parasitized)."""
-    rows = []
-    for level, keys in (("slide", list(zip(slides, patients))), ("patient", [(None, p) for p in patients])):
-        index: dict[tuple, list[int]] = {}
-        for i, k in enumerate(keys):
-            index.setdefault(k, []).append(i)
-        for (slide, patient), idx in sorted(index.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
-            n, k = len(idx), int(np.sum(called_pos[idx]))
+
+def evidence_sums(predictions: pa.Table, keys: tuple[str, ...] = ROLLUP_KEYS) -> pa.Table:
+    """One row per group of ``keys`` of the scored rows of ``predictions`` (error rows left out):
+    cells, cells called Parasitized, the sum of P(Parasitized), and the cells labelled each way."""
+    t = predictions.filter(pc.is_null(predictions.column(COL_ERROR)))
+    label = t.column(COL_LABEL)
+    t = pa.table({
+        **{k: t.column(k) for k in keys},
+        COL_N_CELLS: pa.array(np.ones(len(t), dtype=np.int64)),
+        COL_N_PRED_POS: pc.cast(pc.fill_null(pc.equal(t.column(COL_PRED), POSITIVE_CLASS), False), pa.int64()),
+        COL_SUM_PROB: pc.cast(t.column(COL_PROB), pa.float64()),
+        COL_N_LABEL_POS: pc.cast(pc.fill_null(pc.equal(label, POSITIVE_CLASS), False), pa.int64()),
+        COL_N_LABEL_NEG: pc.cast(pc.fill_null(pc.equal(label, NEGATIVE_CLASS), False), pa.int64()),
+    })
+    return merge_evidence_sums([t], keys)
+
+
+def merge_evidence_sums(parts: list[pa.Table], keys: tuple[str, ...] = ROLLUP_KEYS) -> pa.Table:
+    """The sums of ``parts`` (tables of ``evidence_sums``) per group of ``keys``."""
+    t = pa.concat_tables(parts).group_by(list(keys), use_threads=False)
+    t = t.aggregate([(c, "sum") for c in ROLLUP_SUMS])
+    return t.rename_columns([c.removesuffix("_sum") for c in t.column_names])
+
+
+def evidence(sums: pa.Table, fp_rate: float | None, model_id: str | None, keys: tuple[str, ...] = ROLLUP_KEYS,
+             levels: tuple[tuple[str, tuple[str, ...]], ...] = ROLLUP_LEVELS) -> pa.Table:
+    """``SLIDES_SCHEMA`` rows of each level, each level sorted by its keys (nulls as "None"): cells,
+    cells called Parasitized, the fraction called (the parasitemia estimate) with its Wilson 95%
+    interval, the mean probability, the label counts, and the call by ``CALL_RULE`` (null without
+    ``fp_rate``, the model's false-positive rate per cell at its operating point)."""
+    tables = []
+    for level, level_keys in levels:
+        t = sums
+        for k in keys:
+            if k not in level_keys:
+                t = t.set_column(t.schema.get_field_index(k), k, pa.nulls(len(t), t.schema.field(k).type))
+        rows = sorted(merge_evidence_sums([t], keys).to_pylist(), key=lambda r: tuple(str(r[k]) for k in keys))
+        out = []
+        for r in rows:
+            n, k = r[COL_N_CELLS], r[COL_N_PRED_POS]
             low, high = wilson_interval(k, n)
-            labelled = [labels[i] for i in idx if labels[i] in CLASS_NAMES]
-            rows.append({"level": level, "slide_id": slide, "patient_id": patient, "n_cells": n,
-                         "n_pred_parasitized": k, "parasitemia": k / n, "parasitemia_ci_low": low,
-                         "parasitemia_ci_high": high, "call_parasitized": bool(low > fp_rate),
-                         "infected": (POSITIVE_CLASS in labelled) if labelled else None})
-    return rows
+            out.append({**{key: r[key] for key in keys}, COL_LEVEL: level, COL_N_CELLS: n, COL_N_PRED_POS: k,
+                        COL_FRAC_POS: k / n, COL_MEAN_PROB: r[COL_SUM_PROB] / n, COL_N_LABEL_POS: r[COL_N_LABEL_POS],
+                        COL_N_LABEL_NEG: r[COL_N_LABEL_NEG], COL_MODEL_ID: model_id, COL_FRAC_LOW: low,
+                        COL_FRAC_HIGH: high, COL_CALL: None if fp_rate is None else bool(low > fp_rate)})
+        tables.append(pa.Table.from_pylist(out, schema=SLIDES_SCHEMA))
+    return pa.concat_tables(tables)
 
 
-def group_rates(rows: list[dict], level: str) -> dict[str, float]:
+def roll_up(predictions: pa.Table, fp_rate: float | None, model_id: str | None) -> pa.Table:
+    """``evidence`` of a table of prediction rows held whole (a training run's validation split)."""
+    return evidence(evidence_sums(predictions), fp_rate, model_id)
+
+
+def infected(row: dict) -> bool | None:
+    """Whether a roll-up row's group is infected by its labels (any cell labelled Parasitized);
+    None when none of its cells carries a label."""
+    if row[COL_N_LABEL_POS] + row[COL_N_LABEL_NEG] == 0:
+        return None
+    return row[COL_N_LABEL_POS] > 0
+
+
+def group_rates(rollup: pa.Table, level: str) -> dict[str, float]:
     """Sensitivity and specificity of the calls of one level against ``infected`` (labelled groups)."""
-    known = [r for r in rows if r["level"] == level and r["infected"] is not None]
-    c = {"tp": sum(r["call_parasitized"] and r["infected"] for r in known),
-         "fn": sum(not r["call_parasitized"] and r["infected"] for r in known),
-         "fp": sum(r["call_parasitized"] and not r["infected"] for r in known),
-         "tn": sum(not r["call_parasitized"] and not r["infected"] for r in known)}
+    known = [(r[COL_CALL], infected(r)) for r in rollup.to_pylist()
+             if r[COL_LEVEL] == level and infected(r) is not None]
+    c = {"tp": sum(call and inf for call, inf in known), "fn": sum(not call and inf for call, inf in known),
+         "fp": sum(call and not inf for call, inf in known), "tn": sum(not call and not inf for call, inf in known)}
     r = rates(**c)
     return {f"{level}_sensitivity": r["sensitivity"], f"{level}_specificity": r["specificity"],
             f"{level}_n": len(known)}

@@ -15,12 +15,14 @@ import shutil
 import tempfile
 
 from malaria_ray import storage
+from malaria_ray.schema import (
+    CLASS_NAMES, CONTRACT_FILE, H5_FILE, KEY_CHANNELS, KEY_CLASSES, KEY_IMAGE_SIZE, KEY_MODEL_ID, KEY_POSITIVE_INDEX,
+    KEY_RESIZE, KEY_SCALE, MODEL_FILE, POSITIVE_CLASS, RESIZE_DEFAULT,
+)
 
 SCALE = 1.0 / 255.0
 IMAGENET_FILE = "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + IMAGENET_FILE
-MODEL_FILE = "model.keras"
-CONTRACT_FILE = "model.json"
 
 
 class ModelError(RuntimeError):
@@ -128,9 +130,11 @@ def _stream_id(f) -> str:
 
 
 def contract(model) -> dict:
+    """The preprocessing contract written to ``model.json`` (``schema.KEY_*``); scoring reads the
+    resize method from it (``resize_of``)."""
     size = int(model.input_shape[1])
-    return {"image_size": size, "scale": SCALE, "resize": "bilinear", "channels": "RGB",
-            "classes": ["Parasitized", "Uninfected"], "positive_index": 0}
+    return {KEY_IMAGE_SIZE: size, KEY_SCALE: SCALE, KEY_RESIZE: RESIZE_DEFAULT, KEY_CHANNELS: "RGB",
+            KEY_CLASSES: list(CLASS_NAMES), KEY_POSITIVE_INDEX: CLASS_NAMES.index(POSITIVE_CLASS)}
 
 
 def save_model(model, uri: str, h5: bool = False, operating_point: dict | None = None) -> str:
@@ -141,11 +145,23 @@ def save_model(model, uri: str, h5: bool = False, operating_point: dict | None =
         model.save(os.path.join(tmp, MODEL_FILE))
         model_id = file_id(os.path.join(tmp, MODEL_FILE))
         with open(os.path.join(tmp, CONTRACT_FILE), "w") as f:
-            json.dump({**contract(model), **(operating_point or {}), "model_id": model_id}, f, indent=2)
+            json.dump({**contract(model), **(operating_point or {}), KEY_MODEL_ID: model_id}, f, indent=2)
         if h5:
-            model.save(os.path.join(tmp, "model.h5"))
+            model.save(os.path.join(tmp, H5_FILE))
         storage.upload_dir(tmp, uri)
     return model_id
+
+
+def resize_of(contract: dict) -> str:
+    """The resize method a model's contract names (``RESIZE_DEFAULT`` for a bare ``.keras``,
+    which has no model.json: what every malaria-ray model was trained with). Raises ModelError for
+    a method ``preprocess`` does not have."""
+    from malaria_ray.preprocess import RESIZE_FILTERS
+
+    resize = contract.get(KEY_RESIZE, RESIZE_DEFAULT)
+    if resize not in RESIZE_FILTERS:
+        raise ModelError(f"{CONTRACT_FILE} names resize method {resize!r}; known: {', '.join(RESIZE_FILTERS)}")
+    return resize
 
 
 def read_contract(uri: str) -> dict:
@@ -204,7 +220,7 @@ def inspect_artifact(uri: str) -> dict:
     rescales = [(la.get("config", {}).get("scale"), la.get("config", {}).get("offset", 0.0)) for la in layers
                 if la.get("class_name") == "Rescaling" and _fed_by(la, inputs[0].get("config", {}).get("name"))]
     check_scaling(uri, rescales)
-    return {"image_size": int(shape[1]), "model_id": model_id}
+    return {KEY_IMAGE_SIZE: int(shape[1]), KEY_MODEL_ID: model_id}
 
 
 def check_scaling(uri: str, rescales: list[tuple]) -> None:

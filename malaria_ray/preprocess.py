@@ -15,13 +15,16 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from malaria_ray.config import AUGMENT_POLICIES
+from malaria_ray.schema import RESIZE_DEFAULT
 
 # The only decoders Pillow may use: what microscopes and slide scanners write. Every other format
 # (and its decoder's attack surface) is refused before any of its bytes are parsed as an image.
 FORMATS = ("PNG", "JPEG", "TIFF")
 # Largest image we agree to decode (pixels). NIH cells are ~130x130; whole slides are ~5,000x4,000.
 MAX_PIXELS = 64_000_000
-RESAMPLE = Image.Resampling.BILINEAR
+# Resize methods a model.json may name (``schema.KEY_RESIZE``): PIL's filters of those names.
+RESIZE_FILTERS = {name: getattr(Image.Resampling, name.upper())
+                  for name in ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")}
 
 # The notebook's ImageDataGenerator settings (training batches only).
 ROTATION_DEG = 20.0
@@ -41,8 +44,9 @@ class DecodeError(ValueError):
     """Bytes that are not a usable image; the message goes into the row's ``error`` column."""
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """``size`` x ``size`` x 3 uint8 RGB from encoded bytes (PNG/JPEG/TIFF, any mode or bit depth)."""
+def decode_image(data: bytes, size: int, resize: str = RESIZE_DEFAULT) -> np.ndarray:
+    """``size`` x ``size`` x 3 uint8 RGB from encoded bytes (PNG/JPEG/TIFF, any mode or bit depth),
+    resized with ``resize`` (a name of ``RESIZE_FILTERS``: the model's contract says which)."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
@@ -66,7 +70,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     except Exception as exc:  # PIL raises many types for bad bytes (UnidentifiedImageError, OSError, SyntaxError)
         raise DecodeError(f"not a decodable image: {type(exc).__name__}: {exc}") from exc
     if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), RESAMPLE)
+        rgb = rgb.resize((size, size), RESIZE_FILTERS[resize])
     return np.asarray(rgb, dtype=np.uint8)
 
 
@@ -101,11 +105,6 @@ def _affine(u, size: int, m, rotation_deg: float | None = None):
     a3, a4 = m.sin(theta) * zx * flip, m.cos(theta + shear) * zy
     zero = 0 * a0
     return m.stack([a0, a1, c + tx - (a0 + a1) * c, a3, a4, c + ty - (a3 + a4) * c, zero, zero], axis=1)
-
-
-def augment_matrices(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` random transforms on the host (numpy): the reference for ``augment_tf``."""
-    return _affine(rng.random((n, 7)), size, np).astype(np.float32)
 
 
 def augment_tf(images, seed, policy: str = "notebook"):
@@ -146,11 +145,3 @@ def color_jitter_tf(images, u, strength: float | None = None):
     grey = tf.reduce_mean(images, axis=-1, keepdims=True)
     out = (grey + (images - grey) * sat) * gain[:, None, None, :]
     return tf.clip_by_value(out, 0.0, 255.0)
-
-
-def augment_batch(images: np.ndarray, rng: np.random.Generator, policy: str = "notebook"):
-    """``augment_tf`` on a host batch with a seed drawn from ``rng``; returns a float32 ``tf.Tensor``."""
-    import tensorflow as tf
-
-    seed = tf.constant(rng.integers(0, 2**62, size=2), tf.int64)
-    return augment_tf(tf.convert_to_tensor(images, tf.float32), seed, policy)

@@ -6,6 +6,8 @@ import io
 
 import numpy as np
 
+from malaria_ray.schema import CLASS_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS
+
 
 def _pyplot():
     import matplotlib
@@ -52,7 +54,7 @@ def confusion_png(cm: np.ndarray, title: str = "Confusion matrix") -> bytes:
             colour = "white" if cm[i, j] > cm.max() / 2 else "black"
             ax.text(j, i, f"{names[i, j]}\n{cm[i, j]}\n{cm[i, j] / total:.2%}",
                     ha="center", va="center", color=colour)
-    ticks = ["Parasitized", "Uninfected"]
+    ticks = list(CLASS_NAMES)
     ax.set_xticks([0, 1], ticks)
     ax.set_yticks([0, 1], ticks)
     ax.set_xlabel("Predicted")
@@ -120,12 +122,13 @@ def model_card(cfg: dict, listing, val_mask: np.ndarray, rows: list[dict], group
                history: list[dict], n_unreadable: int) -> str:
     """``model_card.md`` of a training run: data, split, recipe, metrics with intervals at the
     operating point, calibration, per-patient evidence, intended use and limitations."""
-    from malaria_ray.metrics import CALL_RULE
+    from malaria_ray import schema
+    from malaria_ray.metrics import CALL_RULE, infected
 
     op, argmax = rows[0], rows[1]
     ids = set(listing.patient_ids)
     val_ids = {p for p, v in zip(listing.patient_ids, val_mask) if v}
-    counts = {c: sum(1 for lab in listing.labels if lab == c) for c in ("Parasitized", "Uninfected")}
+    counts = {c: sum(1 for lab in listing.labels if lab == c) for c in CLASS_NAMES}
 
     def ci(r: dict, k: str) -> str:
         return f"{r[k]:.4f} (95% CI {r[k + '_ci_low']:.4f}-{r[k + '_ci_high']:.4f})"
@@ -133,7 +136,7 @@ def model_card(cfg: dict, listing, val_mask: np.ndarray, rows: list[dict], group
     recipe = ", ".join(f"{k} {cfg[k]}" for k in ("image_size", "epochs", "batch_size", "learning_rate", "lr_schedule",
                                                    "warmup_epochs", "label_smoothing", "augment", "augment_policy", "weights",
                                                    "bn_recal_batches", "num_workers", "seed"))
-    patients = [g for g in groups if g["level"] == "patient"]
+    patients = [g for g in groups.to_pylist() if g[schema.COL_LEVEL] == "patient"]
     lines = [
         f"# Model card: malaria-ray ResNet50V2, model_id {cfg['model_id']}",
         "",
@@ -143,7 +146,7 @@ def model_card(cfg: dict, listing, val_mask: np.ndarray, rows: list[dict], group
         "",
         "## Data",
         f"- Corpus: `{cfg['data']}`{' (SYNTHETIC, not NIH data)' if cfg.get('synthetic') else ''}: "
-        f"{len(listing)} images ({counts['Parasitized']} Parasitized, {counts['Uninfected']} Uninfected), "
+        f"{len(listing)} images ({', '.join(f'{counts[c]} {c}' for c in CLASS_NAMES)}), "
         f"{len(ids)} patient/slide identities; {n_unreadable} unreadable images left out.",
         f"- Split: `{cfg['split']}` (seed {cfg['seed']}): {int((~val_mask).sum())} training / "
         f"{int(val_mask.sum())} validation images; {len(val_ids)} identities in validation"
@@ -178,9 +181,9 @@ def model_card(cfg: dict, listing, val_mask: np.ndarray, rows: list[dict], group
         "",
         "| patient | cells | called Parasitized | parasitemia (95% Wilson CI) | call | infected (labels) |",
         "|---|---|---|---|---|---|",
-        *[f"| {g['patient_id']} | {g['n_cells']} | {g['n_pred_parasitized']} | {g['parasitemia']:.3f} "
-          f"({g['parasitemia_ci_low']:.3f}-{g['parasitemia_ci_high']:.3f}) | "
-          f"{'Parasitized' if g['call_parasitized'] else 'Uninfected'} | {g['infected']} |" for g in patients[:60]],
+        *[f"| {g[schema.COL_PATIENT]} | {g[schema.COL_N_CELLS]} | {g[schema.COL_N_PRED_POS]} | "
+          f"{g[schema.COL_FRAC_POS]:.3f} ({g[schema.COL_FRAC_LOW]:.3f}-{g[schema.COL_FRAC_HIGH]:.3f}) | "
+          f"{POSITIVE_CLASS if g[schema.COL_CALL] else NEGATIVE_CLASS} | {infected(g)} |" for g in patients[:60]],
         *(["", f"({len(patients) - 60} more in `patients.parquet`)"] if len(patients) > 60 else []),
         "",
         "## Limitations",

@@ -1,12 +1,19 @@
-"""The vocabulary of a row: column names, row statuses, Parquet schemas and member URIs.
+"""The vocabulary: every name that two modules (or a module and a file) must spell the same.
 
-Every module that reads or writes a listing, a raw input row, a prediction, a metrics row or a
-slide roll-up takes its names from here, as do the tests. Pure: imports only pyarrow.
+Class names; the listing's units and the container suffixes; raw input rows; row statuses; the
+training rows and the workers' validation predictions; prediction, metrics and roll-up columns
+and their Parquet schemas; a run's counts; the model artifact's files and the keys of its
+``model.json``; member URIs. Every module takes these names from here, as do the tests
+(tests/test_structure.py fails when one reappears as a literal elsewhere). Pure: imports only pyarrow.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
+
+# ---------------------------------------------------------------- classes (folder names, labels)
+CLASS_NAMES = ("Parasitized", "Uninfected")  # index 0 is the positive class
+POSITIVE_CLASS, NEGATIVE_CLASS = CLASS_NAMES
 
 # ---------------------------------------------------------------- identity and labels (every table)
 COL_URI = "uri"
@@ -14,6 +21,16 @@ COL_LABEL = "label"
 COL_SLIDE = "slide_id"
 COL_PATIENT = "patient_id"
 COL_SPLIT = "split"  # split.parquet of a training run: "train" or "val"
+
+# ---------------------------------------------------------------- the listing (sources -> read tasks)
+# One row per unit to read: a loose image, or a container of images; ``version`` is a loose file's
+# size:mtime or size:ETag (null for containers).
+COL_KIND, COL_VERSION = "kind", "version"
+KIND_IMAGE, KIND_TAR, KIND_ZIP, KIND_PARQUET = "image", "tar", "zip", "parquet"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+ZIP_SUFFIXES = (".zip",)
+PARQUET_SUFFIXES = (".parquet",)
 
 # ---------------------------------------------------------------- raw input rows (sources -> decode)
 COL_DATA = "data"  # encoded bytes of one image
@@ -32,6 +49,12 @@ STATUS_HIDDEN = "hidden"  # an archive member under a "." or "_" folder, or name
 STATUS_DUPLICATE = "duplicate_name"  # a second archive member of the same name (counted, not scored)
 STATUS_ALREADY = "already_scored"  # --skip-scored: this model scored the same bytes before
 STATUS_MODEL_ERROR = "model_error"  # a scoring actor whose model did not load: the run stops
+
+# ---------------------------------------------------------------- training rows (train -> workers)
+# A decoded training or validation image: uri, image_id, ``image`` (uint8 pixels) and ``label``
+# as a class index (0 = Parasitized), not a class name; the workers' validation predictions
+# (``checkpoint.save_val_predictions``) carry uri, image_id, that label and ``prob``.
+COL_TRAIN_IMAGE, COL_TRAIN_LABEL, COL_VAL_PROB = "image", "label", "prob"
 
 # ---------------------------------------------------------------- predictions (scoring and training)
 COL_IMAGE_ID = "image_id"
@@ -58,26 +81,42 @@ COL_N_IMAGES, COL_N_ERRORS, COL_N_LABELLED = "n_images", "n_errors", "n_labelled
 METRICS_COLUMNS = (COL_RUN_ID, COL_MODEL_ID, COL_THRESHOLD, COL_N_IMAGES, COL_N_ERRORS, COL_N_LABELLED,
                    *METRIC_COUNTS, *METRIC_RATES)
 
-# ---------------------------------------------------------------- slides.parquet
-# One row per slide (level "slide") and per patient (level "patient").
+# ---------------------------------------------------------------- roll-ups: slides.parquet, patients.parquet
+# One row per slide (level "slide") and per patient (level "patient"), the same columns in a
+# scoring root's slides.parquet and a training run's patients.parquet (``metrics.evidence``).
 COL_LEVEL, COL_N_CELLS, COL_N_PRED_POS = "level", "n_cells", "n_pred_parasitized"
 COL_FRAC_POS, COL_MEAN_PROB = "frac_parasitized", "mean_prob"
 COL_N_LABEL_POS, COL_N_LABEL_NEG = "n_label_parasitized", "n_label_uninfected"
 # frac_parasitized is the parasitemia estimate; its Wilson 95% interval, and the call by
 # metrics.CALL_RULE (null where the model records no operating point to take a false-positive rate from).
 COL_FRAC_LOW, COL_FRAC_HIGH, COL_CALL = "frac_parasitized_ci_low", "frac_parasitized_ci_high", "call_parasitized"
+COL_SUM_PROB = "sum_prob"  # a partial sum inside the roll-up (``metrics.evidence_sums``), never written
 SLIDES_SCHEMA = pa.schema([(COL_LEVEL, pa.string()), (COL_SLIDE, pa.string()), (COL_PATIENT, pa.string()),
                            (COL_N_CELLS, pa.int64()), (COL_N_PRED_POS, pa.int64()), (COL_FRAC_POS, pa.float64()),
                            (COL_MEAN_PROB, pa.float64()), (COL_N_LABEL_POS, pa.int64()),
                            (COL_N_LABEL_NEG, pa.int64()), (COL_MODEL_ID, pa.string()), (COL_FRAC_LOW, pa.float64()),
                            (COL_FRAC_HIGH, pa.float64()), (COL_CALL, pa.bool_())])
 
+# ---------------------------------------------------------------- a scoring run's counts (summary, manifest)
+COUNT_SCORED, COUNT_ERRORS = "scored", "errors"  # rows scored; error rows (besides the row statuses)
+
+# ---------------------------------------------------------------- the model artifact and its model.json
+MODEL_FILE, CONTRACT_FILE, H5_FILE = "model.keras", "model.json", "model.h5"
+# The preprocessing contract (``model.contract``) and the operating point (``trainrun.operating_point``)
+KEY_IMAGE_SIZE, KEY_SCALE, KEY_RESIZE, KEY_CHANNELS = "image_size", "scale", "resize", "channels"
+KEY_CLASSES, KEY_POSITIVE_INDEX, KEY_MODEL_ID = "classes", "positive_index", "model_id"
+KEY_THRESHOLD, KEY_TARGET_SENSITIVITY, KEY_THRESHOLD_SOURCE = "threshold", "target_sensitivity", "threshold_source"
+KEY_VAL_SENSITIVITY, KEY_VAL_SPECIFICITY = "val_sensitivity", "val_specificity"
+# How images are resized to the model's input (PIL's filter of that name): what training used, and
+# what scoring assumes for a bare ``.keras`` without a model.json.
+RESIZE_DEFAULT = "bilinear"
+
 # ---------------------------------------------------------------- member URIs
 # An image inside an archive or a Parquet file is ``<container uri>#<member name>``. Only a
 # container's own suffix before the ``#`` makes it a member URI, so a loose file whose path holds
 # a ``#`` stays one path.
 MEMBER_SEP = "#"
-CONTAINER_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip", ".parquet")
+CONTAINER_SUFFIXES = TAR_SUFFIXES + ZIP_SUFFIXES + PARQUET_SUFFIXES
 
 
 def member_uri(container: str, member: str) -> str:

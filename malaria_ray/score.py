@@ -1,12 +1,12 @@
 """Bulk scoring with Ray Data: read + decode/resize (CPU tasks) -> model (actor pool) -> Parquet.
 
-``score_archive(cfg)`` runs one scoring run and commits it under ``cfg.output`` (layout and commit
-protocol in ``malaria_ray.outputs``); ``main(cfg)`` adds the one-screen summary and the exit code.
-The image size comes from the model artifact (its zip config, read without TensorFlow, so the
-driver never imports it); read and decode are ``malaria_ray.ingest``, as in training; ``Scorer``
-loads the model once per actor and feeds it raw 0..255 pixels, because the model's first layer
-rescales. A test can kill a Scorer at its n-th batch (``faults`` point ``score.batch``); Ray Data
-must then restart the actor and retry the batch.
+``score_archive(cfg)`` runs one scoring run and commits it under ``cfg.output`` (layout in
+``malaria_ray.outputs``, the commit protocol in ``malaria_ray.scoringrun``); ``main(cfg)`` adds the
+one-screen summary and the exit code. The image size comes from the model artifact (its zip
+config, read without TensorFlow, so the driver never imports it); read and decode are
+``malaria_ray.ingest``, as in training; ``Scorer`` loads the model once per actor and feeds it raw
+0..255 pixels, because the model's first layer rescales. A test can kill a Scorer at its n-th batch
+(``faults`` point ``score.batch``); Ray Data must then restart the actor and retry the batch.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ import re
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from malaria_ray import faults, ingest, logs, metrics, outputs, resources, sources, storage
-from malaria_ray import schema as S
-from malaria_ray.config import CLASS_NAMES, DEFAULT_THRESHOLD, POSITIVE_CLASS, ConfigError, CorpusError, ScoreConfig
-from malaria_ray.model import ModelError, inspect_artifact, read_contract
+from malaria_ray import corpus, faults, ingest, logs, manifests, outputs, resources, sources, storage
+from malaria_ray import schema
+from malaria_ray.config import DEFAULT_THRESHOLD, ConfigError, CorpusError, ScoreConfig
+from malaria_ray.model import ModelError, inspect_artifact, read_contract, resize_of
+from malaria_ray.scoringrun import ERRORS, SCORED, RunResult, ScoringRun
 
 log = logs.get("score")
 READ_CPUS = 0.25  # a read task waits on storage; decoding (1 CPU per task) is where the CPU goes
@@ -73,33 +74,33 @@ class Scorer:
         import pyarrow.compute as pc
 
         n = batch.num_rows
-        status, error = batch.column(S.COL_STATUS), batch.column(S.COL_ERROR)
+        status, error = batch.column(schema.COL_STATUS), batch.column(schema.COL_ERROR)
         if self.error is not None:
-            status = pa.array([S.STATUS_MODEL_ERROR] * n, pa.string())
+            status = pa.array([schema.STATUS_MODEL_ERROR] * n, pa.string())
             error = pa.array([str(self.error)] * n, pa.string())
         else:
             self.calls += 1
             faults.maybe_fail(self.fault, "score.batch", self.calls)
-        ok = pc.fill_null(pc.equal(status, S.STATUS_OK), False).to_numpy(zero_copy_only=False)
+        ok = pc.fill_null(pc.equal(status, schema.STATUS_OK), False).to_numpy(zero_copy_only=False)
         prob = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
-            x = pixels(batch.column(S.COL_PIXELS))[ok]
+            x = pixels(batch.column(schema.COL_PIXELS))[ok]
             if self.pad_to and len(x) % self.pad_to:
                 x = np.concatenate([x, np.zeros((self.pad_to - len(x) % self.pad_to, *x.shape[1:]), x.dtype)])
             prob[ok] = self.predict(x)[:int(ok.sum())]
-        pred = np.where(prob >= self.threshold, POSITIVE_CLASS, CLASS_NAMES[1]).astype(object)
+        pred = np.where(prob >= self.threshold, schema.POSITIVE_CLASS, schema.NEGATIVE_CLASS).astype(object)
         pred[~ok] = None
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
         # Columns that were all null in a block may arrive as Arrow's null type: the driver's
-        # ``outputs.normalize`` gives every column its contract type.
-        out = {k: batch.column(k) for k in (S.COL_IMAGE_ID, S.COL_URI, S.COL_SLIDE, S.COL_PATIENT, S.COL_LABEL,
-                                            S.COL_SOURCE_VERSION)}
-        return pa.table({**out, S.COL_ERROR: error, S.COL_STATUS: status,
-                         S.COL_PROB: pa.array(prob, pa.float32(), mask=~ok), S.COL_PRED: pa.array(pred, pa.string()),
-                         S.COL_THRESHOLD: pa.array(np.full(n, self.threshold)),
-                         S.COL_MODEL_ID: pa.array([self.model_id] * n, pa.string()),
-                         S.COL_RUN_ID: pa.array([self.run_id] * n, pa.string()),
-                         S.COL_SCORED_AT: pa.array([now] * n, pa.timestamp("us"))})
+        # ``writer.normalize`` gives every column its contract type.
+        out = {k: batch.column(k) for k in (schema.COL_IMAGE_ID, schema.COL_URI, schema.COL_SLIDE, schema.COL_PATIENT,
+                                            schema.COL_LABEL, schema.COL_SOURCE_VERSION)}
+        return pa.table({**out, schema.COL_ERROR: error, schema.COL_STATUS: status,
+                         schema.COL_PROB: pa.array(prob, pa.float32(), mask=~ok), schema.COL_PRED: pa.array(pred, pa.string()),
+                         schema.COL_THRESHOLD: pa.array(np.full(n, self.threshold)),
+                         schema.COL_MODEL_ID: pa.array([self.model_id] * n, pa.string()),
+                         schema.COL_RUN_ID: pa.array([self.run_id] * n, pa.string()),
+                         schema.COL_SCORED_AT: pa.array([now] * n, pa.timestamp("us"))})
 
 
 def pixels(column) -> np.ndarray:
@@ -113,32 +114,13 @@ def inspect_model(model_uri: str) -> dict:
     from malaria_ray.model import load_model
 
     model, model_id = load_model(model_uri)
-    return {"image_size": int(model.input_shape[1]), "model_id": model_id}
+    return {schema.KEY_IMAGE_SIZE: int(model.input_shape[1]), schema.KEY_MODEL_ID: model_id}
 
 
-@dataclass
-class RunResult:
-    run_id: str
-    model_id: str
-    output: str
-    predictions_uri: str
-    seconds: float
-    counts: dict[str, int] = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-    confusion: np.ndarray | None = None
-    error_examples: list[str] = field(default_factory=list)
-    completes: list[str] = field(default_factory=list)  # earlier unfinished runs this one completed
-    parts: list[str] = field(default_factory=list)  # the predictions files this run published
-    unchanged: int = 0  # already scored, known from the listing (size and mtime/ETag) without reading
-
-    @property
-    def rows(self) -> int:
-        return self.counts.get("scored", 0) + self.counts.get("errors", 0)
-
-
-def score_archive(cfg: ScoreConfig) -> RunResult:
+def score_archive(cfg: ScoreConfig, checked: Preflight | None = None) -> RunResult:
     """Score every image under ``cfg.input`` and commit the run under ``cfg.output``.
 
+    ``checked``: what ``preflight`` returned, when the caller ran it already (it is not run twice).
     Raises CorpusError (input missing/unreadable/no images), ModelError, StorageError.
     """
     import pyarrow as pa
@@ -150,145 +132,87 @@ def score_archive(cfg: ScoreConfig) -> RunResult:
     if not _RUN_ID_RE.match(run_id) or outputs.PART_SUFFIX.match(run_id):
         raise CorpusError(f"--run-id {run_id!r} must be letters, digits, '_', '.', '-' (not starting with '_' or '.', "
                           "not ending in .partNNNNN)")
-    check_paths(cfg)
+    if checked is None:
+        checked = preflight(cfg)
     listing = sources.list_units(cfg.input)
     if not len(listing):
         raise CorpusError(f"no images found in {cfg.input} ({len(listing.skipped)} non-image files skipped)")
     storage.check_writable(cfg.output)
     if storage.exists(outputs.run_uri(cfg.output, run_id)) or run_id in outputs.committed_runs(cfg.output):
         raise CorpusError(f"--run-id {run_id} was already used under {cfg.output}: a run id names one run")
-    lease = outputs.Lease(cfg.output, run_id)
-    lease.acquire()
-    try:
-        return _score_leased(cfg, run_id, listing, lease)
-    finally:
-        lease.release()
+    with ScoringRun(cfg.output, run_id) as run:
+        return _score_leased(cfg, run, listing, checked)
 
 
-def _score_leased(cfg: ScoreConfig, run_id: str, listing: sources.Listing, lease: outputs.Lease) -> RunResult:
-    import pyarrow as pa
-    import pyarrow.compute as pc
+def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Units, checked: Preflight) -> RunResult:
+    """The pipeline and its loop; ``run`` carries out the commit protocol."""
     import ray
 
-    stale = outputs.remove_stale_staging(cfg.output)
-    if stale:
-        log.info(f"removed {len(stale)} staging file(s) that crashed runs left in {cfg.output}: "
-                 f"{', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}")
     env = storage.worker_env()
     remote_env = {"runtime_env": {"env_vars": env}} if env else {}
-    info = inspect_artifact(cfg.model)  # no TensorFlow in the driver: zip config + a streamed hash
-    if info is None:  # a legacy .h5 only Keras can read: inspect it in a throwaway worker
+    model_info = checked.model_info
+    if model_info is None:  # a legacy .h5 only Keras can read: inspect it in a throwaway worker
         try:
-            info = ray.get(ray.remote(max_calls=1)(inspect_model).options(**remote_env).remote(cfg.model))
+            model_info = ray.get(ray.remote(max_calls=1)(inspect_model).options(**remote_env).remote(cfg.model))
         except ray.exceptions.RayTaskError as exc:
             raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
-    model_id, size = info["model_id"], info["image_size"]
-    contract = read_contract(cfg.model)
-    if cfg.threshold is None:  # the model's operating point, chosen on validation when it was trained
-        cfg = dataclasses.replace(cfg, threshold=float(contract.get("threshold", DEFAULT_THRESHOLD)))
-    # Slide calls need the false-positive rate at the threshold in use: known at the model's own.
-    own = cfg.threshold == contract.get("threshold") and contract.get("val_specificity") is not None
-    fp_rate = 1 - contract["val_specificity"] if own else None
+    model_id, size = model_info[schema.KEY_MODEL_ID], model_info[schema.KEY_IMAGE_SIZE]
+    cfg, fp_rate = operating_point(cfg, checked.contract)
     skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else ingest.NO_IDS
     unchanged = 0
     if cfg.skip_scored:  # loose files listed as they were when this model scored them: not read again
         listing, unchanged = skip_unchanged(listing, outputs.scored_sources(cfg.output, model_id))
-    identities = sources.load_manifest(cfg.manifest, cfg.input) if cfg.manifest else {}
+    known = corpus.Identities.from_manifest(sources.load_manifest(cfg.manifest, cfg.input)) if cfg.manifest else None
     # Runs that were killed before they finished: with --skip-scored this run completes them.
-    unfinished = outputs.unfinished_runs(cfg.output) if cfg.skip_scored else []
+    unfinished = manifests.unfinished_runs(cfg.output) if cfg.skip_scored else []
 
-    ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run_id, remote_env)
+    ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run.run_id, remote_env, known, checked.resize)
     if cfg.gpus_per_actor:
         resources.require_visible_gpu("--gpus-per-actor", remote_env.get("runtime_env"))
-    base = outputs.run_uri(cfg.output, run_id)
-    storage.write_text(storage.join(base, "config.json"), dataclasses.replace(cfg, run_id=run_id).to_json())
-    manifest = {"run_id": run_id, "model_id": model_id, "model": storage.redact(cfg.model),
-                "input": storage.redact(cfg.input), "image_size": size,
-                "identity_manifest": cfg.manifest, "identity_manifest_rows": len(identities),
-                "threshold": cfg.threshold, "finished": False, "parts": [], "rows_committed": 0,
-                "completes": unfinished, "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-                "units": {k: listing.count(k) for k in sources.UNIT_KINDS},
-                "commit": "rows are committed part by part: every file listed in `parts` is whole and final"}
-
-    def on_part(w: outputs.PredictionWriter) -> None:
-        manifest.update(parts=[storage_name(u) for u in w.parts], rows_committed=w.rows)
-        outputs.write_manifest(cfg.output, run_id, manifest)
-
-    outputs.write_manifest(cfg.output, run_id, manifest)
-
-    counts = {"scored": 0, "errors": 0, S.STATUS_NON_IMAGE: len(listing.skipped), S.STATUS_EMPTY: 0,
-              S.STATUS_ALREADY: unchanged, S.STATUS_HIDDEN: 0, S.STATUS_DUPLICATE: 0}
-    acc = metrics.MetricsAccumulator(cfg.threshold)
-    examples: list[str] = []
-    writer = outputs.PredictionWriter(cfg.output, run_id, part_rows=cfg.commit_every_rows,
-                                      part_seconds=60 * cfg.commit_every_minutes, on_part=on_part)
+    run.begin(cfg, model_id, size, listing, len(known) if known is not None else 0, unfinished, unchanged)
     started = time.perf_counter()
     failure: str | None = None
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            lease.renew()
-            status = batch.column(S.COL_STATUS)
-            failed = batch.filter(pc.equal(status, S.STATUS_MODEL_ERROR))
-            if failed.num_rows:  # the model did not load: stop here (``break`` shuts the executor down)
-                failure = failed.column(S.COL_ERROR)[0].as_py()
+            failure = model_failure(batch)
+            if failure is not None:  # the model did not load: stop here (``break`` shuts the executor down)
                 break
-            for name, n in zip(*np.unique(status.to_numpy(zero_copy_only=False).astype(str), return_counts=True)):
-                key = {S.STATUS_OK: "scored", S.STATUS_ERROR: "errors"}.get(name, name)
-                counts[key] = counts.get(key, 0) + int(n)
-            rows = batch.filter(pc.is_in(status, pa.array([S.STATUS_OK, S.STATUS_ERROR])))
-            if not rows.num_rows:
-                continue
-            rows = outputs.normalize(rows)
-            if identities:
-                rows = apply_manifest(rows, identities)
-            acc.update(rows.column(S.COL_LABEL).to_pylist(),
-                       rows.column(S.COL_PROB).to_numpy(zero_copy_only=False),
-                       rows.column(S.COL_ERROR).to_pylist())
-            if len(examples) < 3:
-                errs = rows.filter(pc.is_valid(rows.column(S.COL_ERROR)))
-                examples += [f"{u}: {e}" for u, e in zip(errs.column(S.COL_URI).to_pylist()[:3],
-                                                        errs.column(S.COL_ERROR).to_pylist()[:3])]
-            writer.write(rows)
+            rows = run.tally(batch)
+            if rows is not None:
+                run.write(rows)
         if failure is not None:
             raise ModelError(failure)
-        writer.close()
+        run.close()
     except BaseException as exc:
-        writer.abort()
-        manifest.update(failed=f"{type(exc).__name__}: {exc}"[:500])
-        outputs.write_manifest(cfg.output, run_id, manifest)
+        run.fail(exc)
         raise
-    seconds = time.perf_counter() - started
-    if writer.rows == 0 and counts[S.STATUS_ALREADY] == 0:
-        writer.abort()
-        raise CorpusError(f"no images found in {cfg.input} ({counts[S.STATUS_NON_IMAGE]} non-image files, "
-                          f"{counts[S.STATUS_EMPTY]} empty archives)")
-
-    result = RunResult(run_id, model_id, cfg.output, outputs.predictions_uri(cfg.output), seconds, counts,
-                       {S.COL_RUN_ID: run_id, S.COL_MODEL_ID: model_id, **acc.row()},
-                       acc.confusion() if acc.metrics_known else None, examples[:3], completes=unfinished,
-                       unchanged=unchanged)
-    outputs.write_run_metrics(cfg.output, run_id, result.metrics)
-    if result.confusion is not None:
-        from malaria_ray.report import confusion_png
-
-        storage.write_bytes(storage.join(base, "plots", "confusion_matrix.png"),
-                            confusion_png(result.confusion, f"Confusion matrix, run {run_id}"))
-    writer.commit()
-    result.parts = [storage_name(u) for u in writer.parts]
-    manifest.update(parts=result.parts, rows_committed=writer.rows, finished=True, counts=counts,
-                    entries=sum(counts.values()), unchanged_in_listing=unchanged, seconds=round(seconds, 3),
-                    ray_version=ray.__version__, finished_at=dt.datetime.now(dt.timezone.utc).isoformat())
-    outputs.write_manifest(cfg.output, run_id, manifest)
-    for earlier in unfinished:
-        outputs.mark_completed(cfg.output, earlier, run_id)
-    outputs.rebuild_metrics(cfg.output)
-    outputs.rebuild_slides(cfg.output, model_id, fp_rate)
-    return result
+    return run.finish(time.perf_counter() - started, fp_rate, ray_version=ray.__version__)
 
 
-def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_ids: np.ndarray, model_id: str,
-                   run_id: str, remote_args: dict):
-    """The Ray Data pipeline, not yet executed: units -> rows -> decoded pixels -> model rows."""
+def operating_point(cfg: ScoreConfig, contract: dict) -> tuple[ScoreConfig, float | None]:
+    """``cfg`` with its threshold (the model's own operating point, chosen on validation when it
+    was trained, unless ``--threshold`` says otherwise), and the per-cell false-positive rate for
+    the slide calls: known only at the model's own threshold."""
+    if cfg.threshold is None:
+        cfg = dataclasses.replace(cfg, threshold=float(contract.get(schema.KEY_THRESHOLD, DEFAULT_THRESHOLD)))
+    own = cfg.threshold == contract.get(schema.KEY_THRESHOLD) and contract.get(schema.KEY_VAL_SPECIFICITY) is not None
+    return cfg, (1 - contract[schema.KEY_VAL_SPECIFICITY] if own else None)
+
+
+def model_failure(batch) -> str | None:
+    """The reason a scoring actor's model did not load, where this batch carries one."""
+    import pyarrow.compute as pc
+
+    failed = batch.filter(pc.equal(batch.column(schema.COL_STATUS), schema.STATUS_MODEL_ERROR))
+    return failed.column(schema.COL_ERROR)[0].as_py() if failed.num_rows else None
+
+
+def build_pipeline(cfg: ScoreConfig, listing: sources.Units, size: int, skip_ids: np.ndarray, model_id: str,
+                   run_id: str, remote_args: dict, known: corpus.Identities | None = None,
+                   resize: str = schema.RESIZE_DEFAULT):
+    """The Ray Data pipeline, not yet executed: units -> rows -> decoded pixels -> model rows.
+    ``known``: the ``--manifest`` identities, applied where each image's identity is decided;
+    ``resize``: the model contract's resize method."""
     import ray
 
     cluster = ray.cluster_resources()
@@ -316,7 +240,8 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
     # --batch-size rows, or one archive would be one block and so one decode task.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     ds = ds.map_batches(ingest.prepare_batch, batch_size=None, batch_format="numpy", num_cpus=1,
-                        fn_kwargs={"image_size": size, "skip_ids": skip_ids}, **remote_args)
+                        fn_kwargs={"image_size": size, "skip_ids": skip_ids, "known": known, "resize_method": resize},
+                        **remote_args)
     return ds.map_batches(
         Scorer, batch_size=cfg.batch_size, batch_format="pyarrow",
         compute=pool.strategy(),
@@ -333,7 +258,7 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Listing, size: int, skip_i
     )
 
 
-def skip_unchanged(listing: sources.Listing, scored: np.ndarray) -> tuple[sources.Listing, int]:
+def skip_unchanged(listing: sources.Units, scored: np.ndarray) -> tuple[sources.Units, int]:
     """``listing`` without the loose images whose (uri, version) this model already scored, and
     how many were dropped. Archive members and unversioned files go on to the content-hash check."""
     import pyarrow as pa
@@ -341,28 +266,11 @@ def skip_unchanged(listing: sources.Listing, scored: np.ndarray) -> tuple[source
     if not len(scored) or not len(listing):
         return listing, 0
     t = listing.table
-    keys = np.fromiter((outputs.source_key(u, v) if k == sources.KIND_IMAGE and v is not None else 0
-                        for k, u, v in zip(t.column("kind").to_pylist(), t.column("uri").to_pylist(),
-                                           t.column("version").to_pylist())), dtype=np.uint64, count=t.num_rows)
+    keys = np.fromiter((outputs.source_key(u, v) if k == schema.KIND_IMAGE and v is not None else 0
+                        for k, u, v in zip(t.column(schema.COL_KIND).to_pylist(), t.column(schema.COL_URI).to_pylist(),
+                                           t.column(schema.COL_VERSION).to_pylist())), dtype=np.uint64, count=t.num_rows)
     same = np.isin(keys, scored) & (keys != 0)
-    return sources.Listing(t.filter(pa.array(~same)), listing.skipped), int(same.sum())
-
-
-def apply_manifest(rows, identities: dict):
-    """``--manifest`` identity and labels over what names and folders gave (the manifest wins)."""
-    import pyarrow as pa
-
-    uris = rows.column(S.COL_URI).to_pylist()
-    found = [identities.get(u) for u in uris]
-    for i, name in enumerate((S.COL_SLIDE, S.COL_PATIENT, S.COL_LABEL)):
-        old = rows.column(name).to_pylist()
-        new = [f[i] if f is not None and (f[i] is not None or name != S.COL_LABEL) else o for f, o in zip(found, old)]
-        rows = rows.set_column(rows.schema.get_field_index(name), name, pa.array(new, pa.string()))
-    return rows
-
-
-def storage_name(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]
+    return sources.Units(t.filter(pa.array(~same)), listing.skipped), int(same.sum())
 
 
 def summary(result: RunResult) -> str:
@@ -371,14 +279,14 @@ def summary(result: RunResult) -> str:
     rate = result.rows / result.seconds if result.seconds > 0 else float("nan")
     lines = [
         f"malaria-ray score: run {result.run_id} committed (model {result.model_id})",
-        f"  images scored     {c.get('scored', 0):>10,}",
-        f"  error rows        {c.get('errors', 0):>10,}",
-        f"  already scored    {c.get(S.STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored; "
+        f"  images scored     {c.get(SCORED, 0):>10,}",
+        f"  error rows        {c.get(ERRORS, 0):>10,}",
+        f"  already scored    {c.get(schema.STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored; "
         f"{result.unchanged:,} unchanged in the listing, not read)",
-        f"  non-images        {c.get(S.STATUS_NON_IMAGE, 0):>10,}  (skipped and counted)",
-        f"  empty archives    {c.get(S.STATUS_EMPTY, 0):>10,}",
-        f"  hidden members    {c.get(S.STATUS_HIDDEN, 0):>10,}  (under '.'/'_' folders in archives; counted)",
-        f"  duplicate names   {c.get(S.STATUS_DUPLICATE, 0):>10,}  (a second archive member of one name; counted)",
+        f"  non-images        {c.get(schema.STATUS_NON_IMAGE, 0):>10,}  (skipped and counted)",
+        f"  empty archives    {c.get(schema.STATUS_EMPTY, 0):>10,}",
+        f"  hidden members    {c.get(schema.STATUS_HIDDEN, 0):>10,}  (under '.'/'_' folders in archives; counted)",
+        f"  duplicate names   {c.get(schema.STATUS_DUPLICATE, 0):>10,}  (a second archive member of one name; counted)",
         f"  entries           {sum(c.values()):>10,}  (every file and archive member: the sum of the above)",
         f"  throughput        {rate:>10,.1f} images/s over {result.seconds:.1f} s",
     ]
@@ -408,9 +316,21 @@ def summary(result: RunResult) -> str:
     return "\n".join(lines)
 
 
-def preflight(cfg: ScoreConfig) -> None:
+@dataclass(frozen=True)
+class Preflight:
+    """What ``preflight`` found: the artifact's ``image_size`` and ``model_id`` (None for a legacy
+    ``.h5``, which is inspected inside Ray), its ``model.json`` ({} for a bare artifact) and the
+    resize method that names (the documented default without one: ``schema.RESIZE_DEFAULT``)."""
+
+    model_info: dict | None
+    contract: dict
+    resize: str
+
+
+def preflight(cfg: ScoreConfig) -> Preflight:
     """The checks that need no Ray: the input exists, the output is not inside it, the model
-    artifact is a classifier.
+    artifact is a classifier; what it found goes to ``score_archive``, which then need not check
+    the paths or hash the model again.
 
     Entrypoints run this before Ray starts, so a mistyped path costs a second, not a cluster start.
     """
@@ -422,23 +342,24 @@ def preflight(cfg: ScoreConfig) -> None:
         raise CorpusError(f"cannot list input {cfg.input}: {type(exc).__name__}: {exc}") from exc
     if not found:
         raise CorpusError(f"input {cfg.input} does not exist")
-    inspect_artifact(cfg.model)  # None for a legacy .h5: that one is checked inside Ray
+    contract = read_contract(cfg.model)
+    # inspect_artifact: None for a legacy .h5, which is checked inside Ray
+    return Preflight(inspect_artifact(cfg.model), contract, resize_of(contract))
 
 
 EXIT_TOO_MANY_ERRORS = 3
 
 
-def main(cfg: ScoreConfig) -> int:
+def main(cfg: ScoreConfig, checked: Preflight | None = None) -> int:
     """Run, print the summary; 0 when the run committed with error rows within
-    ``--max-error-fraction``, 3 (one line on stderr) when it committed with more."""
-    result = score_archive(cfg)
+    ``--max-error-fraction``, 3 (one line on stderr) when it committed with more. ``checked``:
+    what ``preflight`` returned, when the caller ran it."""
+    result = score_archive(cfg, checked)
     print(summary(result), file=sys.stdout, flush=True)
-    rows = result.counts.get("scored", 0) + result.counts.get("errors", 0)
-    fraction = result.counts.get("errors", 0) / rows if rows else 0.0
-    if fraction > cfg.max_error_fraction:
-        print(f"malaria-ray: error: run {result.run_id} committed, but {result.counts.get('errors', 0)} of {rows} "
-              f"images ({fraction:.1%}) are error rows, above --max-error-fraction {cfg.max_error_fraction:g}",
-              file=sys.stderr, flush=True)
+    if result.error_fraction > cfg.max_error_fraction:
+        print(f"malaria-ray: error: run {result.run_id} committed, but {result.counts.get(ERRORS, 0)} of "
+              f"{result.rows} images ({result.error_fraction:.1%}) are error rows, above --max-error-fraction "
+              f"{cfg.max_error_fraction:g}", file=sys.stderr, flush=True)
         return EXIT_TOO_MANY_ERRORS
     return 0
 
@@ -447,7 +368,7 @@ def check_paths(cfg: ScoreConfig) -> None:
     """An output root inside the input would be read back as input the next night: refused."""
     def norm(uri: str) -> str:
         if storage.is_remote(uri):
-            return uri.replace("s3a://", "s3://", 1).rstrip("/") + "/"
+            return storage.canonical(uri).rstrip("/") + "/"
         return os.path.abspath(storage.local_path(uri)).rstrip("/") + "/"
 
     if norm(cfg.output).startswith(norm(cfg.input)) or norm(cfg.output) == norm(cfg.input):

@@ -28,18 +28,13 @@ import pyarrow.compute as pc
 from malaria_ray import storage
 from malaria_ray.config import CorpusError
 from malaria_ray.schema import (
-    COL_DATA, COL_ERROR, COL_LABEL_HINT, COL_PATIENT_HINT, COL_SLIDE_HINT, COL_SOURCE_VERSION, COL_STATUS, COL_URI,
-    STATUS_DUPLICATE,
-    STATUS_EMPTY, STATUS_ERROR, STATUS_HIDDEN, STATUS_NON_IMAGE, STATUS_OK, member_uri,
+    COL_DATA, COL_ERROR, COL_KIND, COL_LABEL, COL_LABEL_HINT, COL_PATIENT, COL_PATIENT_HINT, COL_SLIDE, COL_SLIDE_HINT,
+    COL_SOURCE_VERSION, COL_STATUS, COL_URI, COL_VERSION, IMAGE_SUFFIXES, KIND_IMAGE, KIND_PARQUET, KIND_TAR,
+    KIND_ZIP, PARQUET_SUFFIXES, STATUS_DUPLICATE, STATUS_EMPTY, STATUS_ERROR, STATUS_HIDDEN, STATUS_NON_IMAGE,
+    STATUS_OK, TAR_SUFFIXES, ZIP_SUFFIXES, member_uri,
 )
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")  # the one list of image file types
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-ZIP_SUFFIXES = (".zip",)
-PARQUET_SUFFIXES = (".parquet",)
-
-# Unit kinds: what the driver lists.
-KIND_IMAGE, KIND_TAR, KIND_ZIP, KIND_PARQUET = "image", "tar", "zip", "parquet"
+# Unit kinds (``schema.KIND_*``, suffixes ``schema.*_SUFFIXES``): what the driver lists.
 KIND_BAD_NAME = "bad_name"  # a file whose name is not valid UTF-8: listed so that it becomes an error row
 UNIT_KINDS = (KIND_IMAGE, KIND_TAR, KIND_ZIP, KIND_PARQUET, KIND_BAD_NAME)
 
@@ -62,22 +57,22 @@ DEFAULT_LIMITS = Limits()
 
 
 @dataclass
-class Listing:
+class Units:
     """What the driver found under an input: units to read, and loose files it skipped.
 
     The units live in one Arrow table (``kind``, ``uri``), which Ray Data reads as is
     (``ray.data.from_arrow``); docs/benchmarks.md has what it costs per unit.
     """
 
-    table: pa.Table = field(default_factory=lambda: pa.table({"kind": pa.array([], pa.string()),
-                                                              "uri": pa.array([], pa.string())}))
+    table: pa.Table = field(default_factory=lambda: pa.table({COL_KIND: pa.array([], pa.string()),
+                                                              COL_URI: pa.array([], pa.string())}))
     skipped: list[str] = field(default_factory=list)  # non-image loose files (Thumbs.db, .txt, ...)
 
     def __len__(self) -> int:
         return self.table.num_rows
 
     def count(self, kind: str) -> int:
-        return int(pc.sum(pc.equal(self.table.column("kind"), kind)).as_py() or 0)
+        return int(pc.sum(pc.equal(self.table.column(COL_KIND), kind)).as_py() or 0)
 
 
 def kind_of(path: str) -> str | None:
@@ -112,7 +107,7 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(HIDDEN_FOLDER_PREFIXES) for part in rel.split("/")[:-1])
 
 
-def list_units(input_uri: str) -> Listing:
+def list_units(input_uri: str) -> Units:
     """Every readable unit under ``input_uri`` (sorted), and the non-image files it skipped.
 
     Raises ``CorpusError`` when the input is missing or unreadable (missing bucket, no access).
@@ -155,12 +150,12 @@ def list_units(input_uri: str) -> Listing:
     except Exception as exc:  # missing bucket, denied, bad endpoint: the backend's type varies
         raise CorpusError(f"cannot list input {input_uri}: {type(exc).__name__}: {exc}") from exc
     chunks.append(_units_table(kinds, uris, versions))
-    return Listing(pa.concat_tables(chunks), skipped)
+    return Units(pa.concat_tables(chunks), skipped)
 
 
 def _units_table(kinds: list, uris: list, versions: list) -> pa.Table:
-    return pa.table({"kind": pa.array(kinds, pa.string()), "uri": pa.array(uris, pa.string()),
-                     "version": pa.array(versions, pa.string())})
+    return pa.table({COL_KIND: pa.array(kinds, pa.string()), COL_URI: pa.array(uris, pa.string()),
+                     COL_VERSION: pa.array(versions, pa.string())})
 
 
 def _version(info: dict) -> str | None:
@@ -231,7 +226,7 @@ def expand_unit(unit: dict, with_data: bool = True, limits: Limits = DEFAULT_LIM
     ``with_data=False`` names the images without reading their bytes (``data`` stays None): how a
     training listing learns what an archive holds.
     """
-    kind, uri = unit["kind"], unit["uri"]
+    kind, uri = unit[COL_KIND], unit[COL_URI]
     readers = {KIND_IMAGE: _read_image, KIND_TAR: _read_tar, KIND_ZIP: _read_zip, KIND_PARQUET: _read_parquet,
                KIND_BAD_NAME: _read_bad_name}
     try:
@@ -340,8 +335,8 @@ def _parquet_columns(schema) -> tuple[str, str | None, dict[str, str], bool]:
     if col is None:
         raise ValueError(f"no image-bytes column (binary) in {schema.names}")
     path_col = next((names[n] for n in PARQUET_PATH_NAMES if n in names), None)
-    hints = {hint: names[n] for hint, n in (("label_hint", "label"), ("slide_hint", "slide_id"),
-                                            ("patient_hint", "patient_id")) if n in names}
+    hints = {hint: names[n] for hint, n in ((COL_LABEL_HINT, COL_LABEL), (COL_SLIDE_HINT, COL_SLIDE),
+                                            (COL_PATIENT_HINT, COL_PATIENT)) if n in names}
     return col, path_col, hints, col in structs
 
 
@@ -383,7 +378,8 @@ def load_manifest(manifest_uri: str, input_uri: str) -> dict[str, tuple[str | No
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    from malaria_ray.config import CLASS_NAMES, ConfigError
+    from malaria_ray.config import ConfigError
+    from malaria_ray.schema import CLASS_NAMES
 
     try:
         fs, path = storage.filesystem(manifest_uri)

@@ -58,14 +58,22 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+S3, S3A = "s3://", "s3a://"  # s3a:// (Hadoop's name for the same buckets) is read as s3://
+
+
 def is_s3(uri: str) -> bool:
-    return uri.startswith(("s3://", "s3a://"))
+    return uri.startswith((S3, S3A))
+
+
+def canonical(uri: str) -> str:
+    """``uri`` with an ``s3a://`` scheme written ``s3://``: one spelling per object."""
+    return S3 + uri[len(S3A):] if uri.startswith(S3A) else uri
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` and the path inside it (no protocol)."""
     if is_s3(uri):
-        fs, path = fsspec.core.url_to_fs(uri.replace("s3a://", "s3://", 1), **s3_options())
+        fs, path = fsspec.core.url_to_fs(canonical(uri), **s3_options())
     else:
         fs, path = fsspec.core.url_to_fs(uri)
     return fs, path

@@ -13,6 +13,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from malaria_ray.schema import CLASS_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS
+
 N_PATIENTS = 12  # infected patients (both classes); as many control slides again (Uninfected only)
 SYNTHETIC_MARKER = "SYNTHETIC.txt"
 
@@ -39,7 +41,7 @@ def write_corpus(dest: str, n: int, size: int = 96, seed: int = 0) -> int:
     if n < 4:
         raise ValueError("--n must be >= 4")
     rng = np.random.default_rng(seed)
-    for cls in ("Parasitized", "Uninfected"):
+    for cls in CLASS_NAMES:
         os.makedirs(os.path.join(dest, cls), exist_ok=True)
     with open(os.path.join(dest, SYNTHETIC_MARKER), "w") as f:
         f.write("SYNTHETIC cell images written by `malaria-ray synth`; not NIH data.\n")
@@ -54,7 +56,7 @@ def write_corpus(dest: str, n: int, size: int = 96, seed: int = 0) -> int:
         else:
             slide = f"C{control}ThinF"  # control slide: no P token
         name = f"{slide}_IMG_20260101_{k % 7:06d}_cell_{i}.png"
-        cls = "Parasitized" if parasitized else "Uninfected"
+        cls = POSITIVE_CLASS if parasitized else NEGATIVE_CLASS
         _cell(rng, size, parasitized).save(os.path.join(dest, cls, name))
         written += 1
     return written

@@ -22,20 +22,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from malaria_ray import checkpoint, config, corpus, faults, ingest, logs, resources, storage, trainrun
-from malaria_ray.config import CLASS_NAMES, CorpusError, TrainConfig
+from malaria_ray.config import CorpusError, TrainConfig
 from malaria_ray.schema import (
-    COL_ERROR, COL_IMAGE_ID, COL_LABEL, COL_PIXELS, COL_STATUS, COL_URI, STATUS_ERROR, STATUS_OK, split_member_uri,
+    CLASS_NAMES,
+    COL_ERROR, COL_IMAGE_ID, COL_KIND, COL_LABEL, COL_PIXELS, COL_STATUS, COL_TRAIN_IMAGE, COL_TRAIN_LABEL, COL_URI,
+    STATUS_ERROR, STATUS_OK, split_member_uri,
 )
 
 DECODE_BATCH = 64
-TRAIN_COLUMNS = [COL_URI, COL_IMAGE_ID, "image", "label"]
+TRAIN_COLUMNS = [COL_URI, COL_IMAGE_ID, COL_TRAIN_IMAGE, COL_TRAIN_LABEL]
 PART_TRAIN, PART_VAL, PART_ERROR = "train", "val", "error"
 # Streaming (--stream): decoded shards under OUTPUT/decoded/, at most SHARD_ROWS rows a file (~48 MiB
 # at 128 px); auto streams when the decoded corpus would take more than STREAM_SHARE of the object store.
 DECODED_DIR, DECODED_STARTED, DECODED_DONE = "decoded", "_STARTED", "_DONE"
 SHARD_ROWS = 1024
 STREAM_SHARE = 0.25
-STREAM_SHUFFLE_BATCHES = 32  # local shuffle buffer when streaming, in batches (4 otherwise)
+STREAM_SHUFFLE_BATCHES = 32  # local shuffle buffer when streaming, in batches (worker.SHUFFLE_BATCHES otherwise)
 log = logs.get("train")
 
 
@@ -49,8 +51,8 @@ def training_rows(batch: dict[str, np.ndarray], keep: np.ndarray, val: np.ndarra
     uris, status = batch[COL_URI][listed], batch[COL_STATUS][listed]
     is_val = np.array([ingest.in_sorted(val, u) for u in uris], dtype=bool)
     return {
-        COL_URI: uris, COL_IMAGE_ID: batch[COL_IMAGE_ID][listed], "image": batch[COL_PIXELS][listed],
-        "label": np.array([CLASS_NAMES.index(x) for x in batch[COL_LABEL][listed]], dtype=np.int64),
+        COL_URI: uris, COL_IMAGE_ID: batch[COL_IMAGE_ID][listed], COL_TRAIN_IMAGE: batch[COL_PIXELS][listed],
+        COL_TRAIN_LABEL: np.array([CLASS_NAMES.index(x) for x in batch[COL_LABEL][listed]], dtype=np.int64),
         "part": np.where(status == STATUS_ERROR, PART_ERROR, np.where(is_val, PART_VAL, PART_TRAIN)).astype(object),
         COL_STATUS: status, COL_ERROR: batch[COL_ERROR][listed],
     }
@@ -66,15 +68,17 @@ def decoded_rows(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainConfig
 
     uris = np.asarray(listing.uris, dtype=object)
     keep, val = np.sort(uris.astype(str)), np.sort(uris[val_mask].astype(str))
+    known = listing.identities()  # the decode tasks take each image's label from the listing
     # Only the units that hold listed images (--max-images may keep a few of many).
     containers = pa.array(sorted({split_member_uri(u)[0] for u in listing.uris}), pa.string())
-    units = listing.units.filter(pc.is_in(listing.units.column("uri"), value_set=containers))
+    units = listing.units.filter(pc.is_in(listing.units.column(COL_URI), value_set=containers))
     if shuffle_units:
         units = units.take(pa.array(np.random.default_rng(cfg.seed).permutation(units.num_rows)))
     return (
         ray.data.from_arrow(ingest.slices(units, blocks))
         .map_batches(ingest.read_and_prepare, batch_size=None, batch_format="numpy", num_cpus=1,
-                     fn_kwargs={"image_size": cfg.image_size, "skip_ids": ingest.NO_IDS, "batch_size": DECODE_BATCH},
+                     fn_kwargs={"image_size": cfg.image_size, "skip_ids": ingest.NO_IDS, "batch_size": DECODE_BATCH,
+                                "known": known},
                      runtime_env={"env_vars": storage.worker_env()})
         .map_batches(training_rows, batch_size=None, batch_format="numpy", fn_kwargs={"keep": keep, "val": val})
     )
@@ -140,7 +144,7 @@ def stream_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainCon
     import ray
     from ray.data import FileShuffleConfig
 
-    from malaria_ray.sources import KIND_IMAGE
+    from malaria_ray.schema import KIND_IMAGE
 
     root = storage.join(cfg.output, DECODED_DIR)
     fs, path = storage.filesystem(root)
@@ -158,7 +162,7 @@ def stream_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainCon
         with fs.open(storage.join(path, DECODED_STARTED), "w") as f:
             f.write(fingerprint)
         t0 = time.perf_counter()
-        archives = any(k != KIND_IMAGE for k in listing.units.column("kind").to_pylist())
+        archives = any(k != KIND_IMAGE for k in listing.units.column(COL_KIND).to_pylist())
         log.info(f"streaming: decoding {len(listing)} images once into Parquet shards in {root} "
                  f"(~{decoded_gib(len(listing), cfg.image_size):.1f} GiB)"
                  + ("; archives: shuffled row by row on the way" if archives else ""))
@@ -282,8 +286,9 @@ def plan_resume(run_dir: str) -> Plan:
     return dataclasses.replace(plan, run_name=saved["run_name"], resumed=True)
 
 
-def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
-    """Train per ``cfg`` on the connected Ray cluster and write the run directory; returns a summary.
+def fit(plan: Plan) -> dict[str, Any]:
+    """Train per ``plan`` (``plan_run``: its config, listing and split) on the connected Ray cluster
+    and write the run directory; returns a summary.
 
     The caller owns the Ray instance (``runtime.ray_for`` in the entrypoints).
     """
@@ -291,11 +296,10 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
+    from malaria_ray import worker
     from malaria_ray.worker import train_loop_per_worker
 
     t_start = time.perf_counter()
-    if plan is None:
-        plan = plan_run(cfg)
     cfg, listing, val_mask = plan.cfg, plan.listing, plan.val_mask
 
     cluster = ray.cluster_resources()
@@ -332,7 +336,7 @@ def fit(cfg: TrainConfig, plan: Plan | None = None) -> dict[str, Any]:
         train_loop_per_worker,
         train_loop_config={"cfg": dataclasses.asdict(cfg), "steps_per_epoch": steps, "fault": faults.armed(),
                            # streamed shards arrive in file order: a larger local shuffle mixes them
-                           "shuffle_buffer": STREAM_SHUFFLE_BATCHES if stream else 4},
+                           "shuffle_buffer": STREAM_SHUFFLE_BATCHES if stream else worker.SHUFFLE_BATCHES},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},

@@ -16,49 +16,39 @@ import numpy as np
 import pyarrow as pa
 
 from malaria_ray import checkpoint, corpus, logs, metrics, report, storage
-from malaria_ray import schema as S
+from malaria_ray import schema
 from malaria_ray import config
-from malaria_ray.config import CLASS_NAMES, DEFAULT_THRESHOLD, POSITIVE_CLASS, TrainConfig
+from malaria_ray.config import DEFAULT_THRESHOLD, TrainConfig
+from malaria_ray.schema import CLASS_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS
 
 log = logs.get("train")
 THRESHOLD = DEFAULT_THRESHOLD  # argmax of a 2-way softmax, as the notebook
 
 
-def predict_dataset(model, ds, batch_size: int = 64) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """(uris, image_ids, labels, P(Parasitized)) over a decoded Ray dataset, streamed in batches."""
-    uris, ids, labels, probs = [], [], [], []
-    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        p = model.predict_on_batch(batch["image"].astype(np.float32))
-        probs.append(np.asarray(p)[:, 0])
-        uris.extend(batch[S.COL_URI].tolist())
-        ids.extend(batch["image_id"].tolist())
-        labels.append(batch["label"])
-    return uris, ids, np.concatenate(labels), np.concatenate(probs).astype(np.float32)
-
-
-def predictions_table(uris, ids, labels, probs, errors: list[dict], model_id: str, run_id: str,
+def predictions_table(uris, ids, probs, errors: list[dict], known: corpus.Identities, model_id: str, run_id: str,
                       threshold: float = THRESHOLD) -> pa.Table:
+    """The validation predictions, with the label and identity the listing decided (``known``):
+    the split, these rows, the roll-up and the bootstrap name the same patients."""
     now = dt.datetime.now(dt.timezone.utc)
-    all_uris = list(uris) + [e[S.COL_URI] for e in errors]
-    described = [corpus.describe(u) for u in all_uris]  # (label, slide, patient)
-    names = [CLASS_NAMES[int(i)] for i in labels] + [d[0] for d in described[len(uris):]]
-    preds = [CLASS_NAMES[0] if p >= threshold else CLASS_NAMES[1] for p in probs] + [None] * len(errors)
+    all_uris = list(uris) + [e[schema.COL_URI] for e in errors]
+    identity = [known.get(u) or (None, None, None) for u in all_uris]  # (label, slide, patient)
+    preds = [POSITIVE_CLASS if p >= threshold else NEGATIVE_CLASS for p in probs] + [None] * len(errors)
     n = len(all_uris)
     return pa.Table.from_pydict({
-        S.COL_IMAGE_ID: list(ids) + [e[S.COL_IMAGE_ID] or None for e in errors],
-        S.COL_URI: all_uris,
-        S.COL_SLIDE: [d[1] for d in described],
-        S.COL_PATIENT: [d[2] for d in described],
-        S.COL_LABEL: names,
-        S.COL_PROB: list(probs) + [None] * len(errors),
-        S.COL_PRED: preds,
-        S.COL_THRESHOLD: [threshold] * n,
-        S.COL_MODEL_ID: [model_id] * n,
-        S.COL_RUN_ID: [run_id] * n,
-        S.COL_SCORED_AT: [now] * n,
-        S.COL_ERROR: [None] * len(uris) + [e[S.COL_ERROR] for e in errors],
-        S.COL_SOURCE_VERSION: [None] * n,
-    }, schema=S.PREDICTIONS_SCHEMA)
+        schema.COL_IMAGE_ID: list(ids) + [e[schema.COL_IMAGE_ID] or None for e in errors],
+        schema.COL_URI: all_uris,
+        schema.COL_SLIDE: [d[1] for d in identity],
+        schema.COL_PATIENT: [d[2] for d in identity],
+        schema.COL_LABEL: [d[0] for d in identity],
+        schema.COL_PROB: list(probs) + [None] * len(errors),
+        schema.COL_PRED: preds,
+        schema.COL_THRESHOLD: [threshold] * n,
+        schema.COL_MODEL_ID: [model_id] * n,
+        schema.COL_RUN_ID: [run_id] * n,
+        schema.COL_SCORED_AT: [now] * n,
+        schema.COL_ERROR: [None] * len(uris) + [e[schema.COL_ERROR] for e in errors],
+        schema.COL_SOURCE_VERSION: [None] * n,
+    }, schema=schema.PREDICTIONS_SCHEMA)
 
 
 BOOTSTRAP_SAMPLES = 1000
@@ -76,41 +66,42 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
         best, _ = model_mod.load_model(checkpoint.model_path(d))
         best_state = checkpoint.read_state(d)
         made = checkpoint.read_val_predictions(d)
-    if made is not None and made.num_rows == val_ds.count():  # made by the workers at that epoch
-        uris, ids = made.column("uri").to_pylist(), made.column("image_id").to_pylist()
-        labels, probs = made.column("label").to_numpy(), made.column("prob").to_numpy()
-    else:  # a checkpoint from before workers wrote them: predict here
-        uris, ids, labels, probs = predict_dataset(best, val_ds)
+    if made.num_rows != val_ds.count():  # the workers predict every validation image once (unequal shards)
+        raise RuntimeError(f"the best checkpoint holds {made.num_rows} validation predictions for "
+                           f"{val_ds.count()} validation images")
+    uris, ids = made.column(schema.COL_URI).to_pylist(), made.column(schema.COL_IMAGE_ID).to_pylist()
+    labels, probs = made.column(schema.COL_TRAIN_LABEL).to_numpy(), made.column(schema.COL_VAL_PROB).to_numpy()
     y = labels == CLASS_NAMES.index(POSITIVE_CLASS)
     op = operating_point(y, probs, cfg.target_sensitivity)
     model_id = model_mod.save_model(best, out, h5=cfg.export_h5, operating_point=op)
-    threshold = op["threshold"]
+    threshold = op[schema.KEY_THRESHOLD]
 
     val_uris = set(np.asarray(listing.uris)[val_mask].tolist())
-    val_errors = [e for e in unreadable if e[S.COL_URI] in val_uris]
-    preds = predictions_table(uris, ids, labels, probs, val_errors, model_id, run_id, threshold)
-    described = [corpus.describe(u) for u in uris]  # (label, slide, patient), once per image
-    patients = np.asarray([d[2] or f"uri:{u}" for d, u in zip(described, uris)], dtype=object)
-    common = {S.COL_N_IMAGES: len(uris) + len(val_errors), S.COL_N_ERRORS: len(val_errors), S.COL_MODEL_ID: model_id,
-              S.COL_RUN_ID: run_id, "split": "val", "split_kind": cfg.split, "best_epoch": best_state["epoch"],
-              "synthetic": cfg.synthetic, "brier": metrics.brier(y, probs)}
-    groups = metrics.group_evidence([d[1] for d in described], [d[2] for d in described],
-                                    [CLASS_NAMES[int(i)] for i in labels], probs >= threshold,
-                                    1 - op["val_specificity"])
+    val_errors = [e for e in unreadable if e[schema.COL_URI] in val_uris]
+    preds = predictions_table(uris, ids, probs, val_errors, listing.identities(), model_id, run_id, threshold)
+    # bootstrap groups: the patient, or the image itself where no patient is known
+    patients = np.asarray([p or f"uri:{u}" for p, u in zip(preds.column(schema.COL_PATIENT).to_pylist()[:len(uris)], uris)],
+                          dtype=object)
+    common = {schema.COL_N_IMAGES: len(uris) + len(val_errors), schema.COL_N_ERRORS: len(val_errors),
+              schema.COL_MODEL_ID: model_id, schema.COL_RUN_ID: run_id, "split": "val", "split_kind": cfg.split,
+              "best_epoch": best_state["epoch"], "synthetic": cfg.synthetic, "brier": metrics.brier(y, probs)}
+    groups = metrics.roll_up(preds, 1 - op[schema.KEY_VAL_SPECIFICITY], model_id)  # as scoring's slides.parquet
     rows = []
-    for kind, t in (("operating_point", threshold), ("argmax", THRESHOLD)):
-        ci = metrics.patient_bootstrap(y, probs, patients, t, n_boot=BOOTSTRAP_SAMPLES, seed=cfg.seed)
-        rows.append({**metrics.binary_metrics(y, probs, t), S.COL_THRESHOLD: t, "threshold_kind": kind, **common,
+    kinds = (("operating_point", threshold), ("argmax", THRESHOLD))
+    intervals = metrics.patient_bootstraps(y, probs, patients, [t for _, t in kinds], n_boot=BOOTSTRAP_SAMPLES,
+                                           seed=cfg.seed)  # one set of resamples for both thresholds
+    for (kind, t), ci in zip(kinds, intervals):
+        rows.append({**metrics.binary_metrics(y, probs, t), schema.COL_THRESHOLD: t, "threshold_kind": kind, **common,
                      **{f"{k}_ci_{side}": v for k, (lo, hi) in ci.items() for side, v in (("low", lo), ("high", hi))},
                      **(metrics.group_rates(groups, "patient") | metrics.group_rates(groups, "slide")
                         if kind == "operating_point" else {})})
     m = rows[0]
 
-    bad = {e[S.COL_URI] for e in unreadable}
+    bad = {e[schema.COL_URI] for e in unreadable}
     split_tbl = pa.Table.from_pydict({
-        S.COL_URI: listing.uris, S.COL_LABEL: listing.labels,
-        S.COL_SLIDE: listing.slide_ids, S.COL_PATIENT: listing.patient_ids,
-        S.COL_SPLIT: ["val" if v else "train" for v in val_mask],
+        schema.COL_URI: listing.uris, schema.COL_LABEL: listing.labels,
+        schema.COL_SLIDE: listing.slide_ids, schema.COL_PATIENT: listing.patient_ids,
+        schema.COL_SPLIT: ["val" if v else "train" for v in val_mask],
         "readable": [u not in bad for u in listing.uris],
     })
     hist_tbl = pa.Table.from_pylist(history).select(list(checkpoint.HISTORY_COLUMNS))
@@ -124,7 +115,7 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
     storage.write_bytes(storage.join(out, "split.parquet"), storage.table_bytes(split_tbl))
     storage.write_bytes(storage.join(out, "predictions.parquet"), storage.table_bytes(preds))
     storage.write_bytes(storage.join(out, "metrics.parquet"), storage.table_bytes(pa.Table.from_pylist(rows)))
-    storage.write_bytes(storage.join(out, "patients.parquet"), storage.table_bytes(pa.Table.from_pylist(groups)))
+    storage.write_bytes(storage.join(out, "patients.parquet"), storage.table_bytes(groups))
     storage.write_bytes(storage.join(out, "plots", "curves.png"), report.curves_png(
         {k: [h[k] for h in history] for k in ("loss", "val_loss", "accuracy", "val_accuracy")}))
     storage.write_bytes(storage.join(out, "plots", "confusion_matrix.png"), report.confusion_png(cm, title))
@@ -153,7 +144,7 @@ def disagreements_png(val_ds, ids: list[str], y: np.ndarray, probs: np.ndarray, 
     pixels = {}
     if len(wanted):
         for row in val_ds.map_batches(_rows_with_ids, batch_format="numpy", fn_kwargs={"ids": wanted}).take_all():
-            pixels[row[S.COL_IMAGE_ID]] = row["image"]
+            pixels[row[schema.COL_IMAGE_ID]] = row[schema.COL_TRAIN_IMAGE]
     if len(pixels) < len(set(wanted)):
         log.warning(f"disagreements plot: {len(set(wanted)) - len(pixels)} of {len(set(wanted))} selected validation "
                     "images were not found in the validation set; the plot leaves them out")
@@ -164,8 +155,8 @@ def disagreements_png(val_ds, ids: list[str], y: np.ndarray, probs: np.ndarray, 
 
 def _rows_with_ids(batch: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
     """The rows of a numpy batch whose image_id is in ``ids`` (str or object arrays alike)."""
-    keep = np.isin(batch[S.COL_IMAGE_ID].astype(object), ids)
-    return {S.COL_IMAGE_ID: batch[S.COL_IMAGE_ID][keep], "image": batch["image"][keep]}
+    keep = np.isin(batch[schema.COL_IMAGE_ID].astype(object), ids)
+    return {schema.COL_IMAGE_ID: batch[schema.COL_IMAGE_ID][keep], schema.COL_TRAIN_IMAGE: batch[schema.COL_TRAIN_IMAGE][keep]}
 
 
 def operating_point(y: np.ndarray, probs: np.ndarray, target: float) -> dict[str, Any]:
@@ -175,9 +166,9 @@ def operating_point(y: np.ndarray, probs: np.ndarray, target: float) -> dict[str
     if np.isnan(t):  # no positive cell in validation: keep the argmax
         t = THRESHOLD
     m = metrics.binary_metrics(y, probs, t)
-    return {"threshold": float(t), "target_sensitivity": float(target), "val_sensitivity": m["sensitivity"],
-            "val_specificity": m["specificity"],
-            "threshold_source": "chosen on this run's validation split (the same images its metrics describe)"}
+    return {schema.KEY_THRESHOLD: float(t), schema.KEY_TARGET_SENSITIVITY: float(target),
+            schema.KEY_VAL_SENSITIVITY: m["sensitivity"], schema.KEY_VAL_SPECIFICITY: m["specificity"],
+            schema.KEY_THRESHOLD_SOURCE: "chosen on this run's validation split (the same images its metrics describe)"}
 
 
 def print_summary(s: dict[str, Any]) -> None:

@@ -21,6 +21,11 @@ import numpy as np
 
 from malaria_ray import checkpoint, faults, logs
 from malaria_ray.config import TrainConfig
+from malaria_ray.schema import COL_IMAGE_ID, COL_TRAIN_IMAGE, COL_TRAIN_LABEL, COL_URI
+
+# The local shuffle buffer of each epoch, in batches (at least 256 rows); a streamed corpus,
+# whose shards arrive in file order, asks for more (``train.STREAM_SHUFFLE_BATCHES``).
+SHUFFLE_BATCHES = 4
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -28,7 +33,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import tensorflow as tf
 
     cfg = TrainConfig.from_dict(config["cfg"])
-    steps, fault = config["steps_per_epoch"], config.get("fault")
+    steps_per_epoch, fault = config["steps_per_epoch"], config.get("fault")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     log = _Log(rank)
@@ -41,14 +46,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             implementation=getattr(tf.distribute.experimental.CommunicationImplementation, implementation)))
     log(f"{world} worker(s), {implementation} collectives, global batch {cfg.batch_size} "
         f"({cfg.batch_size // world} per worker), peak learning rate {cfg.peak_learning_rate:g}")
-    fns = build_steps(cfg, strategy, steps)
-    recalibrate = bn_recalibrator(fns.model, fns.all_sum, world)
+    compiled = compile_model(cfg, strategy, steps_per_epoch)
+    recalibrate = bn_recalibrator(compiled.model, compiled.all_sum, world)
 
     start_epoch, history = 1, []
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            state = checkpoint.restore(d, fns.model, fns.optimizer)
+            state = checkpoint.restore(d, compiled.model, compiled.optimizer)
         start_epoch, history = state["epoch"] + 1, state["history"]
         log(f"resumed from checkpoint after epoch {state['epoch']}")
 
@@ -56,18 +61,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
-        stats, clean = run_epoch(cfg, fns, train_shard, epoch, steps, cfg.batch_size // world, rng, log,
+        stats, clean = run_epoch(cfg, compiled, train_shard, epoch, steps_per_epoch, cfg.batch_size // world, rng, log,
                                  fault=fault if rank == world - 1 else None,
-                                 shuffle_batches=config.get("shuffle_buffer", 4))
+                                 shuffle_batches=config["shuffle_buffer"])
         train_seconds = time.perf_counter() - t0
         if clean:
             recalibrate(clean)
-        val_stats, val_predictions = evaluate(fns, val_shard, cfg.batch_size // world)
+        val_stats, val_predictions = evaluate(compiled, val_shard, cfg.batch_size // world)
         row = {"epoch": epoch, **stats, **val_stats, "seconds": time.perf_counter() - t0, "train_seconds": train_seconds}
         history.append(row)
         log("epoch {epoch}/{n}: loss {loss:.4f} acc {accuracy:.4f} val_loss {val_loss:.4f} "
             "val_acc {val_accuracy:.4f} ({seconds:.0f}s)".format(n=cfg.epochs, **row))
-        save_and_report(fns, row, history, rank, val_predictions)
+        save_and_report(compiled, row, history, rank, val_predictions)
 
 
 def collective_implementation(use_gpu: bool) -> str:
@@ -79,7 +84,7 @@ def collective_implementation(use_gpu: bool) -> str:
 
 
 @dataclass
-class Steps:
+class Compiled:
     """The model, its optimizer and the compiled functions every epoch calls."""
 
     model: Any
@@ -107,7 +112,7 @@ def learning_rate(cfg: TrainConfig, steps_per_epoch: int):
                                                   warmup_steps=warmup)
 
 
-def build_steps(cfg: TrainConfig, strategy, steps_per_epoch: int) -> Steps:
+def compile_model(cfg: TrainConfig, strategy, steps_per_epoch: int) -> Compiled:
     import keras
     import tensorflow as tf
 
@@ -160,13 +165,13 @@ def build_steps(cfg: TrainConfig, strategy, steps_per_epoch: int) -> Steps:
         per_replica = strategy.run(lambda t: tf.identity(t), args=(v,))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    return Steps(model, optimizer, train_step, eval_step, all_sum)
+    return Compiled(model, optimizer, train_step, eval_step, all_sum)
 
 
-def run_epoch(cfg: TrainConfig, fns: Steps, shard, epoch: int, steps: int, local_batch: int,
+def run_epoch(cfg: TrainConfig, compiled: Compiled, shard, epoch: int, steps_per_epoch: int, local_batch: int,
               rng: np.random.Generator, log: Callable[[str], None],
-              fault: str | None = None, shuffle_batches: int = 4) -> tuple[dict, list[np.ndarray]]:
-    """One epoch of ``steps`` global batches; returns its loss/accuracy and up to
+              fault: str | None = None, shuffle_batches: int = SHUFFLE_BATCHES) -> tuple[dict, list[np.ndarray]]:
+    """One epoch of ``steps_per_epoch`` global batches; returns its loss/accuracy and up to
     ``cfg.bn_recal_batches`` clean (un-augmented) uint8 batches for the BatchNorm recalibration.
     ``fault``: the test's armed fault (``malaria_ray.faults``), checked halfway through.
     ``shuffle_batches``: the local shuffle buffer, in batches (at least 256 rows)."""
@@ -180,38 +185,36 @@ def run_epoch(cfg: TrainConfig, fns: Steps, shard, epoch: int, steps: int, local
                             local_shuffle_buffer_size=max(shuffle_batches * local_batch, 256),
                             local_shuffle_seed=int(rng.integers(1 << 31)))
     clean: list[np.ndarray] = []
-    for step, batch in zip(range(steps), it):
-        if step == steps // 2:
+    for step, batch in zip(range(steps_per_epoch), it):
+        if step == steps_per_epoch // 2:
             faults.maybe_fail(fault, "train.epoch", epoch)
         if step < cfg.bn_recal_batches:
-            clean.append(batch["image"])  # uint8: 4x smaller than the float batch
+            clean.append(batch[COL_TRAIN_IMAGE])  # uint8: 4x smaller than the float batch
         seed = tf.constant(rng.integers(0, 2**62, size=2), tf.int64)
-        totals += tf.stack(fns.train_step(tf.constant(batch["image"]), tf.one_hot(batch["label"], 2), seed))
+        totals += tf.stack(compiled.train_step(tf.constant(batch[COL_TRAIN_IMAGE]), tf.one_hot(batch[COL_TRAIN_LABEL], 2), seed))
         seen += cfg.batch_size
-        if (step + 1) % max(1, steps // 4) == 0 and step + 1 < steps:  # progress on long epochs
-            log(f"epoch {epoch} step {step + 1}/{steps}: loss {float(totals[0]) / seen:.4f} "
+        if (step + 1) % max(1, steps_per_epoch // 4) == 0 and step + 1 < steps_per_epoch:  # progress on long epochs
+            log(f"epoch {epoch} step {step + 1}/{steps_per_epoch}: loss {float(totals[0]) / seen:.4f} "
                 f"({seen / (time.perf_counter() - t0):.1f} images/s)")
     loss_sum, hits = (float(v) for v in totals.numpy())
     stats = {"loss": loss_sum / max(seen, 1), "accuracy": hits / max(seen, 1), "train_images": seen}
     return stats, clean
 
 
-def evaluate(fns: Steps, shard, local_batch: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def evaluate(compiled: Compiled, shard, local_batch: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Validation loss and accuracy over every worker's shard (one collective at the end), and this
     worker's per-image predictions (uri, image_id, label, prob): the run's validation predictions
     are made here, on the training devices, not again on the driver."""
     import tensorflow as tf
 
-    from malaria_ray.schema import COL_IMAGE_ID, COL_URI
-
     v = np.zeros(3, np.float32)  # val loss sum, hits, count on this worker
     cols: dict[str, list] = {"uris": [], "image_ids": [], "labels": [], "probs": []}
     for batch in shard.iter_batches(batch_size=local_batch, batch_format="numpy"):
-        ls, h, p = fns.eval_step(tf.constant(batch["image"]), tf.one_hot(batch["label"], 2))
-        v += (float(ls), float(h), len(batch["label"]))
-        for key, values in zip(cols, (batch[COL_URI], batch[COL_IMAGE_ID], batch["label"], p.numpy())):
+        ls, h, p = compiled.eval_step(tf.constant(batch[COL_TRAIN_IMAGE]), tf.one_hot(batch[COL_TRAIN_LABEL], 2))
+        v += (float(ls), float(h), len(batch[COL_TRAIN_LABEL]))
+        for key, values in zip(cols, (batch[COL_URI], batch[COL_IMAGE_ID], batch[COL_TRAIN_LABEL], p.numpy())):
             cols[key].append(values)
-    v = fns.all_sum(tf.constant(v)).numpy()
+    v = compiled.all_sum(tf.constant(v)).numpy()
     predictions = {k: np.concatenate(c) if c else np.array([]) for k, c in cols.items()}
     return {"val_loss": float(v[0] / max(v[2], 1)), "val_accuracy": float(v[1] / max(v[2], 1))}, predictions
 
@@ -264,7 +267,7 @@ def bn_recalibrator(model, all_sum=None, world: int = 1):
     return recalibrate
 
 
-def save_and_report(fns: Steps, row: dict, history: list, rank: int, val_predictions: dict[str, np.ndarray]) -> None:
+def save_and_report(compiled: Compiled, row: dict, history: list, rank: int, val_predictions: dict[str, np.ndarray]) -> None:
     """Every rank saves the model (a MultiWorkerMirroredStrategy requirement), rank 0's copy is
     reported; every rank reports its validation predictions, which Ray Train merges into the same
     checkpoint directory."""
@@ -272,7 +275,7 @@ def save_and_report(fns: Steps, row: dict, history: list, rank: int, val_predict
 
     with tempfile.TemporaryDirectory(prefix="malaria-ray-ckpt-") as d, \
             tempfile.TemporaryDirectory(prefix="malaria-ray-preds-") as p:
-        checkpoint.save(d, fns.model, fns.optimizer, row["epoch"], history)
+        checkpoint.save(d, compiled.model, compiled.optimizer, row["epoch"], history)
         reported = d if rank == 0 else p
         checkpoint.save_val_predictions(reported, rank, **val_predictions)
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(reported))

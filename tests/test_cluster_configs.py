@@ -363,7 +363,7 @@ def test_every_kuberay_cluster_has_token_auth_and_gpu_workers_on_gpu_nodes():
 
 
 def test_rayjob_entrypoints_name_real_scripts_and_flags_the_cli_accepts():
-    parsers = {"jobs/train.py": cli.train_config, "jobs/score.py": cli.score_config}
+    parsers = {"jobs/train.py": cli.parse_train, "jobs/score.py": cli.score_config}
     seen = set()
     for name, spec in _job_specs().items():
         script, flags = _entrypoint(spec)
@@ -387,7 +387,7 @@ def test_rayjobs_free_their_gpus_and_fit_the_work_they_submit():
             for g in spec["rayClusterSpec"]["workerGroupSpecs"]
         )
         if script == "jobs/train.py":
-            cfg = cli.train_config(flags)
+            cfg = cli.parse_train(flags)[0]
             assert cfg.use_gpu, f"{name}: training on a GPU cluster without --use-gpu"
             assert gpus >= cfg.num_workers, f"{name}: {cfg.num_workers} GPU workers, {gpus} GPUs"
         else:

@@ -129,3 +129,15 @@ def test_file_uri_lists_the_same_corpus(sample_dir):
     plain = corpus.list_corpus(str(sample_dir))
     via_uri = corpus.list_corpus("file://" + str(sample_dir))
     assert via_uri.uris == plain.uris and len(via_uri) == 288
+
+
+def test_identity_is_what_was_decided_before_decoding_else_the_names():
+    """``corpus.identify``: a listing's or a --manifest's identity wins; a manifest row without a
+    label keeps the image's own; an image it does not know is described from its names."""
+    nih = "/d/Parasitized/C33P1thinF_IMG_20150619_114756a_cell_179.png"
+    known = corpus.Identities.from_manifest({"/d/a.png": ("S9", "Q9", "Uninfected"), nih: ("S8", None, None)})
+    assert len(known) == 2 and known.get("/d/b.png") is None
+    assert corpus.identify("/d/a.png", known) == ("Uninfected", "S9", "Q9")
+    assert corpus.identify(nih, known) == ("Parasitized", "S8", None)  # the manifest's slide and (no) patient
+    assert corpus.identify(nih, None) == corpus.describe(nih) == ("Parasitized", "C33P1thinF", "P1")
+    assert corpus.identify("/d/x.png", known, "Parasitized", "S1", "Q1") == ("Parasitized", "S1", "Q1")

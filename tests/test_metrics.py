@@ -3,9 +3,10 @@
 import math
 
 import numpy as np
+import pyarrow as pa
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
-from malaria_ray import metrics
+from malaria_ray import metrics, schema
 
 
 def test_binary_metrics_match_sklearn():
@@ -72,23 +73,76 @@ def test_bootstrap_resamples_patients_not_cells():
     assert cells[1] - cells[0] < 0.5 * (hi - lo), (cells, ci)
 
 
+def _predictions(slides, patients, labels, called, probs=None, errors=None) -> pa.Table:
+    n = len(slides)
+    return pa.table({schema.COL_SLIDE: pa.array(slides, pa.string()), schema.COL_PATIENT: pa.array(patients, pa.string()),
+                     schema.COL_LABEL: pa.array(labels, pa.string()),
+                     schema.COL_PRED: ["Parasitized" if c else "Uninfected" for c in called],
+                     schema.COL_PROB: pa.array(np.where(called, 0.9, 0.1) if probs is None else probs, pa.float32()),
+                     schema.COL_ERROR: pa.array(errors or [None] * n, pa.string())})
+
+
 def test_group_evidence_and_call_rule():
     slides = ["S1"] * 30 + ["S2"] * 30 + ["S3"] * 40
     patients = ["P1"] * 30 + ["P1"] * 30 + ["C3"] * 40
     labels = ["Parasitized"] * 30 + ["Uninfected"] * 30 + ["Uninfected"] * 40
     called = np.array([True] * 15 + [False] * 15 + [False] * 30 + [True] * 2 + [False] * 38)
-    rows = metrics.group_evidence(slides, patients, labels, called, fp_rate=0.05)
-    by = {(r["level"], r["slide_id"], r["patient_id"]): r for r in rows}
+    rows = metrics.roll_up(_predictions(slides, patients, labels, called), fp_rate=0.05, model_id="m")
+    by = {(r["level"], r["slide_id"], r["patient_id"]): r for r in rows.to_pylist()}
     s1 = by[("slide", "S1", "P1")]
-    assert (s1["n_cells"], s1["n_pred_parasitized"], s1["parasitemia"]) == (30, 15, 0.5)
-    assert (s1["parasitemia_ci_low"], s1["parasitemia_ci_high"]) == metrics.wilson_interval(15, 30)
-    assert s1["call_parasitized"] and s1["infected"]
+    assert (s1["n_cells"], s1["n_pred_parasitized"], s1["frac_parasitized"]) == (30, 15, 0.5)
+    assert (s1["frac_parasitized_ci_low"], s1["frac_parasitized_ci_high"]) == metrics.wilson_interval(15, 30)
+    assert s1["call_parasitized"] and metrics.infected(s1)
     c3 = by[("patient", None, "C3")]  # 2 of 40 called: within what a 5% false-positive rate explains
-    assert not c3["call_parasitized"] and c3["infected"] is False
+    assert not c3["call_parasitized"] and metrics.infected(c3) is False
     p1 = by[("patient", None, "P1")]
-    assert p1["n_cells"] == 60 and p1["call_parasitized"] and p1["infected"]
+    assert p1["n_cells"] == 60 and p1["call_parasitized"] and metrics.infected(p1)
     assert metrics.group_rates(rows, "patient") == {"patient_sensitivity": 1.0, "patient_specificity": 1.0,
                                                     "patient_n": 2}
+    assert rows.schema == schema.SLIDES_SCHEMA
+    assert [r["level"] for r in rows.to_pylist()] == ["patient"] * 2 + ["slide"] * 3
+
+
+def test_rollup_leaves_out_error_rows_and_has_no_call_without_a_false_positive_rate():
+    t = _predictions(["S1", "S1", "S1"], ["P1"] * 3, [None, "Parasitized", None], [True, False, False],
+                     probs=[0.9, 0.2, float("nan")], errors=[None, None, "bad bytes"])
+    slide = [r for r in metrics.roll_up(t, fp_rate=None, model_id=None).to_pylist() if r["level"] == "slide"]
+    assert [(r["n_cells"], r["n_pred_parasitized"], r["n_label_parasitized"], r["call_parasitized"]) for r in slide] == \
+        [(2, 1, 1, None)]
+    assert math.isclose(slide[0]["mean_prob"], (0.9 + 0.2) / 2, rel_tol=1e-6)
+
+
+def test_training_and_scoring_roll_ups_of_the_same_predictions_are_equal(tmp_path):
+    """Training's patients.parquet and scoring's slides.parquet come from one function: the
+    validation predictions of a training run, committed under a scoring root, roll up to the same
+    table the training run writes (scoring streams them in row groups and merges the sums)."""
+    from malaria_ray import corpus, outputs, trainrun
+    from malaria_ray.schema import CLASS_NAMES
+    from malaria_ray.writer import PredictionWriter
+
+    rng = np.random.default_rng(1)
+    n = 20_000  # more than one row group, so scoring merges partial sums
+    names = [f"C{i % 13}P{i % 5}thinF" for i in range(40)] + ["C50NthinF"]
+    uris = [f"/d/{'Parasitized' if i % 3 else 'Uninfected'}/{names[i % len(names)]}_IMG_{i}_cell_{i}.png"
+            for i in range(n)]
+    labels = np.array([0 if i % 3 else 1 for i in range(n)])
+    probs = rng.random(n).astype(np.float32)
+    errors = [{schema.COL_URI: "/d/Parasitized/C1P1thinF_IMG_x_cell_0.png", schema.COL_IMAGE_ID: None,
+               schema.COL_ERROR: "bad bytes"}]
+    known = corpus.Identities.of(uris + [errors[0][schema.COL_URI]], [CLASS_NAMES[i] for i in labels] + ["Parasitized"],
+                                 *zip(*[corpus.describe(u)[1:] for u in uris + [errors[0][schema.COL_URI]]]))
+    preds = trainrun.predictions_table(uris, [f"id{i}" for i in range(n)], probs, errors, known, "m", "run", 0.4)
+    trained = metrics.roll_up(preds, 0.05, "m")
+    writer = PredictionWriter(str(tmp_path), "20250101T000000Z-aaaaaa")
+    writer.write(preds)
+    writer.close()
+    writer.commit()
+    scored = outputs.rebuild_slides(str(tmp_path), "m", 0.05)
+    # the same rows, counts and calls; the mean probability up to the order of a float sum
+    mean = schema.COL_MEAN_PROB
+    assert scored.drop_columns([mean]).equals(trained.drop_columns([mean]))
+    assert np.allclose(scored.column(mean).to_numpy(), trained.column(mean).to_numpy(), rtol=1e-12)
+    assert trained.num_rows > 40 and sum(r["n_cells"] for r in trained.to_pylist() if r["level"] == "slide") == n
 
 
 def test_brier_and_reliability():
@@ -158,3 +212,36 @@ def test_rogan_gladen_corrects_a_known_error_and_covers_the_truth():
         _, low, high = rogan_gladen(k, n, se_hat, sp_hat, 150, 2000)
         hits += low <= truth <= high
     assert 0.92 <= hits / runs <= 0.99, hits / runs
+
+
+def test_metrics_accumulator_matches_exact_metrics():
+    rng = np.random.default_rng(0)
+    n = 5000
+    y = rng.random(n) < 0.4
+    prob = np.clip(y * 0.3 + rng.random(n) * 0.7, 0, 1).astype(np.float32)
+    acc = metrics.MetricsAccumulator(0.5)
+    labels = np.where(y, "Parasitized", "Uninfected").astype(object)
+    labels[:100] = None  # unknown labels: counted as images, not in the confusion matrix
+    errors = np.array([None] * n, dtype=object)
+    errors[100:110] = "bad bytes"
+    for a in range(0, n, 700):
+        acc.update(labels[a:a + 700], prob[a:a + 700], errors[a:a + 700])
+    keep = np.arange(n) >= 110
+    exact = metrics.binary_metrics(y[keep], prob[keep], 0.5)
+    row = acc.row()
+    assert {k: row[k] for k in ("tp", "fp", "fn", "tn")} == {k: exact[k] for k in ("tp", "fp", "fn", "tn")}
+    assert row["n_images"] == n and row["n_errors"] == 10 and row["n_labelled"] == n - 110
+    assert abs(row["roc_auc"] - exact["roc_auc"]) < 1e-3
+    assert acc.confusion().sum() == n - 110
+
+
+def test_one_bootstrap_serves_both_thresholds():
+    """trainrun's two metrics rows share one set of patient resamples: each gets the intervals a
+    bootstrap of its own threshold (same seed) gives, and the AUC's is the same for both."""
+    rng = np.random.default_rng(3)
+    y = rng.random(400) < 0.5
+    p = np.clip(y * 0.4 + rng.random(400) * 0.6, 0, 1)
+    groups = np.repeat([f"P{i}" for i in range(20)], 20)
+    both = metrics.patient_bootstraps(y, p, groups, [0.3, 0.5], n_boot=200, seed=7)
+    assert both == [metrics.patient_bootstrap(y, p, groups, t, n_boot=200, seed=7) for t in (0.3, 0.5)]
+    assert both[0]["roc_auc"] == both[1]["roc_auc"] and both[0]["sensitivity"] != both[1]["sensitivity"]

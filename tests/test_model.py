@@ -68,7 +68,7 @@ def test_weights_downloaded_from_local_http_server(tmp_path):
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/notop.weights.h5"
         got = model_mod.build_model(32, weights=url, seed=2).get_layer("resnet50v2")
-        for a, b in zip(src.get_weights(), got.get_weights()):
+        for a, b in zip(src.get_weights(), got.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
         with pytest.raises(model_mod.ModelError, match="cannot download"):
             model_mod.build_model(32, weights=url.replace("notop", "missing"))
@@ -114,7 +114,7 @@ def test_imagenet_weights_come_from_the_keras_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     monkeypatch.setattr(model_mod, "IMAGENET_URL", "http://127.0.0.1:9/unreachable")  # the cache must suffice
     got = model_mod.build_model(32, weights="imagenet", seed=1).get_layer("resnet50v2")
-    for a, b in zip(src.get_weights(), got.get_weights()):
+    for a, b in zip(src.get_weights(), got.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -152,7 +152,7 @@ def test_bf16_copy_computes_in_bfloat16_with_the_same_weights(sample_dir):
     conv = next(la for la in copy.get_layer("resnet50v2").layers if isinstance(la, keras.layers.Conv2D))
     assert conv.compute_dtype == "bfloat16" and conv.kernel.dtype == "float32"
     assert copy.get_layer("probs").compute_dtype == "float32" and copy.output.dtype == "float32"
-    for a, b in zip(model.get_weights(), copy.get_weights()):
+    for a, b in zip(model.get_weights(), copy.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     x = np.stack([decode_image(f.read_bytes(), 32) for f in sorted((sample_dir / "Parasitized").glob("*.png"))[:8]])
     assert np.allclose(predictor(copy)(x), predictor(model)(x), atol=0.02)

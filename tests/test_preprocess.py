@@ -43,7 +43,7 @@ def test_identity_free_transform_when_ranges_are_zero(monkeypatch):
     for name in ("ROTATION_DEG", "ZOOM", "SHIFT", "SHEAR"):
         monkeypatch.setattr(preprocess, name, 0.0)
     monkeypatch.setattr(preprocess, "HFLIP", False)
-    m = preprocess.augment_matrices(3, 32, np.random.default_rng(0))
+    m = preprocess._affine(np.random.default_rng(0).random((3, 7)), 32, np)  # the host (numpy) transforms
     assert np.allclose(m, [1, 0, 0, 0, 1, 0, 0, 0])
 
 
@@ -51,7 +51,10 @@ def test_identity_free_transform_when_ranges_are_zero(monkeypatch):
 def test_augment_batch_changes_pixels_but_keeps_shape(sample_dir):
     path = next((sample_dir / "Uninfected").glob("*.png"))
     img = preprocess.decode_image(path.read_bytes(), 64)[None].astype(np.float32)
-    out = preprocess.augment_batch(np.repeat(img, 4, 0), np.random.default_rng(1)).numpy()
+    import tensorflow as tf
+
+    seed = tf.constant(np.random.default_rng(1).integers(0, 2**62, size=2), tf.int64)
+    out = preprocess.augment_tf(tf.convert_to_tensor(np.repeat(img, 4, 0), tf.float32), seed).numpy()
     assert out.shape == (4, 64, 64, 3)
     assert not np.allclose(out[0], img[0])
     assert abs(out.mean() - img.mean()) < 0.25 * img.mean()  # a warp, not a wipe
@@ -165,3 +168,17 @@ def test_cells_policy_rotates_any_way_jitters_colour_and_leaves_the_notebook_pol
         TrainConfig(data="d", output="o", augment_policy="strong")
     with pytest.raises(ConfigError, match="--no-augment"):
         parse_train(["--data", "d", "--output", "o", "--augment-policy", "cells", "--no-augment"])
+
+
+def test_scoring_resizes_as_the_model_contract_says(sample_dir):
+    """The resize method comes from model.json; a bare .keras (no model.json) gets the documented
+    default, which is what training uses; a method preprocess does not have is refused."""
+    from malaria_ray import model, schema
+
+    assert model.resize_of({}) == schema.RESIZE_DEFAULT == "bilinear"
+    assert model.resize_of({schema.KEY_RESIZE: "nearest"}) == "nearest"
+    with pytest.raises(model.ModelError, match="resize"):
+        model.resize_of({schema.KEY_RESIZE: "seam-carving"})
+    data = next((sample_dir / "Parasitized").glob("*.png")).read_bytes()
+    assert np.array_equal(preprocess.decode_image(data, 32), preprocess.decode_image(data, 32, "bilinear"))
+    assert not np.array_equal(preprocess.decode_image(data, 32, "nearest"), preprocess.decode_image(data, 32))

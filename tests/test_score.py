@@ -18,6 +18,7 @@ import pytest
 
 from malaria_ray import cli, faults, ingest, outputs, schema, sources
 from malaria_ray.config import ScoreConfig
+from malaria_ray.lease import LEASE_FILE, Lease
 from test_score_inputs import bad_inputs, make_mixed_input, raw_batch, real_pngs
 
 pytestmark = [pytest.mark.ray, pytest.mark.tf]
@@ -396,18 +397,18 @@ def test_two_runs_on_one_output_root_one_refuses(ray_session, sample_dir, score_
 
     data, out = tmp_path / "in", tmp_path / "out"
     n = copy_cells(sample_dir, data, 3)
-    other = outputs.Lease(str(out), "other-night")
+    other = Lease(str(out), "other-night")
     other.acquire()
     args = ("--input", str(data), "--model", str(score_model), "--output", str(out))
     assert run_cli(*args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("malaria-ray: error:")]
     assert len(err) == 1 and "other-night" in err[0] and "lease" in err[0], err
     assert not (out / "predictions").exists()
-    lease = json.loads((out / outputs.LEASE_FILE).read_text())
-    (out / outputs.LEASE_FILE).write_text(json.dumps({**lease, "expires_at": lease["renewed_at"] - 1}))  # it crashed
+    lease = json.loads((out / LEASE_FILE).read_text())
+    (out / LEASE_FILE).write_text(json.dumps({**lease, "expires_at": lease["renewed_at"] - 1}))  # it crashed
     assert run_cli(*args) == 0
     assert len(read_predictions(out)) == n
-    assert not (out / outputs.LEASE_FILE).exists()
+    assert not (out / LEASE_FILE).exists()
 
 
 def test_a_real_nightly_archive_without_nih_names(ray_session, sample_dir, score_model, tmp_path, capsys):
@@ -479,20 +480,3 @@ def test_skip_scored_trusts_an_unchanged_listing_and_hashes_the_rest(ray_session
     df = read_predictions(out)
     assert df[schema.COL_SOURCE_VERSION].notna().all()
     assert len(df) == n + 1 and (df[schema.COL_URI] == str(changed)).sum() == 2
-
-
-def test_a_lease_whose_holder_died_on_this_host_is_taken_over(tmp_path):
-    """A killed run's lease need not be waited out when it ran here and its process is gone."""
-    import json
-    import subprocess
-    import sys
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lease = outputs.Lease(str(tmp_path), "killed-night")
-    lease.acquire()
-    held = json.loads((tmp_path / outputs.LEASE_FILE).read_text())
-    (tmp_path / outputs.LEASE_FILE).write_text(json.dumps({**held, "pid": int(dead.stdout)}))
-    outputs.Lease(str(tmp_path), "next-night").acquire()  # no LeaseHeld
-    assert json.loads((tmp_path / outputs.LEASE_FILE).read_text())["run_id"] == "next-night"
-    with pytest.raises(outputs.LeaseHeld, match="next-night"):
-        outputs.Lease(str(tmp_path), "third").acquire()  # the holder (this process) is alive

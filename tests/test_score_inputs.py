@@ -15,8 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from malaria_ray import ingest, metrics, outputs, schema, sources, storage
-from malaria_ray.metrics import binary_metrics
+from malaria_ray import ingest, schema, sources, storage
 from malaria_ray.ingest import image_id_of, prepare_batch, read_and_prepare, read_raw
 from malaria_ray.schema import STATUS_ALREADY
 
@@ -206,133 +205,6 @@ def test_missing_input_is_a_clear_error(tmp_path):
         sources.list_units(str(tmp_path / "nope"))
 
 
-def test_metrics_accumulator_matches_exact_metrics():
-    rng = np.random.default_rng(0)
-    n = 5000
-    y = rng.random(n) < 0.4
-    prob = np.clip(y * 0.3 + rng.random(n) * 0.7, 0, 1).astype(np.float32)
-    acc = metrics.MetricsAccumulator(0.5)
-    labels = np.where(y, "Parasitized", "Uninfected").astype(object)
-    labels[:100] = None  # unknown labels: counted as images, not in the confusion matrix
-    errors = np.array([None] * n, dtype=object)
-    errors[100:110] = "bad bytes"
-    for a in range(0, n, 700):
-        acc.update(labels[a:a + 700], prob[a:a + 700], errors[a:a + 700])
-    keep = np.arange(n) >= 110
-    exact = binary_metrics(y[keep], prob[keep], 0.5)
-    row = acc.row()
-    assert {k: row[k] for k in ("tp", "fp", "fn", "tn")} == {k: exact[k] for k in ("tp", "fp", "fn", "tn")}
-    assert row["n_images"] == n and row["n_errors"] == 10 and row["n_labelled"] == n - 110
-    assert abs(row["roc_auc"] - exact["roc_auc"]) < 1e-3
-    assert acc.confusion().sum() == n - 110
-
-
-def prediction_table(run_id: str, n: int) -> pa.Table:
-    return pa.table({
-        schema.COL_IMAGE_ID: [f"id{i}" for i in range(n)], schema.COL_URI: [f"/x/{i}.png" for i in range(n)],
-        schema.COL_SLIDE: ["C1P1thinF"] * n, schema.COL_PATIENT: ["P1"] * n, schema.COL_LABEL: [None] * n,
-        schema.COL_PROB: np.linspace(0, 1, n).astype(np.float32), schema.COL_PRED: ["Uninfected"] * n,
-        schema.COL_THRESHOLD: [0.5] * n, schema.COL_MODEL_ID: ["m"] * n, schema.COL_RUN_ID: [run_id] * n,
-        schema.COL_SCORED_AT: np.full(n, np.datetime64("2025-01-01T00:00:00", "us")), schema.COL_ERROR: [None] * n,
-        schema.COL_SOURCE_VERSION: pa.nulls(n, pa.string()),
-    })
-
-
-def test_uncommitted_run_is_invisible_to_every_reader(tmp_path):
-    import duckdb
-    import pandas as pd
-    import pyarrow.dataset as pads
-
-    root = str(tmp_path)
-    done = outputs.PredictionWriter(root, "20250101T000000Z-aaaaaa")
-    done.write(prediction_table("20250101T000000Z-aaaaaa", 5))
-    done.close()
-    done.commit()
-    crashed = outputs.PredictionWriter(root, "20250102T000000Z-bbbbbb")  # a crash: closed, never committed
-    crashed.write(prediction_table("20250102T000000Z-bbbbbb", 7))
-    crashed.close()
-    pred = os.path.join(root, "predictions")
-    assert os.path.exists(crashed.staging_uri)
-    assert len(pd.read_parquet(pred)) == 5
-    assert pads.dataset(pred, format="parquet").count_rows() == 5
-    assert duckdb.connect().execute(f"select count(*) from read_parquet('{pred}/*.parquet')").fetchall() == [(5,)]
-    assert outputs.committed_runs(root) == ["20250101T000000Z-aaaaaa"]
-    assert outputs.scored_ids(root, "m").tolist() == [f"id{i}".encode() for i in range(5)]
-    assert pd.read_parquet(pred).dtypes[schema.COL_PROB] == np.float32
-    slides = outputs.rebuild_slides(root, "m").to_pylist()
-    assert [(s["level"], s["n_cells"]) for s in slides] == [("patient", 5), ("slide", 5)]
-
-
-def test_driver_modules_import_without_ray_or_tensorflow():
-    import subprocess
-    import sys
-
-    code = ("import sys, malaria_ray.score, malaria_ray.outputs, malaria_ray.sources; "
-            "print(sorted(m for m in ('tensorflow', 'keras', 'ray') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
-
-
-def test_stale_staging_files_of_crashed_runs_are_removed(tmp_path):
-    import time
-
-    staging = tmp_path / "root" / outputs.PREDICTIONS_DIR / outputs.STAGING_DIR
-    staging.mkdir(parents=True)
-    for name in ("old.parquet", "fresh.parquet"):
-        (staging / name).write_bytes(b"partial")
-    old = time.time() - outputs.STALE_STAGING_SECONDS - 60
-    os.utime(staging / "old.parquet", (old, old))
-    assert outputs.remove_stale_staging(str(tmp_path / "root")) == ["old.parquet"]
-    assert sorted(p.name for p in staging.iterdir()) == ["fresh.parquet"]
-    assert outputs.remove_stale_staging(str(tmp_path / "empty-root")) == []
-
-
-def test_slide_rollup_counts_each_input_once_from_its_newest_run(tmp_path):
-    """Three runs of one model (no --skip-scored) over overlapping inputs, plus rows the roll-up must
-    ignore (another model, error rows): checked against pandas over the same committed rows."""
-    import pandas as pd
-
-    rng = np.random.default_rng(0)
-    root, n = str(tmp_path), 3000
-    slides = [(f"C{i}P{i % 9}thinF", f"P{i % 9}") for i in range(30)] + [(None, None), ("C5NthinF", None)]
-    ids = [f"{rng.integers(2**62):016x}" * 4 for _ in range(n)]
-    runs = ["20250101T000000Z-aaaaaa", "20250102T000000Z-bbbbbb", "20250103T000000Z-cccccc"]
-    for r, run in enumerate(runs):
-        idx = np.arange(n) if r < 2 else np.arange(0, n, 3)
-        t = prediction_table(run, len(idx)).to_pandas()
-        t[schema.COL_IMAGE_ID] = [ids[i] for i in idx]
-        t[schema.COL_URI] = [f"/x/{i % 2500}.png" for i in idx]  # same bytes at two uris: two inputs
-        t[schema.COL_SLIDE] = [slides[i % len(slides)][0] for i in idx]
-        t[schema.COL_PATIENT] = [slides[i % len(slides)][1] for i in idx]
-        t[schema.COL_LABEL] = rng.choice(np.array(["Parasitized", "Uninfected", None], dtype=object), len(idx))
-        t[schema.COL_PROB] = rng.random(len(idx)).astype(np.float32)
-        t[schema.COL_PRED] = np.where(t[schema.COL_PROB] >= 0.5, "Parasitized", "Uninfected")
-        t[schema.COL_MODEL_ID] = np.where(idx % 7 == 0, "other", "m")
-        t[schema.COL_ERROR] = np.where(idx % 11 == 0, "bad bytes", None)
-        w = outputs.PredictionWriter(root, run)
-        w.write(pa.Table.from_pandas(t, schema=schema.PREDICTIONS_SCHEMA, preserve_index=False))
-        w.close()
-        w.commit()
-
-    got = outputs.rebuild_slides(root, "m").to_pandas()
-    rows = pd.read_parquet(os.path.join(root, "predictions"))
-    rows = rows[(rows[schema.COL_MODEL_ID] == "m") & rows[schema.COL_ERROR].isna()]
-    rows = rows.sort_values(schema.COL_RUN_ID, ascending=False).drop_duplicates([schema.COL_IMAGE_ID, schema.COL_URI])
-    assert len(rows) < 2 * n  # the overlap is real
-    for level, keys in (("slide", [schema.COL_SLIDE, schema.COL_PATIENT]), ("patient", [schema.COL_PATIENT])):
-        want = rows.fillna({schema.COL_SLIDE: "~", schema.COL_PATIENT: "~"}).groupby(keys).agg(
-            n=(schema.COL_URI, "size"), pos=(schema.COL_PRED, lambda s: (s == "Parasitized").sum()),
-            prob=(schema.COL_PROB, "mean"), lab=(schema.COL_LABEL, lambda s: (s == "Parasitized").sum()))
-        mine = got[got[schema.COL_LEVEL] == level].fillna({schema.COL_SLIDE: "~", schema.COL_PATIENT: "~"})
-        mine = mine.set_index(keys).loc[want.index]
-        assert len(mine) == len(want)
-        assert (mine[schema.COL_N_CELLS].to_numpy() == want["n"].to_numpy()).all()
-        assert (mine[schema.COL_N_PRED_POS].to_numpy() == want["pos"].to_numpy()).all()
-        assert (mine[schema.COL_N_LABEL_POS].to_numpy() == want["lab"].to_numpy()).all()
-        assert np.allclose(mine[schema.COL_MEAN_PROB].to_numpy(), want["prob"].to_numpy(), atol=1e-6)
-    assert got[schema.COL_LEVEL].tolist()[0] == "patient" and got[schema.COL_LEVEL].tolist()[-1] == "slide"
-
-
 def _rows(unit_kind: str, uri: str) -> list[dict]:
     return list(sources.expand_unit({"kind": unit_kind, "uri": uri}))
 
@@ -513,3 +385,19 @@ def test_slices_in_multiples_of_the_batch():
     assert [t.column("i").to_pylist() for t in ingest.slices(pa.table({"i": list(range(5))}), 8, 2)] == [
         [0, 1], [2, 3], [4]]
     assert [len(t) for t in ingest.slices(pa.table({"i": pa.array([], pa.int64())}), 4, 64)] == [0]  # all skipped
+
+
+def test_a_manifest_decides_identity_in_the_decode_task(sample_dir, tmp_path):
+    """--manifest identities reach ``prepare_batch`` (where scoring decides identity, once): its
+    slide and patient win; its empty label leaves the image's own; other images keep their names'."""
+    from malaria_ray import corpus
+
+    pngs = real_pngs(sample_dir, "Parasitized", 2)
+    for p in pngs:
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    uris = [str(tmp_path / p.name) for p in pngs]
+    known = corpus.Identities.from_manifest({uris[0]: ("slide-7", "Q7", None)})
+    out = prepare_batch(raw_batch([r for u in uris for r in _rows("image", u)]), 32, known=known)
+    assert out[schema.COL_SLIDE].tolist()[0] == "slide-7" and out[schema.COL_PATIENT].tolist()[0] == "Q7"
+    assert out[schema.COL_LABEL].tolist() == [None, None]  # no class folder above tmp_path, none in the manifest
+    assert out[schema.COL_PATIENT].tolist()[1] == corpus.describe(uris[1])[2]

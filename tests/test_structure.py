@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "malaria_ray"
-PURE = ("config", "schema", "storage", "sources", "corpus", "preprocess", "ingest", "metrics", "outputs",
-        "checkpoint", "logs", "faults", "resources", "trainrun", "train", "score", "cli", "runtime", "model")
+PURE = ("config", "schema", "storage", "sources", "corpus", "preprocess", "ingest", "metrics", "outputs", "writer",
+        "manifests", "lease", "scoringrun", "checkpoint", "logs", "faults", "resources", "trainrun", "train", "score",
+        "cli", "runtime", "model")
 
 
 def _imports(module: pathlib.Path, top_level_only: bool) -> set[str]:
@@ -44,6 +45,61 @@ def test_no_import_cycle_between_modules():
     for node in sorted(graph):
         if node not in state:
             visit(node, [])
+
+
+def test_the_scoring_driver_and_its_commit_protocol_read_a_function_at_a_time():
+    """No function over 80 lines in the scoring driver and the modules of its output root, and no
+    module of the package over 420 lines (one job each; docs/architecture.md)."""
+    for module in ("score", "outputs", "writer", "manifests", "lease", "scoringrun"):
+        tree = ast.parse((PKG / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno < 80, f"{module}.{node.name}: {node.end_lineno - node.lineno} lines"
+    sizes = {p.stem: len(p.read_text().splitlines()) for p in PKG.glob("*.py")}
+    assert max(sizes.values()) <= 420, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+
+
+def _contracts() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Each contract: the module(s) that own its names, and the names that no other module may
+    spell as a literal. Words that legitimately name several things ("image", "label", "uri",
+    "threshold", "image_size") are left out: they are checked where a contract owns them alone."""
+    from malaria_ray import schema as s
+    from malaria_ray import storage
+
+    return {
+        "class names": (("schema",), s.CLASS_NAMES),
+        "model artifact files": (("schema",), (s.MODEL_FILE, s.CONTRACT_FILE, s.H5_FILE)),
+        "model.json keys": (("schema",), (s.KEY_RESIZE, s.KEY_CHANNELS, s.KEY_CLASSES, s.KEY_POSITIVE_INDEX,
+                                          s.KEY_THRESHOLD_SOURCE, s.KEY_VAL_SENSITIVITY, s.KEY_VAL_SPECIFICITY)),
+        "listing columns": (("schema",), (s.COL_KIND, s.COL_VERSION)),
+        "raw input rows": (("schema",), (s.COL_LABEL_HINT, s.COL_SLIDE_HINT, s.COL_PATIENT_HINT, s.COL_SOURCE_VERSION)),
+        "container suffixes": (("schema",), s.TAR_SUFFIXES + s.ZIP_SUFFIXES),
+        "validation predictions": (("schema",), (s.COL_VAL_PROB,)),
+        "run counts": (("schema",), (s.COUNT_SCORED, s.COUNT_ERRORS)),
+        "roll-up columns": (("schema",), (s.COL_FRAC_POS, s.COL_FRAC_LOW, s.COL_FRAC_HIGH, s.COL_CALL, s.COL_N_PRED_POS,
+                                          s.COL_N_LABEL_POS, s.COL_N_LABEL_NEG, s.COL_SUM_PROB)),
+        "object-store schemes": (("storage",), (storage.S3A,)),
+    }
+
+
+def _literals(module: pathlib.Path) -> set[str]:
+    """String constants of a module, docstrings left out."""
+    tree = ast.parse(module.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docs}
+
+
+def test_every_name_of_a_contract_is_spelled_only_by_its_owner():
+    literals = {p.stem: _literals(p) for p in PKG.glob("*.py")}
+    for contract, (owners, names) in _contracts().items():
+        for module, found in literals.items():
+            if module in owners:
+                continue
+            again = sorted(set(names) & found)
+            assert not again, f"{module}.py spells {again} of the {contract} (owner: {', '.join(owners)})"
 
 
 def test_importing_modules_loads_neither_ray_nor_tensorflow():

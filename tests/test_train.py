@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
@@ -41,7 +42,7 @@ def test_two_workers_train_resume_after_killed_worker_and_write_run(corpus_with_
                       batch_size_per_worker=16, num_workers=2, max_failures=2, seed=0)
     marker = tmp_path / "killed-worker"
     monkeypatch.setenv(faults.ENV, faults.spec("train.epoch", 2, str(marker)))
-    summary = train.fit(cfg)
+    summary = train.fit(train.plan_run(cfg))
     assert marker.exists(), "the fault injection killed a worker"
 
     hist = pd.read_parquet(out / "history.parquet")
@@ -200,19 +201,19 @@ def test_bf16_precision_trains_with_float32_weights_and_probabilities(sample_dir
     import tensorflow as tf
 
     from malaria_ray.preprocess import decode_image
-    from malaria_ray.worker import build_steps
+    from malaria_ray.worker import compile_model
 
     files = sorted((sample_dir / "Parasitized").glob("*.png"))[:8] + sorted((sample_dir / "Uninfected").glob("*.png"))[:8]
     x = tf.constant(np.stack([decode_image(f.read_bytes(), 32) for f in files]))
     y = tf.one_hot([0] * 8 + [1] * 8, 2)
     cfg = TrainConfig(data="d", output="o", image_size=32, batch_size=16, precision="bf16", augment=False)
     try:
-        fns = build_steps(cfg, tf.distribute.get_strategy(), steps_per_epoch=4)
-        conv = next(la for la in fns.model.get_layer("resnet50v2").layers if isinstance(la, keras.layers.Conv2D))
+        compiled = compile_model(cfg, tf.distribute.get_strategy(), steps_per_epoch=4)
+        conv = next(la for la in compiled.model.get_layer("resnet50v2").layers if isinstance(la, keras.layers.Conv2D))
         assert conv.compute_dtype == "bfloat16" and conv.kernel.dtype == "float32"
-        assert fns.model.output.dtype == "float32"
+        assert compiled.model.output.dtype == "float32"
         seed = tf.constant([0, 0], tf.int64)
-        losses = [float(fns.train_step(x, y, seed)[0]) for _ in range(4)]
+        losses = [float(compiled.train_step(x, y, seed)[0]) for _ in range(4)]
         assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
@@ -226,7 +227,7 @@ def test_xla_step_matches_the_default_step(sample_dir):
     import tensorflow as tf
 
     from malaria_ray.preprocess import decode_image
-    from malaria_ray.worker import build_steps
+    from malaria_ray.worker import compile_model
 
     files = sorted((sample_dir / "Parasitized").glob("*.png"))[:8] + sorted((sample_dir / "Uninfected").glob("*.png"))[:8]
     x = tf.constant(np.stack([decode_image(f.read_bytes(), 32) for f in files]))
@@ -235,9 +236,9 @@ def test_xla_step_matches_the_default_step(sample_dir):
     losses = {}
     for xla in (False, True):
         cfg = TrainConfig(data="d", output="o", image_size=32, batch_size=16, xla=xla, seed=0)
-        fns = build_steps(cfg, tf.distribute.get_strategy(), steps_per_epoch=4)
-        fns.model.get_layer("dropout_head").rate = 0.0  # XLA draws other dropout masks: compare without
-        losses[xla] = [float(fns.train_step(x, y, seed)[0]) for _ in range(4)]
+        compiled = compile_model(cfg, tf.distribute.get_strategy(), steps_per_epoch=4)
+        compiled.model.get_layer("dropout_head").rate = 0.0  # XLA draws other dropout masks: compare without
+        losses[xla] = [float(compiled.train_step(x, y, seed)[0]) for _ in range(4)]
     assert np.isclose(losses[True][0], losses[False][0], rtol=1e-4), losses  # the same function
     assert losses[True][-1] < losses[True][0] / 2, losses  # and it trains (later steps drift apart by rounding)
 
@@ -333,7 +334,7 @@ def test_streamed_training_runs_from_decoded_shards_and_removes_them(small_corpu
     out = tmp_path / "run"
     cfg = TrainConfig(data=str(small_corpus), output=str(out), image_size=32, epochs=2, batch_size=16,
                       stream="on", max_images=160, seed=0)
-    summary = train.fit(cfg)
+    summary = train.fit(train.plan_run(cfg))
     hist = pd.read_parquet(out / "history.parquet")
     saved = json.loads((out / "config.json").read_text())
     assert hist["epoch"].tolist() == [1, 2] and (hist["train_images"] == saved["steps_per_epoch"] * 16).all()
@@ -341,3 +342,86 @@ def test_streamed_training_runs_from_decoded_shards_and_removes_them(small_corpu
     assert (out / "plots" / "disagreements.png").stat().st_size > 1000
     preds = pd.read_parquet(out / "predictions.parquet")
     assert len(preds) == summary["n_val"] and preds["prob_parasitized"].between(0, 1).all()
+    # patients.parquet: the roll-up of scoring's slides.parquet, over the validation predictions
+    import pyarrow.parquet as pq
+
+    from malaria_ray import schema
+
+    patients = pq.read_table(out / "patients.parquet")
+    assert patients.schema == schema.SLIDES_SCHEMA
+    slides = patients.filter(pc.equal(patients.column(schema.COL_LEVEL), "slide")).to_pandas()
+    assert slides[schema.COL_N_CELLS].sum() == preds["error"].isna().sum()
+    assert "Evidence by patient" in (out / "model_card.md").read_text()
+
+
+@pytest.mark.ray
+@pytest.mark.tf
+@pytest.mark.slow
+def test_a_parquet_corpus_keeps_its_own_slides_and_patients_through_training(small_corpus, tmp_path, ray_session):
+    """A Parquet corpus whose rows name their slide and patient, under file names that say nothing:
+    the split, predictions.parquet and patients.parquet all name the listing's patients."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for label, first in (("Parasitized", 0), ("Uninfected", 4)):  # patients Q0-Q3 infected, Q4-Q7 not
+        for i, png in enumerate(sorted((small_corpus / label).glob("*.png"))[:32]):
+            patient = f"Q{first + i % 4}"
+            rows.append({"image": png.read_bytes(), "path": f"cell-{len(rows):03d}.png", "label": label,
+                         "slide_id": f"{patient}-slide{i % 2}", "patient_id": patient})
+    (tmp_path / "corpus").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus" / "cells.parquet")
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=str(tmp_path / "corpus"), output=str(out), image_size=32, epochs=1, batch_size=16,
+                      num_workers=1, augment=False, seed=0)
+    summary = train.fit(train.plan_run(cfg))
+
+    split = pd.read_parquet(out / "split.parquet")
+    assert set(split["patient_id"]) == {f"Q{i}" for i in range(8)}
+    val = split[split["split"] == "val"]
+    val_patients = set(val["patient_id"])
+    assert 2 <= len(val_patients) <= 6 and not val_patients & set(split.loc[split["split"] == "train", "patient_id"])
+    preds = pd.read_parquet(out / "predictions.parquet").set_index("uri")
+    assert len(preds) == len(val) == summary["n_val"]
+    want = val.set_index("uri")
+    for column in ("slide_id", "patient_id", "label"):
+        assert (preds.loc[want.index, column] == want[column]).all(), column
+    patients = pd.read_parquet(out / "patients.parquet")
+    assert set(patients.loc[patients["level"] == "patient", "patient_id"]) == val_patients
+    assert set(patients.loc[patients["level"] == "slide", "slide_id"]) == set(val["slide_id"])
+    m = pd.read_parquet(out / "metrics.parquet").iloc[0]
+    assert m["patient_n"] == len(val_patients)
+
+
+def test_decoded_training_rows_and_run_files_carry_the_listings_identity(small_corpus, tmp_path):
+    """Without Ray: the decode path of training (``ingest.read_and_prepare`` with the listing's
+    identities, then ``train.training_rows``) and ``trainrun.predictions_table`` keep the label,
+    slide and patient a Parquet corpus's own columns gave, not what its file names would say."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from malaria_ray import ingest, trainrun
+
+    rows = [{"image": png.read_bytes(), "path": f"{label}/C1P1thinF_IMG_x_cell_{i}.png", "label": label,
+             "slide_id": f"S{i % 3}", "patient_id": f"Q{i % 3}"}
+            for label in ("Parasitized", "Uninfected")
+            for i, png in enumerate(sorted((small_corpus / label).glob("*.png"))[:6])]
+    (tmp_path / "corpus").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus" / "cells.parquet")
+    listing = corpus.list_corpus(str(tmp_path / "corpus"))
+    assert set(listing.patient_ids) == {"Q0", "Q1", "Q2"}  # the names alone would say P1
+    known = listing.identities()
+    units = {c: listing.units.column(c).to_numpy(zero_copy_only=False) for c in listing.units.column_names}
+    decoded = [train.training_rows(b, np.sort(np.asarray(listing.uris, dtype=str)), np.array([], dtype=str))
+               for b in ingest.read_and_prepare(units, 32, ingest.NO_IDS, batch_size=5, known=known)]
+    uris = np.concatenate([d["uri"] for d in decoded]).tolist()
+    labels = np.concatenate([d["label"] for d in decoded])
+    want = dict(zip(listing.uris, listing.labels))
+    assert sorted(uris) == sorted(listing.uris)
+    assert [("Parasitized", "Uninfected")[i] for i in labels] == [want[u] for u in uris]
+    preds = trainrun.predictions_table(uris, [f"id{i}" for i in range(len(uris))], np.full(len(uris), 0.7), [],
+                                       known, "m", "run")
+    by_uri = dict(zip(listing.uris, zip(listing.labels, listing.slide_ids, listing.patient_ids)))
+    got = zip(preds.column("label").to_pylist(), preds.column("slide_id").to_pylist(),
+              preds.column("patient_id").to_pylist())
+    assert list(got) == [by_uri[u] for u in uris]

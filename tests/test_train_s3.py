@@ -24,7 +24,7 @@ def test_train_from_and_to_s3(small_corpus, moto_s3, ray_session):
 
     cfg = TrainConfig(data="s3://cells/nih", output="s3://runs/r1", image_size=32, epochs=1,
                       batch_size=16, num_workers=1, augment=False)
-    summary = train.fit(cfg)
+    summary = train.fit(train.plan_run(cfg))
 
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="runs", Prefix="r1/")["Contents"]}
     for name in ("model.keras", "config.json", "history.parquet", "split.parquet", "predictions.parquet",

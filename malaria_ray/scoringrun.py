@@ -1,0 +1,191 @@
+"""One scoring run's commit protocol under an output root, in one object: ``ScoringRun``.
+
+Commit protocol (layout in ``malaria_ray.outputs``): a run holds the root's lease
+(``malaria_ray.lease``) from start to end. It writes ``runs/<run_id>/config.json`` and a manifest
+that says ``"finished": false`` (``begin``), then streams its rows into a part in
+``predictions/_staging/`` (``write``). When a part is full (``--commit-every-rows`` rows or
+``--commit-every-minutes``), it is published in one atomic step (a POSIX rename locally; on S3 one
+server-side copy, which creates the object whole or not at all) and the manifest lists it. At the
+end (``finish``) the last part is published and the manifest says ``"finished": true`` with the
+run's counts, beside its metrics row. A run killed at any point leaves whole published parts
+(readers and ``--skip-scored`` count them) and at most one ``_staging`` file that none counts (a
+later run deletes those older than a day: ``outputs.remove_stale_staging``); a run that fails
+records why in its manifest (``fail``). ``metrics.parquet`` and ``slides.parquet`` are derived views
+rebuilt at the end of a run from published files only and replaced in one write (temp + rename
+locally; a single PUT on S3), so a crash before the rebuild heals on the next run.
+
+``score`` drives it: ``with ScoringRun(...) as run``, ``begin``, ``tally`` + ``write`` per batch,
+``close``, then ``finish`` (or ``fail``). Pure: imports neither Ray nor TF.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from malaria_ray import logs, manifests, metrics, outputs, sources, storage
+from malaria_ray import schema
+from malaria_ray.config import CorpusError, ScoreConfig
+from malaria_ray.lease import Lease
+from malaria_ray.writer import PredictionWriter, normalize
+
+log = logs.get("score")
+SCORED, ERRORS = schema.COUNT_SCORED, schema.COUNT_ERRORS  # the counts of rows scored and of error rows
+ERROR_EXAMPLES = 3  # error rows quoted in the summary
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    model_id: str
+    output: str
+    predictions_uri: str
+    seconds: float
+    counts: dict[str, int] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    confusion: np.ndarray | None = None
+    error_examples: list[str] = field(default_factory=list)
+    completes: list[str] = field(default_factory=list)  # earlier unfinished runs this one completed
+    parts: list[str] = field(default_factory=list)  # the predictions files this run published
+    unchanged: int = 0  # already scored, known from the listing (size and mtime/ETag) without reading
+
+    @property
+    def rows(self) -> int:
+        return self.counts.get(SCORED, 0) + self.counts.get(ERRORS, 0)
+
+    @property
+    def error_fraction(self) -> float:
+        return self.counts.get(ERRORS, 0) / self.rows if self.rows else 0.0
+
+
+def part_file_name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+class ScoringRun:
+    """The commit protocol of one run (module docstring): lease, config and manifest, the part
+    writer, the run's counts and metrics, the final commit and the rebuilt views.
+
+    A context manager: entering takes the root's lease (raises ``lease.LeaseHeld``) and removes
+    stale staging files; leaving releases the lease.
+    """
+
+    def __init__(self, root: str, run_id: str) -> None:
+        self.root, self.run_id = root, run_id
+        self.lease = Lease(root, run_id)
+        self.cfg: ScoreConfig | None = None
+        self.model_id: str | None = None
+        self.manifest: dict = {}
+        self.writer: PredictionWriter | None = None
+        self.counts: dict[str, int] = {}
+        self.accumulator: metrics.MetricsAccumulator | None = None
+        self.examples: list[str] = []
+        self.unfinished: list[str] = []
+        self.unchanged = 0
+
+    def __enter__(self) -> "ScoringRun":
+        self.lease.acquire()
+        stale = outputs.remove_stale_staging(self.root)
+        if stale:
+            log.info(f"removed {len(stale)} staging file(s) that crashed runs left in {self.root}: "
+                     f"{', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lease.release()
+
+    def begin(self, cfg: ScoreConfig, model_id: str, image_size: int, listing: sources.Units,
+              identity_rows: int, unfinished: list[str], unchanged: int) -> None:
+        """Write the run's config and its manifest (``finished: false``); open the part writer.
+        ``unfinished``: earlier killed runs this one completes; ``unchanged``: listed loose files
+        left out because this model already scored them as they are."""
+        self.cfg, self.model_id, self.unfinished, self.unchanged = cfg, model_id, unfinished, unchanged
+        storage.write_text(storage.join(outputs.run_uri(self.root, self.run_id), "config.json"),
+                           dataclasses.replace(cfg, run_id=self.run_id).to_json())
+        self.manifest = {
+            "run_id": self.run_id, "model_id": model_id, "model": storage.redact(cfg.model),
+            "input": storage.redact(cfg.input), "image_size": image_size, "identity_manifest": cfg.manifest,
+            "identity_manifest_rows": identity_rows, "threshold": cfg.threshold, "finished": False, "parts": [],
+            "rows_committed": 0, "completes": unfinished, "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "units": {k: listing.count(k) for k in sources.UNIT_KINDS},
+            "commit": "rows are committed part by part: every file listed in `parts` is whole and final"}
+        self._write_manifest()
+        self.counts = {SCORED: 0, ERRORS: 0, schema.STATUS_NON_IMAGE: len(listing.skipped), schema.STATUS_EMPTY: 0,
+                       schema.STATUS_ALREADY: unchanged, schema.STATUS_HIDDEN: 0, schema.STATUS_DUPLICATE: 0}
+        self.accumulator = metrics.MetricsAccumulator(cfg.threshold)
+        self.writer = PredictionWriter(self.root, self.run_id, part_rows=cfg.commit_every_rows,
+                                       part_seconds=60 * cfg.commit_every_minutes, on_part=self._on_part)
+
+    def _write_manifest(self, **update) -> None:
+        self.manifest.update(update)
+        manifests.write_manifest(self.root, self.run_id, self.manifest)
+
+    def _on_part(self, writer: PredictionWriter) -> None:
+        self._write_manifest(parts=[part_file_name(u) for u in writer.parts], rows_committed=writer.rows)
+
+    def tally(self, batch: pa.Table) -> pa.Table | None:
+        """Count a batch of the pipeline by row status and renew the lease; the rows to write (scored
+        and error rows, in ``PREDICTIONS_SCHEMA``), or None when it holds none."""
+        self.lease.renew()
+        status = batch.column(schema.COL_STATUS)
+        for name, n in zip(*np.unique(status.to_numpy(zero_copy_only=False).astype(str), return_counts=True)):
+            key = {schema.STATUS_OK: SCORED, schema.STATUS_ERROR: ERRORS}.get(name, name)
+            self.counts[key] = self.counts.get(key, 0) + int(n)
+        rows = batch.filter(pc.is_in(status, pa.array([schema.STATUS_OK, schema.STATUS_ERROR])))
+        return normalize(rows) if rows.num_rows else None
+
+    def write(self, rows: pa.Table) -> None:
+        """Rows of ``tally`` (identities final) into the run's metrics and its open part."""
+        self.accumulator.update(rows.column(schema.COL_LABEL).to_pylist(),
+                                rows.column(schema.COL_PROB).to_numpy(zero_copy_only=False),
+                                rows.column(schema.COL_ERROR).to_pylist())
+        if len(self.examples) < ERROR_EXAMPLES:
+            errs = rows.filter(pc.is_valid(rows.column(schema.COL_ERROR)))
+            self.examples += [f"{u}: {e}" for u, e in zip(errs.column(schema.COL_URI).to_pylist()[:ERROR_EXAMPLES],
+                                                         errs.column(schema.COL_ERROR).to_pylist()[:ERROR_EXAMPLES])]
+        self.writer.write(rows)
+
+    def close(self) -> None:
+        """The last part, whole in staging (published by ``finish``)."""
+        self.writer.close()
+
+    def fail(self, exc: BaseException) -> None:
+        """Drop the unpublished part; the manifest says why the run stopped."""
+        self.writer.abort()
+        self._write_manifest(failed=f"{type(exc).__name__}: {exc}"[:500])
+
+    def finish(self, seconds: float, fp_rate: float | None, **manifest_extra) -> RunResult:
+        """Publish the run: its metrics row and plot, the last part, the finished manifest, the
+        earlier runs it completes, then the rebuilt ``metrics.parquet`` and ``slides.parquet``.
+        ``fp_rate``: the model's false-positive rate per cell for the slide calls (or None)."""
+        if self.writer.rows == 0 and self.counts[schema.STATUS_ALREADY] == 0:
+            self.writer.abort()
+            raise CorpusError(f"no images found in {self.cfg.input} ({self.counts[schema.STATUS_NON_IMAGE]} non-image "
+                              f"files, {self.counts[schema.STATUS_EMPTY]} empty archives)")
+        acc = self.accumulator
+        result = RunResult(self.run_id, self.model_id, self.root, outputs.predictions_uri(self.root), seconds,
+                           self.counts, {schema.COL_RUN_ID: self.run_id, schema.COL_MODEL_ID: self.model_id, **acc.row()},
+                           acc.confusion() if acc.metrics_known else None, self.examples[:ERROR_EXAMPLES],
+                           completes=self.unfinished, unchanged=self.unchanged)
+        manifests.write_run_metrics(self.root, self.run_id, result.metrics)
+        if result.confusion is not None:
+            from malaria_ray.report import confusion_png
+
+            storage.write_bytes(storage.join(outputs.run_uri(self.root, self.run_id), "plots", "confusion_matrix.png"),
+                                confusion_png(result.confusion, f"Confusion matrix, run {self.run_id}"))
+        self.writer.commit()
+        result.parts = [part_file_name(u) for u in self.writer.parts]
+        self._write_manifest(parts=result.parts, rows_committed=self.writer.rows, finished=True, counts=self.counts,
+                             entries=sum(self.counts.values()), unchanged_in_listing=self.unchanged,
+                             seconds=round(seconds, 3), finished_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+                             **manifest_extra)
+        for earlier in self.unfinished:
+            manifests.mark_completed(self.root, earlier, self.run_id)
+        manifests.rebuild_metrics(self.root)
+        outputs.rebuild_slides(self.root, self.model_id, fp_rate)
+        return result
