@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -162,6 +163,22 @@ def resize_of(contract: dict) -> str:
     if resize not in RESIZE_FILTERS:
         raise ModelError(f"{CONTRACT_FILE} names resize method {resize!r}; known: {', '.join(RESIZE_FILTERS)}")
     return resize
+
+
+def check_contract(contract: dict, image_size: int | None) -> None:
+    """Refuse a ``model.json`` whose contract scoring cannot honour: other classes or another
+    positive index (scoring reads column ``positive_index`` as P(Parasitized) and names the classes
+    as ``schema.CLASS_NAMES``), another pixel scale or channel order than the model's own input
+    layers take, or an input size that is not the artifact's. A bare ``.keras`` has no contract."""
+    expected = {KEY_CLASSES: list(CLASS_NAMES), KEY_POSITIVE_INDEX: CLASS_NAMES.index(POSITIVE_CLASS),
+                KEY_CHANNELS: "RGB"}
+    for key, want in expected.items():
+        if key in contract and contract[key] != want:
+            raise ModelError(f"{CONTRACT_FILE} has {key}={contract[key]!r}; malaria-ray scores {key}={want!r}")
+    if KEY_SCALE in contract and not math.isclose(float(contract[KEY_SCALE]), SCALE, rel_tol=1e-6):
+        raise ModelError(f"{CONTRACT_FILE} has {KEY_SCALE}={contract[KEY_SCALE]!r}; the model scales its input by {SCALE!r}")
+    if image_size is not None and KEY_IMAGE_SIZE in contract and int(contract[KEY_IMAGE_SIZE]) != image_size:
+        raise ModelError(f"{CONTRACT_FILE} says {KEY_IMAGE_SIZE}={contract[KEY_IMAGE_SIZE]} but the model takes {image_size} px")
 
 
 def read_contract(uri: str) -> dict:

@@ -25,7 +25,7 @@ import numpy as np
 from malaria_ray import corpus, faults, ingest, logs, manifests, outputs, resources, sources, storage
 from malaria_ray import schema
 from malaria_ray.config import DEFAULT_THRESHOLD, ConfigError, CorpusError, ScoreConfig
-from malaria_ray.model import ModelError, inspect_artifact, read_contract, resize_of
+from malaria_ray.model import ModelError, check_contract, inspect_artifact, read_contract, resize_of
 from malaria_ray.scoringrun import ERRORS, SCORED, RunResult, ScoringRun
 
 log = logs.get("score")
@@ -344,7 +344,9 @@ def preflight(cfg: ScoreConfig) -> Preflight:
         raise CorpusError(f"input {cfg.input} does not exist")
     contract = read_contract(cfg.model)
     # inspect_artifact: None for a legacy .h5, which is checked inside Ray
-    return Preflight(inspect_artifact(cfg.model), contract, resize_of(contract))
+    artifact = inspect_artifact(cfg.model)
+    check_contract(contract, artifact[schema.KEY_IMAGE_SIZE] if artifact else None)
+    return Preflight(artifact, contract, resize_of(contract))
 
 
 EXIT_TOO_MANY_ERRORS = 3

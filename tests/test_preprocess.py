@@ -182,3 +182,18 @@ def test_scoring_resizes_as_the_model_contract_says(sample_dir):
     data = next((sample_dir / "Parasitized").glob("*.png")).read_bytes()
     assert np.array_equal(preprocess.decode_image(data, 32), preprocess.decode_image(data, 32, "bilinear"))
     assert not np.array_equal(preprocess.decode_image(data, 32, "nearest"), preprocess.decode_image(data, 32))
+
+
+def test_scoring_refuses_a_contract_it_cannot_honour():
+    """model.json's classes, positive index, channels, scale and size are read, not only written."""
+    from malaria_ray import model, schema
+
+    good = {schema.KEY_CLASSES: list(schema.CLASS_NAMES), schema.KEY_POSITIVE_INDEX: 0, schema.KEY_CHANNELS: "RGB",
+            schema.KEY_SCALE: 1 / 255, schema.KEY_IMAGE_SIZE: 64}
+    model.check_contract(good, 64)
+    model.check_contract({}, 64)  # a bare .keras
+    for bad, needle in (({schema.KEY_CLASSES: ["Uninfected", "Parasitized"]}, "classes"),
+                        ({schema.KEY_POSITIVE_INDEX: 1}, "positive_index"), ({schema.KEY_CHANNELS: "BGR"}, "channels"),
+                        ({schema.KEY_SCALE: 1.0}, "scale"), ({schema.KEY_IMAGE_SIZE: 128}, "takes 64 px")):
+        with pytest.raises(model.ModelError, match=needle):
+            model.check_contract({**good, **bad}, 64)
