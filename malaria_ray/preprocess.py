@@ -31,7 +31,6 @@ ROTATION_DEG = 20.0
 ZOOM = 0.05
 SHIFT = 0.05
 SHEAR = 0.05  # ImageDataGenerator reads shear_range in degrees
-HFLIP = True
 
 # ``--augment-policy``. "notebook": the settings above. "cells": a cell on a slide has no up, and
 # patients' smears differ in stain: any rotation (with the flip, every orientation), and a colour
@@ -100,7 +99,7 @@ def _affine(u, size: int, m, rotation_deg: float | None = None):
     tx = (2 * u[:, 3] - 1) * SHIFT * size
     ty = (2 * u[:, 4] - 1) * SHIFT * size
     shear = (2 * u[:, 5] - 1) * (SHEAR * math.pi / 180)
-    flip = m.where(u[:, 6] < 0.5, -1.0, 1.0) if HFLIP else 1.0  # mirror with probability 1/2
+    flip = m.where(u[:, 6] < 0.5, -1.0, 1.0)  # mirror with probability 1/2
     a0, a1 = m.cos(theta) * zx * flip, -m.sin(theta + shear) * zy
     a3, a4 = m.sin(theta) * zx * flip, m.cos(theta + shear) * zy
     zero = 0 * a0

@@ -31,7 +31,9 @@ from malaria_ray.schema import (
 
 DECODE_BATCH = 64
 TRAIN_COLUMNS = [COL_URI, COL_IMAGE_ID, COL_TRAIN_IMAGE, COL_TRAIN_LABEL]
-PART_TRAIN, PART_VAL, PART_ERROR = "train", "val", "error"
+# Which subset of the run a decoded row belongs to (a column, and the shards' folders subset=...).
+COL_SUBSET = "subset"
+SUBSET_TRAIN, SUBSET_VAL, SUBSET_ERROR = "train", "val", "error"
 # Streaming (--stream): decoded shards under OUTPUT/decoded/, at most SHARD_ROWS rows a file (~48 MiB
 # at 128 px); auto streams when the decoded corpus would take more than STREAM_SHARE of the object store.
 DECODED_DIR, DECODED_STARTED, DECODED_DONE = "decoded", "_STARTED", "_DONE"
@@ -44,7 +46,7 @@ log = logs.get("train")
 # ---------------------------------------------------------------- driver-side data preparation
 def training_rows(batch: dict[str, np.ndarray], keep: np.ndarray, val: np.ndarray) -> dict[str, np.ndarray]:
     """Prepared rows -> the training columns, for the listed images (sorted ``keep``) only:
-    ``image`` (uint8), ``label`` (class index), ``part`` ("train", "val" for a uri in sorted ``val``,
+    ``image`` (uint8), ``label`` (class index), ``subset`` ("train", "val" for a uri in sorted ``val``,
     or "error": unreadable), ``status``, ``error``."""
     listed = np.array([s in (STATUS_OK, STATUS_ERROR) and ingest.in_sorted(keep, u)
                        for s, u in zip(batch[COL_STATUS], batch[COL_URI])], dtype=bool)
@@ -53,7 +55,7 @@ def training_rows(batch: dict[str, np.ndarray], keep: np.ndarray, val: np.ndarra
     return {
         COL_URI: uris, COL_IMAGE_ID: batch[COL_IMAGE_ID][listed], COL_TRAIN_IMAGE: batch[COL_PIXELS][listed],
         COL_TRAIN_LABEL: np.array([CLASS_NAMES.index(x) for x in batch[COL_LABEL][listed]], dtype=np.int64),
-        "part": np.where(status == STATUS_ERROR, PART_ERROR, np.where(is_val, PART_VAL, PART_TRAIN)).astype(object),
+        COL_SUBSET: np.where(status == STATUS_ERROR, SUBSET_ERROR, np.where(is_val, SUBSET_VAL, SUBSET_TRAIN)).astype(object),
         COL_STATUS: status, COL_ERROR: batch[COL_ERROR][listed],
     }
 
@@ -93,11 +95,11 @@ def prepare_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainCo
 
     blocks = max(2, min(64, len(listing) // DECODE_BATCH))
     decoded = decoded_rows(listing, val_mask, cfg, blocks).materialize()
-    unreadable = (decoded.filter(expr=col("part") == PART_ERROR)
+    unreadable = (decoded.filter(expr=col(COL_SUBSET) == SUBSET_ERROR)
                   .select_columns([COL_URI, COL_IMAGE_ID, COL_ERROR]).take_all())
-    train_ds = (decoded.filter(expr=col("part") == PART_TRAIN).select_columns(TRAIN_COLUMNS)
+    train_ds = (decoded.filter(expr=col(COL_SUBSET) == SUBSET_TRAIN).select_columns(TRAIN_COLUMNS)
                 .random_shuffle(seed=cfg.seed).materialize())
-    val_ds = decoded.filter(expr=col("part") == PART_VAL).select_columns(TRAIN_COLUMNS).materialize()
+    val_ds = decoded.filter(expr=col(COL_SUBSET) == SUBSET_VAL).select_columns(TRAIN_COLUMNS).materialize()
     return train_ds, val_ds, unreadable
 
 
@@ -133,7 +135,7 @@ def shards_ready(cfg: TrainConfig, fingerprint: str) -> bool:
 def stream_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainConfig, fingerprint: str | None = None):
     """(train_ds, val_ds, unreadable) for a corpus larger than the object store: the images are
     decoded once, in a streaming pass, into Parquet shards of up to SHARD_ROWS rows under
-    ``OUTPUT/decoded/part=train|val|error/``; the datasets read those shards lazily, so no epoch
+    ``OUTPUT/decoded/subset=train|val|error/``; the datasets read those shards lazily, so no epoch
     holds more than a few blocks in memory. Loose files are decoded in a seeded random order; a
     corpus of archives (whose members come out one archive, often one class, at a time) is
     shuffled row by row on its way to the shards, once. The training set reads its shards in a
@@ -170,24 +172,24 @@ def stream_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainCon
         rows = decoded_rows(listing, val_mask, cfg, blocks, shuffle_units=True)
         if archives:
             rows = rows.random_shuffle(seed=cfg.seed)
-        (rows.select_columns([*TRAIN_COLUMNS, "part", COL_ERROR])
+        (rows.select_columns([*TRAIN_COLUMNS, COL_SUBSET, COL_ERROR])
          .map_batches(_string_errors, batch_size=None, batch_format="pyarrow")
-         .write_parquet(path, filesystem=arrow_fs, partition_cols=["part"], max_rows_per_file=SHARD_ROWS))
+         .write_parquet(path, filesystem=arrow_fs, partition_cols=[COL_SUBSET], max_rows_per_file=SHARD_ROWS))
         with fs.open(storage.join(path, DECODED_DONE), "w") as f:
             f.write(json.dumps({"fingerprint": fingerprint, "images": len(listing), "image_size": cfg.image_size}))
         log.info(f"decoded shards written in {time.perf_counter() - t0:.0f}s")
 
-    def part(name: str, columns: list[str], **kwargs):
-        where = storage.join(path, f"part={name}")
+    def read_subset(name: str, columns: list[str], **kwargs):
+        where = storage.join(path, f"{COL_SUBSET}={name}")
         if not fs.exists(where):  # e.g. no unreadable image: no "error" partition
             return None
         # select_columns is pushed down into the Parquet read (only these columns are read)
         return ray.data.read_parquet(where, filesystem=arrow_fs, partitioning=None, **kwargs).select_columns(columns)
 
-    errors = part(PART_ERROR, [COL_URI, COL_IMAGE_ID, COL_ERROR])
+    errors = read_subset(SUBSET_ERROR, [COL_URI, COL_IMAGE_ID, COL_ERROR])
     unreadable = errors.take_all() if errors is not None else []
-    train_ds = part(PART_TRAIN, TRAIN_COLUMNS, shuffle=FileShuffleConfig(seed=cfg.seed))
-    val_ds = part(PART_VAL, TRAIN_COLUMNS)
+    train_ds = read_subset(SUBSET_TRAIN, TRAIN_COLUMNS, shuffle=FileShuffleConfig(seed=cfg.seed))
+    val_ds = read_subset(SUBSET_VAL, TRAIN_COLUMNS)
     if train_ds is None or val_ds is None:
         raise CorpusError(f"no readable {'training' if train_ds is None else 'validation'} images in {cfg.data}")
     return train_ds, val_ds, unreadable

@@ -42,9 +42,12 @@ def test_decode_errors(data, why):
 def test_identity_free_transform_when_ranges_are_zero(monkeypatch):
     for name in ("ROTATION_DEG", "ZOOM", "SHIFT", "SHEAR"):
         monkeypatch.setattr(preprocess, name, 0.0)
-    monkeypatch.setattr(preprocess, "HFLIP", False)
-    m = preprocess._affine(np.random.default_rng(0).random((3, 7)), 32, np)  # the host (numpy) transforms
+    u = np.random.default_rng(0).random((3, 7))
+    u[:, 6] = 0.75  # the draw that does not mirror
+    m = preprocess._affine(u, 32, np)  # the host (numpy) transforms
     assert np.allclose(m, [1, 0, 0, 0, 1, 0, 0, 0])
+    u[:, 6] = 0.25  # the draw that mirrors about the centre
+    assert np.allclose(preprocess._affine(u, 32, np), [-1, 0, 31, 0, 1, 0, 0, 0])
 
 
 @pytest.mark.tf

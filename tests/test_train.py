@@ -271,7 +271,7 @@ def test_streamed_corpus_is_decoded_once_into_shards_read_in_a_fresh_order_each_
     train_ds, val_ds, unreadable = train.stream_datasets(listing, val_mask, cfg)
     root = tmp_path / "run" / train.DECODED_DIR
     assert (root / train.DECODED_DONE).exists()
-    assert len(list((root / "part=train").glob("*.parquet"))) >= 4
+    assert len(list((root / "subset=train").glob("*.parquet"))) >= 4
     assert [r["uri"].endswith("C999P999ThinF_IMG_20150101_000000_cell_1.png") for r in unreadable] == [True]
     bad_in_val = int(unreadable[0]["uri"] in set(np.asarray(listing.uris)[val_mask]))
     assert (train_ds.count(), val_ds.count()) == (int((~val_mask).sum()) - (1 - bad_in_val),
@@ -287,9 +287,9 @@ def test_streamed_corpus_is_decoded_once_into_shards_read_in_a_fresh_order_each_
     train.stream_datasets(listing, val_mask, cfg)
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")} == before
     (root / train.DECODED_DONE).unlink()
-    (root / "part=train" / "stale.parquet").write_bytes(b"partial")
+    (root / "subset=train" / "stale.parquet").write_bytes(b"partial")
     train_ds, _, _ = train.stream_datasets(listing, val_mask, cfg)
-    assert not (root / "part=train" / "stale.parquet").exists() and (root / train.DECODED_DONE).exists()
+    assert not (root / "subset=train" / "stale.parquet").exists() and (root / train.DECODED_DONE).exists()
     assert sorted(r["image_id"] for r in train_ds.iter_rows()) == sorted(epochs[0])
     # Shards of another split are never reused; a "decoded" folder malaria-ray did not write is not deleted.
     other = corpus.make_split(listing, "patient", 0.3, 1)
@@ -321,7 +321,7 @@ def test_streamed_archive_corpus_is_shuffled_row_by_row_into_mixed_shards(small_
     cfg = TrainConfig(data=str(data), output=str(tmp_path / "run"), image_size=32, stream="on")
     listing = corpus.list_corpus(cfg.data)
     train_ds, _, _ = train.stream_datasets(listing, corpus.make_split(listing, "random", 0.3, 0), cfg)
-    shards = sorted((tmp_path / "run" / train.DECODED_DIR / "part=train").glob("*.parquet"))
+    shards = sorted((tmp_path / "run" / train.DECODED_DIR / "subset=train").glob("*.parquet"))
     mixed = [pd.read_parquet(f, columns=["label"])["label"].nunique() == 2 for f in shards]
     assert len(shards) >= 3 and all(mixed), mixed
     assert train_ds.count() == int((~corpus.make_split(listing, "random", 0.3, 0)).sum())
