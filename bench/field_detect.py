@@ -39,9 +39,10 @@ from malaria_ray import annotations as A  # noqa: E402
 from malaria_ray import detect as D  # noqa: E402
 
 DATA = pathlib.Path(os.environ.get("MALARIA_FIELDS_DIR", REPO.parent / "shared" / "data" / "iml_malaria"))
-GRID = {"border_area_frac": (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1),
-        "box_pad_frac": (0.0, 0.03, 0.06, 0.09, 0.12),
-        "min_area_frac": (0.3, 0.4, 0.5)}
+GRID = {"border_area_frac": (0.7, 0.8, 0.9, 1.0),
+        "box_pad_frac": (0.03, 0.06, 0.09),
+        "min_area_frac": (0.4, 0.5),
+        "split_max_cells": (1, 2, 3, 4, 8)}
 
 
 def measure_fields(data: pathlib.Path, names: list[str], size: int, base: D.DetectParams) -> dict:

@@ -7,6 +7,7 @@ when ``MALARIA_FIELDS_DIR`` (default ``../shared/data/iml_malaria`` beside the c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -58,6 +59,34 @@ def test_synthetic_fields_are_found_with_high_recall_and_precision():
 def test_touching_cells_are_split():
     f, det, m = _synthetic_scores(7, touching=0.8, white_cell=False)
     assert m.recall >= 0.85 and m.precision >= 0.9, (m.tp, m.fp, m.fn)
+
+
+def _heap_field(centres, r=20, shape=(200, 300)):
+    """A field of discs of radius ``r`` (cell colour on smear background) at ``centres`` (x, y)."""
+    img = np.full(shape + (3,), (200, 228, 205), np.uint8)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    for cx, cy in centres:
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = (170, 120, 150)
+    return img
+
+
+def test_heap_of_overlapping_cells_is_split_into_its_count_or_kept_whole():
+    # three single cells, and a heap of three discs overlapping by a quarter radius that the watershed
+    # leaves whole (markers over 2.5 radii apart)
+    single = [(40, 40), (120, 40), (200, 40)]
+    heap = [(60, 140), (95, 140), (130, 140)]
+    img = _heap_field(single + heap)
+    p = D.DetectParams(diameter=40.0, work_scale=1, peak_distance_frac=2.5, max_area_frac=4.0, split_max_cells=3)
+    det = D.detect_cells(img, 32, p)
+    truth = np.array([(x - 20, y - 20, 41, 41) for x, y in single + heap])
+    m = A.match_boxes(truth, det.boxes)
+    assert len(det) == 6 and m.tp == 6, (det.boxes, m.tp)  # each cell of the heap boxed whole, overlap included
+    assert det.n_candidates == 6
+    whole = D.detect_cells(img, 32, dataclasses.replace(p, split_max_cells=2))  # a heap of 3: kept as one
+    assert len(whole) == 4 and A.match_boxes(truth, whole.boxes).tp == 3
+    assert whole.crops.shape == (4, 32, 32, 3) and whole.areas.max() > 2 * whole.areas.min()
+    off = D.detect_cells(img, 32, dataclasses.replace(p, split_area_frac=0))
+    assert A.match_boxes(truth, off.boxes).tp == 3
 
 
 def test_crops_are_masked_sized_and_boxes_inside_the_field():
