@@ -82,7 +82,8 @@ class DetectParams:
     split_max_cells: int = 2  # selection: a heap of up to this many cells is given as its pieces, a bigger one whole
     min_area_frac: float = 0.5  # segments smaller than this share of a cell are debris
     max_area_frac: float = 2.5  # larger: a heap the watershed could not split
-    border_area_frac: float = 0.9  # a border cell is kept when this share of a cell is visible
+    border_area_frac: float = 0.5  # a border cell is kept when this share of a cell is visible...
+    border_depth_frac: float = 0.8  # ...and (> 0) it reaches this x diameter into the field from the edge it touches
     nucleus_level: float = 0.22  # G / background below this: a white cell's nucleus
     nucleus_frac: float = 0.15  # share of nucleus pixels that makes a segment a white cell
     box_pad_frac: float = 0.06  # box grown by this share of the diameter per side (annotators' boxes are loose)
@@ -330,6 +331,7 @@ class Candidates:
     cell_area: float
     scale: int
     flags: tuple[str, ...]
+    shape: tuple[int, int] = (0, 0)  # of the reduced copy (``labels.shape``)
     heap_cells: np.ndarray | None = None  # cells of the heap a segment was split from, or that it is (1: no heap)
     whole: np.ndarray | None = None  # the segment is a split heap as one (the alternative to its pieces)
     parent: np.ndarray | None = None  # label of the heap before its split (0: no heap)
@@ -397,8 +399,8 @@ def find_candidates(img: np.ndarray, p: DetectParams) -> Candidates:
     nucleus = np.asarray(ndi.sum(dark_blue, labels, ids[~whole]) if len(ids) else [], np.float64)
     if extra:
         nucleus = np.r_[nucleus, [nucleus[parent[~whole] == e[0]].sum() for e in extra]]
-    return Candidates(labels, ids, area, bbox, on_border, nucleus, float(cell_area), s, tuple(flags), heap_cells,
-                      whole, parent)
+    return Candidates(labels, ids, area, bbox, on_border, nucleus, float(cell_area), s, tuple(flags), labels.shape,
+                      heap_cells, whole, parent)
 
 
 def select_cells(c: Candidates, p: DetectParams) -> tuple[np.ndarray, dict[str, int]]:
@@ -411,6 +413,11 @@ def select_cells(c: Candidates, p: DetectParams) -> tuple[np.ndarray, dict[str, 
     reason[c.area < p.min_area_frac * ref] = "small"
     reason[(reason == "") & (c.area > p.max_area_frac * ref)] = "large"
     reason[(reason == "") & c.on_border & (c.area < p.border_area_frac * ref)] = "border"
+    if p.border_depth_frac > 0 and len(c.area):  # how far a cut cell reaches in: the annotators' "most of it visible"
+        h, w = c.shape
+        y0, x0, y1, x1 = c.bbox.T
+        depth = np.minimum(np.where((x0 == 0) | (x1 >= w), x1 - x0, np.inf), np.where((y0 == 0) | (y1 >= h), y1 - y0, np.inf))
+        reason[(reason == "") & (depth < p.border_depth_frac * c.diameter / c.scale)] = "border"
     reason[(reason == "") & (c.nucleus > p.nucleus_frac * c.area)] = "white_cell"
     return np.flatnonzero(reason == ""), {k: int(np.sum(reason == k)) for k in REJECT_REASONS}
 
