@@ -15,9 +15,13 @@ the model was trained on) and resized to the model's input. The method, on a cop
 4. markers: peaks of the smoothed distance transform at least ``peak_distance_frac`` radii apart
    (or its h-maxima), then a watershed of the inverted distance transform inside the foreground,
    which splits touching cells; touching fragments that together make one convex cell are joined;
+   heaps the watershed left whole (over ``split_area_frac`` of a cell and not convex) are cut into
+   their count of cells by k-means of their pixels, each piece boxed as its whole cell; the
+   selection gives heaps of up to ``split_max_cells`` cells as their pieces, bigger ones whole;
 5. segments judged against the field's reference cell area (median area of plausible segments):
    too small (platelets, debris, fragments), too large (unsplit heaps), cut by the border with
-   less than ``border_area_frac`` of a cell visible (annotators do not box those), white cells
+   less than ``border_area_frac`` of a cell visible or reaching less than ``border_depth_frac``
+   diameters in (annotators do not box those), white cells
    (a large share of nucleus pixels: dark in green and bluer than red).
 
 Boxes are the segment's bounding box grown by ``box_pad_frac`` of the diameter a side (the
