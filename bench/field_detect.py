@@ -6,13 +6,14 @@
 The fields (``--data``, default ``$MALARIA_FIELDS_DIR`` or ``../shared/data/iml_malaria``) are
 cut into ``--folds`` contiguous runs of serial numbers (``annotations.contiguous_folds``); each run
 is held out once. Segmentation runs once per field with the default parameters; the selection
-parameters (``border_area_frac``, ``box_pad_frac``, ``min_area_frac``: the annotators' border and
-box conventions) are chosen on the training runs only, by F1 against their raw boxes, and the
-held-out run is reported with them. Per split, one line: recall and precision at IoU >= 0.5
-against the raw boxes, and again with the documented exclusions (``annotations.exclusion_reasons``:
-degenerate boxes, boxes over 1.6x the field's median area, boxes touching the edge; a detection on
-an excluded box, or lying mostly inside one, is not counted). Then detection speed: fields/s of one
-process (= per core) by wall clock and by CPU time, decode excluded, crops at ``--size`` included. Then indicators of the
+parameters (``border_area_frac``, ``border_depth_frac``, ``box_pad_frac``: the annotators' border
+and box conventions; ``split_max_cells``: which heaps are given as their cells) are chosen on
+the training runs only, by F1 against their raw boxes, and the held-out run is reported with
+them. Per split, one line: recall and precision at IoU >= 0.5 against the raw boxes, and again
+with the documented exclusions (``annotations.exclusion_reasons``: degenerate boxes, boxes over
+1.6x the field's median area, boxes touching the edge; a detection on an excluded box, or lying
+mostly inside one, is not counted). Then detection speed: fields/s of one process (= per core)
+by wall clock and by CPU time, decode excluded, crops at ``--size`` included. Then indicators of the
 annotation's own ceiling. ``--overlays DIR`` writes PNGs of held-out fields (annotated boxes green,
 missed yellow; detections blue, unmatched red) to look at; never commit them.
 """
@@ -39,9 +40,10 @@ from malaria_ray import annotations as A  # noqa: E402
 from malaria_ray import detect as D  # noqa: E402
 
 DATA = pathlib.Path(os.environ.get("MALARIA_FIELDS_DIR", REPO.parent / "shared" / "data" / "iml_malaria"))
-GRID = {"border_area_frac": (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1),
-        "box_pad_frac": (0.0, 0.03, 0.06, 0.09, 0.12),
-        "min_area_frac": (0.3, 0.4, 0.5)}
+GRID = {"border_area_frac": (0.5, 0.7, 0.8, 0.9, 1.0),
+        "border_depth_frac": (0.0, 0.7, 0.8, 0.9),
+        "box_pad_frac": (0.03, 0.06, 0.09),
+        "split_max_cells": (1, 2, 4)}
 
 
 def measure_fields(data: pathlib.Path, names: list[str], size: int, base: D.DetectParams) -> dict:

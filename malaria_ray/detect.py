@@ -15,9 +15,13 @@ the model was trained on) and resized to the model's input. The method, on a cop
 4. markers: peaks of the smoothed distance transform at least ``peak_distance_frac`` radii apart
    (or its h-maxima), then a watershed of the inverted distance transform inside the foreground,
    which splits touching cells; touching fragments that together make one convex cell are joined;
+   heaps the watershed left whole (over ``split_area_frac`` of a cell and not convex) are cut into
+   their count of cells by k-means of their pixels, each piece boxed as its whole cell; the
+   selection gives heaps of up to ``split_max_cells`` cells as their pieces, bigger ones whole;
 5. segments judged against the field's reference cell area (median area of plausible segments):
    too small (platelets, debris, fragments), too large (unsplit heaps), cut by the border with
-   less than ``border_area_frac`` of a cell visible (annotators do not box those), white cells
+   less than ``border_area_frac`` of a cell visible or reaching less than ``border_depth_frac``
+   diameters in (annotators do not box those), white cells
    (a large share of nucleus pixels: dark in green and bluer than red).
 
 Boxes are the segment's bounding box grown by ``box_pad_frac`` of the diameter a side (the
@@ -73,9 +77,17 @@ class DetectParams:
     merge_piece_frac: float = 0.75  # touching segments each under this share of a cell...
     merge_union_frac: float = 1.3  # ...are joined when together under this share (0: never)...
     merge_solidity: float = 0.9  # ...and convex
+    split_area_frac: float = 1.6  # > 0: segments over this share of a cell are split into their count of cells...
+    split_solidity: float = 0.93  # ...when less convex than this (or over split_always_frac of a cell)...
+    split_always_frac: float = 2.5
+    split_count_bias: float = 0.0  # ...the count: round(area / cell + this)
+    split_limit_cells: int = 8  # heaps of more cells are not split (thick areas; speed)
+    split_disc_frac: float = 1.0  # a piece's box: the heap within this x radius of the piece's centre
+    split_max_cells: int = 2  # selection: a heap of up to this many cells is given as its pieces, a bigger one whole
     min_area_frac: float = 0.5  # segments smaller than this share of a cell are debris
     max_area_frac: float = 2.5  # larger: a heap the watershed could not split
-    border_area_frac: float = 0.9  # a border cell is kept when this share of a cell is visible
+    border_area_frac: float = 0.5  # a border cell is kept when this share of a cell is visible...
+    border_depth_frac: float = 0.8  # ...and (> 0) it reaches this x diameter into the field from the edge it touches
     nucleus_level: float = 0.22  # G / background below this: a white cell's nucleus
     nucleus_frac: float = 0.15  # share of nucleus pixels that makes a segment a white cell
     box_pad_frac: float = 0.06  # box grown by this share of the diameter per side (annotators' boxes are loose)
@@ -132,11 +144,16 @@ def check_field(image) -> np.ndarray:
 
 
 def reduce(image: np.ndarray, s: int) -> np.ndarray:
-    """Block mean by ``s`` (float32), cropping the last partial block: a cheap, alias-free reduction."""
+    """Block mean by ``s`` (float32), cropping the last partial block: a cheap, alias-free reduction
+    (a sum of the s x s strided views: several times faster than a reshaped mean)."""
     if s == 1:
         return image.astype(np.float32)
     h, w = (image.shape[0] // s) * s, (image.shape[1] // s) * s
-    return image[:h, :w].reshape(h // s, s, w // s, s, 3).mean(axis=(1, 3), dtype=np.float32)
+    out = np.zeros((h // s, w // s, image.shape[2]), np.float32)
+    for dy in range(s):
+        for dx in range(s):
+            out += image[dy:h:s, dx:w:s]
+    return out / (s * s)
 
 
 def foreground(small: np.ndarray, p: DetectParams):
@@ -233,6 +250,76 @@ def merge_fragments(labels: np.ndarray, cell_area: float, p: DetectParams) -> np
     return merged[labels]
 
 
+def _solidity(mask: np.ndarray) -> float:
+    return float(mask.sum() / max(1, morphology.convex_hull_image(mask).sum()))
+
+
+def _kmeans(pts: np.ndarray, init: np.ndarray, iters: int = 12) -> np.ndarray:
+    """Lloyd's k-means of pixel coordinates from ``init`` centres; returns each point's cluster."""
+    centres = init.astype(np.float64)
+    k = len(centres)
+    for _ in range(iters):
+        near = ((pts[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2).argmin(axis=1)
+        n = np.bincount(near, minlength=k)
+        new = np.where(n[:, None] > 0, np.stack([np.bincount(near, pts[:, 0], k), np.bincount(near, pts[:, 1], k)], axis=1)
+                       / np.maximum(n, 1)[:, None], centres)
+        if np.abs(new - centres).max() < 0.25:
+            break
+        centres = new
+    return ((pts[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2).argmin(axis=1)
+
+
+def split_heaps(labels: np.ndarray, cell_area: float, p: DetectParams):
+    """Split segments that hold several cells into as many pieces as cells they can hold. A heap
+    of over ``split_area_frac`` of a cell that is not convex (solidity under ``split_solidity``),
+    or any segment over ``split_always_frac`` of a cell, is cut into k = round(area / cell +
+    ``split_count_bias``) pieces (k up to ``split_limit_cells``) by k-means of its pixel coordinates, started from the k highest
+    peaks of its own distance transform (and the farthest pixels when it has fewer). Each piece is
+    boxed as its whole cell: the heap's pixels within ``split_disc_frac`` radii of the piece's
+    centre, since overlapping cells share the overlap. Returns the new label image and, per heap,
+    (its label before the split, k, the pieces' labels, their boxes y0, x0, y1, x1)."""
+    heaps: list[tuple[int, int, list[int], list[tuple[int, int, int, int]]]] = []
+    if p.split_area_frac <= 0 or cell_area <= 0:
+        return labels, heaps
+    area = np.bincount(labels.ravel())
+    big = np.flatnonzero(area > p.split_area_frac * cell_area)
+    big = big[big > 0]
+    if not len(big):
+        return labels, heaps
+    out = labels.copy()
+    nxt = int(labels.max()) + 1
+    slices = ndi.find_objects(labels)
+    radius = np.sqrt(cell_area / np.pi)
+    for i in big:
+        sl = slices[i - 1]
+        mask = labels[sl] == i
+        a = area[i] / cell_area
+        if a < p.split_always_frac and mask.sum() >= p.split_solidity * morphology.convex_hull_image(mask).sum():
+            continue
+        k = int(np.round(a + p.split_count_bias))
+        if k < 2 or k > p.split_limit_cells:
+            continue
+        peaks = feature.peak_local_max(ndi.distance_transform_edt(mask), min_distance=max(1, int(0.3 * radius)),
+                                       num_peaks=k, exclude_border=False)
+        ys, xs = np.nonzero(mask)
+        pts = np.stack([ys, xs], axis=1).astype(np.float64)
+        init = [q.astype(np.float64) for q in peaks]
+        while len(init) < k:  # the pixel farthest from the centres so far
+            init.append(pts[((pts[:, None, :] - np.array(init)[None]) ** 2).sum(axis=2).min(axis=1).argmax()])
+        near = _kmeans(pts, np.array(init))
+        ids = [int(i)] + list(range(nxt, nxt + k - 1))
+        nxt += k - 1
+        out[sl][ys, xs] = np.array(ids)[near]
+        boxes = []
+        for j in range(k):
+            cy, cx = pts[near == j].mean(axis=0) if np.any(near == j) else init[j]
+            inside = ((pts[:, 0] - cy) ** 2 + (pts[:, 1] - cx) ** 2 <= (p.split_disc_frac * radius) ** 2) | (near == j)
+            yy, xx = ys[inside], xs[inside]
+            boxes.append((sl[0].start + yy.min(), sl[1].start + xx.min(), sl[0].start + yy.max() + 1, sl[1].start + xx.max() + 1))
+        heaps.append((int(i), k, ids, boxes))
+    return out, heaps
+
+
 @dataclass
 class Candidates:
     """Every segment of one field before the red-cell rules: the label image of the reduced copy,
@@ -248,6 +335,10 @@ class Candidates:
     cell_area: float
     scale: int
     flags: tuple[str, ...]
+    shape: tuple[int, int] = (0, 0)  # of the reduced copy (``labels.shape``)
+    heap_cells: np.ndarray | None = None  # cells of the heap a segment was split from, or that it is (1: no heap)
+    whole: np.ndarray | None = None  # the segment is a split heap as one (the alternative to its pieces)
+    parent: np.ndarray | None = None  # label of the heap before its split (0: no heap)
 
     @property
     def diameter(self) -> float:
@@ -275,7 +366,7 @@ def find_candidates(img: np.ndarray, p: DetectParams) -> Candidates:
         sizes = np.bincount(labels.ravel())[1:]
         plausible = sizes[(sizes > 0.5 * cell_area) & (sizes < 2.5 * cell_area)]
         cell_area = float(np.median(plausible)) if len(plausible) >= 3 else cell_area
-    labels = merge_fragments(labels, cell_area, p)
+    labels, heaps = split_heaps(merge_fragments(labels, cell_area, p), cell_area, p)
     # find_objects + bincount: the boxes and areas regionprops would give, at a tenth of its cost
     slices = ndi.find_objects(labels)
     ids = np.array([i + 1 for i, sl in enumerate(slices) if sl is not None], np.int64)
@@ -283,26 +374,61 @@ def find_candidates(img: np.ndarray, p: DetectParams) -> Candidates:
     area = np.bincount(labels.ravel())[ids].astype(np.float64)
     bbox = np.array([(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop) for sl in slices if sl is not None],
                     np.int64).reshape(-1, 4)
+    heap_cells = np.ones(len(ids), np.int64)
+    parent = np.zeros(len(ids), np.int64)
+    pos = {int(i): k for k, i in enumerate(ids)}
+    extra = []
+    for lab, k, piece_ids, boxes in heaps:  # each piece boxed as its whole cell, overlap included
+        kk = [pos[j] for j in piece_ids if j in pos]
+        if not kk:
+            continue
+        heap_cells[kk], parent[kk] = k, lab
+        bbox[kk] = [boxes[piece_ids.index(int(ids[q]))] for q in kk]
+        whole_box = (min(bbox[kk, 0]), min(bbox[kk, 1]), max(bbox[kk, 2]), max(bbox[kk, 3]))
+        extra.append((lab, k, area[kk].sum(), whole_box))
+    whole = np.r_[np.zeros(len(ids), bool), np.ones(len(extra), bool)]
+    if extra:  # each split heap also as one segment: the selection chooses pieces or the whole (split_max_cells)
+        ids = np.r_[ids, [-e[0] for e in extra]]
+        heap_cells = np.r_[heap_cells, [e[1] for e in extra]]
+        parent = np.r_[parent, [e[0] for e in extra]]
+        area = np.r_[area, [e[2] for e in extra]]
+        bbox = np.r_[bbox, np.array([e[3] for e in extra], np.int64)]
     on_border = (bbox[:, 0] == 0) | (bbox[:, 1] == 0) | (bbox[:, 2] >= h) | (bbox[:, 3] >= w)
     if not p.diameter:  # refined on the merged segments, away from the border
-        plausible = ~on_border & (area > 0.6 * cell_area) & (area < 1.6 * cell_area)
+        plausible = ~on_border & ~whole & (area > 0.6 * cell_area) & (area < 1.6 * cell_area)
         if plausible.sum() >= 3:
             cell_area = float(np.median(area[plausible]))
     # a nucleus is dark in green and bluer than red; red cells, however deep their stain, stay redder than blue
     dark_blue = (small[..., 1] < p.nucleus_level * bright) & (small[..., 2] > small[..., 0])
-    nucleus = np.asarray(ndi.sum(dark_blue, labels, ids) if len(ids) else [], np.float64)
-    return Candidates(labels, ids, area, bbox, on_border, nucleus, float(cell_area), s, tuple(flags))
+    nucleus = np.asarray(ndi.sum(dark_blue, labels, ids[~whole]) if len(ids) else [], np.float64)
+    if extra:
+        nucleus = np.r_[nucleus, [nucleus[parent[~whole] == e[0]].sum() for e in extra]]
+    return Candidates(labels, ids, area, bbox, on_border, nucleus, float(cell_area), s, tuple(flags), labels.shape,
+                      heap_cells, whole, parent)
 
 
 def select_cells(c: Candidates, p: DetectParams) -> tuple[np.ndarray, dict[str, int]]:
     """Indices of the candidates that are red cells, and how many were rejected for each reason."""
     ref = c.cell_area
     reason = np.full(len(c.area), "", dtype=object)
+    if c.whole is not None and c.whole.any():  # a heap: its pieces, or itself whole when it holds too many cells
+        reason[c.whole & (c.heap_cells <= p.split_max_cells)] = "alt"
+        reason[~c.whole & (c.heap_cells > p.split_max_cells)] = "alt"
     reason[c.area < p.min_area_frac * ref] = "small"
     reason[(reason == "") & (c.area > p.max_area_frac * ref)] = "large"
     reason[(reason == "") & c.on_border & (c.area < p.border_area_frac * ref)] = "border"
+    if p.border_depth_frac > 0 and len(c.area):  # how far a cut cell reaches in: the annotators' "most of it visible"
+        h, w = c.shape
+        y0, x0, y1, x1 = c.bbox.T
+        depth = np.minimum(np.where((x0 == 0) | (x1 >= w), x1 - x0, np.inf), np.where((y0 == 0) | (y1 >= h), y1 - y0, np.inf))
+        reason[(reason == "") & (depth < p.border_depth_frac * c.diameter / c.scale)] = "border"
     reason[(reason == "") & (c.nucleus > p.nucleus_frac * c.area)] = "white_cell"
     return np.flatnonzero(reason == ""), {k: int(np.sum(reason == k)) for k in REJECT_REASONS}
+
+
+def n_segments(c: Candidates) -> int:
+    """Segments of the field (a split heap counted as its pieces)."""
+    return int(len(c.ids) - (c.whole.sum() if c.whole is not None else 0))
 
 
 def detect_cells(image, size: int = 128, params: DetectParams | None = None) -> FieldDetection:
@@ -315,11 +441,11 @@ def detect_cells(image, size: int = 128, params: DetectParams | None = None) -> 
     if c.cell_area > 0 and not p.min_diameter <= c.diameter <= p.max_diameter:
         flags.append(FLAG_DIAMETER)
     if not len(keep):
-        return _empty(size, c.diameter, len(c.ids), flags + [FLAG_NO_CELLS], rejected)
+        return _empty(size, c.diameter, n_segments(c), flags + [FLAG_NO_CELLS], rejected)
     if len(keep) < p.few_cells:
         flags.append(FLAG_FEW_CELLS)
     boxes, areas, crops = cut_cells(img, c, keep, size, p.box_pad_frac * c.diameter)
-    return FieldDetection(boxes, areas, crops, c.diameter, len(c.ids), rejected, tuple(flags))
+    return FieldDetection(boxes, areas, crops, c.diameter, n_segments(c), rejected, tuple(flags))
 
 
 def _empty(size, diameter, n_candidates, flags, rejected=None) -> FieldDetection:
@@ -350,7 +476,12 @@ def cut_cells(img: np.ndarray, c: Candidates, keep: np.ndarray, size: int, pad: 
     for i, k in enumerate(keep):
         x, y, w, h = tight[i]
         y0, x0, y1, x1 = c.bbox[k]
-        mask = np.repeat(np.repeat(c.labels[y0:y1, x0:x1] == c.ids[k], s, axis=0), s, axis=1)
+        sub = c.labels[y0:y1, x0:x1]
+        if c.ids[k] > 0:
+            sub = sub == c.ids[k]
+        else:  # a heap whole: all its pieces
+            sub = np.isin(sub, c.ids[~c.whole & (c.parent == -c.ids[k])])
+        mask = np.repeat(np.repeat(sub, s, axis=0), s, axis=1)
         mask = np.pad(mask, ((0, h - mask.shape[0]), (0, w - mask.shape[1])), mode="edge")
         cut = img[y:y + h, x:x + w] * mask[..., None]  # outside the cell black, as NIH's crops
         crops[i] = np.asarray(Image.fromarray(cut).resize((size, size), Image.Resampling.BILINEAR))
