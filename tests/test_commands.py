@@ -83,10 +83,12 @@ def test_jobs_entrypoints_train_then_score_real_cells(small_corpus, tmp_path):
 
 def test_make_demo_trains_then_scores_a_held_out_synthetic_night(tmp_path):
     """`make demo` as the README has it (its venv already built by `make test`): trains on one
-    synthetic corpus, scores a second one of other patients, and says both are synthetic."""
+    synthetic corpus, scores a second one of other patients, and says both are synthetic. The
+    training flags are the other fresh tests' (32 px, one epoch) through the Makefile's DEMO_FLAGS:
+    the recipe is the demo's, the flags only its cost."""
     venv = pathlib.Path(sys.executable).parents[1]
     r = run("make", "--no-print-directory", "-C", str(REPO), "demo", f"VENV={venv}", f"OUT={tmp_path / 'demo-out'}",
-            "-o", str(venv / "bin" / ".installed"), cwd=tmp_path)
+            f"DEMO_FLAGS={' '.join(TRAIN_FLAGS)} --num-workers 1", "-o", str(venv / "bin" / ".installed"), cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SYNTHETIC corpus" in r.stdout and "held-out SYNTHETIC night" in r.stdout and "in-sample" not in r.stdout
     out = tmp_path / "demo-out"
