@@ -1,6 +1,6 @@
 """Shared fixtures: real NIH cells, one local Ray instance per test session.
 
-``sample_dir`` is the in-repository fixture tests/data/nih_cells (288 real NIH cells, public
+``sample_dir`` is the in-repository fixture tests/fixtures/nih_cells (288 real NIH cells, public
 domain, see its SOURCE.md): every test that needs real cells runs on a fresh clone. The larger
 shared sets are optional: ``nih_sample_dir`` (MALARIA_SAMPLE_DIR, default
 ../shared/data/nih_malaria beside the checkout: 6,000 cells and NIH's full mapping files) and
@@ -19,7 +19,7 @@ import shutil
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CELLS = REPO / "tests" / "data" / "nih_cells"
+CELLS = REPO / "tests" / "fixtures" / "nih_cells"
 SHARED = REPO.parent / "shared" / "data"
 
 
