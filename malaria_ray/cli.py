@@ -135,6 +135,11 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     _flag(p, S, "run_id", "run identifier (default: UTC time + random suffix); a used one is refused")
     _flag(p, S, "manifest", "CSV or Parquet with path (relative to --input, or a full URI), slide_id, patient_id and "
           "optional label: identity and labels for archives whose file names carry none (wins over names and folders)")
+    _switch(p, "fields", "the input holds photographs of whole smear fields, not cut-out cells: find every red cell "
+            "(docs/fields.md), score each, and add fields.parquet (per field) beside the roll-ups")
+    _flag(p, S, "cell_diameter", "with --fields: the red cells' diameter in pixels, for the whole archive "
+          "(default: estimated per field)", type=float)
+    _flag(p, S, "max_field_megapixels", "with --fields: a larger photograph is an error row, not detected", type=float)
 
 
 def config_from_args(cls, args: argparse.Namespace, preset: dict[str, Any] | None = None):
@@ -219,17 +224,26 @@ def _score(argv: list[str]) -> int:
 
 
 def _synth(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="malaria-ray synth", description="Write a deterministic SYNTHETIC cell corpus.")
-    p.add_argument("dest", help="folder to create (Parasitized/ and Uninfected/ inside)")
-    p.add_argument("--n", type=int, default=200, help="images in total (default: 200)")
-    p.add_argument("--size", type=int, default=96, help="image size in pixels (default: 96)")
+    p = argparse.ArgumentParser(prog="malaria-ray synth", description="Write a deterministic SYNTHETIC cell corpus, "
+                                "or SYNTHETIC field photographs (--fields).")
+    p.add_argument("dest", help="folder to create (Parasitized/ and Uninfected/ inside; with --fields, slide-<k>/)")
+    p.add_argument("--n", type=int, default=None, help="images in total (default: 200 cells, or 20 fields)")
+    p.add_argument("--size", type=int, default=96, help="cell image size in pixels (default: 96)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--fields", action="store_true", help="640x480 photographs of whole smear fields, many cells each, "
+                   "with their true boxes in boxes.json (to try `score --fields`)")
     args = p.parse_args(argv)
 
     def go() -> int:
+        if args.fields:
+            from malaria_ray import synth_fields
+
+            n = synth_fields.write_fields(args.dest, 20 if args.n is None else args.n, seed=args.seed)
+            print(f"wrote {n} SYNTHETIC field photographs to {args.dest} (not real smears)")
+            return 0
         from malaria_ray import synth
 
-        n = synth.write_corpus(args.dest, args.n, size=args.size, seed=args.seed)
+        n = synth.write_corpus(args.dest, 200 if args.n is None else args.n, size=args.size, seed=args.seed)
         print(f"wrote {n} SYNTHETIC cell images to {args.dest} (not NIH data)")
         return 0
 

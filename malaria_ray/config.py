@@ -195,6 +195,9 @@ class ScoreConfig(_Serialized):
     commit_every_minutes: float = 10.0  # ... or after this long, whichever comes first
     run_id: str | None = None  # default: UTC timestamp + short random suffix
     manifest: str | None = None  # CSV/Parquet: path, slide_id, patient_id[, label]; wins over names and folders
+    fields: bool = False  # the input holds field photographs: find the red cells, score each (malaria_ray.fields)
+    cell_diameter: float | None = None  # px; None: estimated per field (score --fields)
+    max_field_megapixels: float = 25.0  # a larger field photograph is an error row (detection time grows with pixels)
 
     def __post_init__(self) -> None:
         for name in ("input", "model", "output"):
@@ -222,3 +225,9 @@ class ScoreConfig(_Serialized):
             raise ConfigError(f"--memory-per-actor-gb must be > 0, got {self.memory_per_actor_gb}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"--threshold must be in [0, 1], got {self.threshold}")
+        if self.cell_diameter is not None and self.cell_diameter <= 0:
+            raise ConfigError(f"--cell-diameter must be > 0 px, got {self.cell_diameter}")
+        if self.max_field_megapixels <= 0:
+            raise ConfigError(f"--max-field-megapixels must be > 0, got {self.max_field_megapixels}")
+        if not self.fields and (self.cell_diameter is not None or self.max_field_megapixels != 25.0):
+            raise ConfigError("--cell-diameter and --max-field-megapixels apply to field photographs: add --fields")

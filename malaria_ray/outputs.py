@@ -6,6 +6,7 @@ Layout (``ROOT`` = ``--output``, local or ``s3://``)::
     ROOT/predictions/_staging/...                 the part being written; ``_`` makes every reader skip it
     ROOT/metrics.parquet                          one row per finished run
     ROOT/slides.parquet                           per slide and per patient, current model
+    ROOT/fields.parquet                           per field photograph, current model (``score --fields``)
     ROOT/runs/<run_id>/config.json, manifest.json, metrics.parquet, plots/confusion_matrix.png
     ROOT/_lease.json                              the running run's lease (``malaria_ray.lease``)
 
@@ -34,16 +35,19 @@ import pyarrow.parquet as pq
 from malaria_ray import logs, metrics, storage
 from malaria_ray.ingest import NO_IDS
 from malaria_ray.schema import (
-    COL_ERROR, COL_IMAGE_ID, COL_LABEL, COL_MODEL_ID, COL_PATIENT, COL_PRED, COL_PROB, COL_SLIDE, COL_SOURCE_VERSION,
-    COL_URI, PREDICTIONS_SCHEMA,
+    COL_DETECTOR, COL_ERROR, COL_FIELD_FLAGS, COL_FIELD_ID, COL_FRAC_HIGH, COL_FRAC_LOW, COL_FRAC_POS, COL_IMAGE_ID,
+    COL_LABEL, COL_MEAN_PROB, COL_MODEL_ID, COL_N_CELLS, COL_N_PRED_POS, COL_PATIENT, COL_PRED, COL_PROB, COL_RUN_ID,
+    COL_SLIDE, COL_SOURCE_VERSION, COL_SUM_PROB, COL_URI, FIELD_COLUMNS, FIELDS_SCHEMA, POSITIVE_CLASS,
+    PREDICTIONS_SCHEMA,
 )
 
 log = logs.get("score")
 PREDICTIONS_DIR, STAGING_DIR, RUNS_DIR = "predictions", "_staging", "runs"
-METRICS_FILE, SLIDES_FILE = "metrics.parquet", "slides.parquet"
+METRICS_FILE, SLIDES_FILE, FIELDS_FILE = "metrics.parquet", "slides.parquet", "fields.parquet"
 # Rows the writer holds before it writes a row group: bounds the driver's memory (the rows of a
 # run are never all held) while keeping row groups large enough for readers to scan quickly.
 ROW_GROUP_ROWS = 8_192
+ANY_DETECTOR = "*"  # ``_model_batches``: rows of cut-out cells and of every detector's field cells
 
 
 def predictions_uri(root: str) -> str:
@@ -111,26 +115,38 @@ def committed_runs(root: str) -> list[str]:
     return list(dict.fromkeys(run for run, _ in committed_files(root)))
 
 
-def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool = False) -> Iterator[pa.RecordBatch]:
+def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool = False,
+                   detector: str | None = ANY_DETECTOR) -> Iterator[pa.RecordBatch]:
     """``columns`` of the committed predictions of ``model_id`` (error rows dropped when
-    ``ok_only``), newest run first, one file and one row group at a time on this thread.
+    ``ok_only``; with ``detector``, only the rows of that detector key, or of cut-out cells when it
+    is None), newest run first, one file and one row group at a time on this thread. Parts written
+    before field photographs were scored lack the field columns: read as nulls (cut-out cells).
 
     Not ``pyarrow.dataset``: its scanner reads ahead on Arrow's thread pools, and the driver's
     memory then grew with the store (docs/benchmarks.md, driver memory).
     """
     fs, pred_path = storage.filesystem(predictions_uri(root))
-    read = list(dict.fromkeys([*columns, COL_MODEL_ID, COL_ERROR]))
+    read = list(dict.fromkeys([*columns, COL_MODEL_ID, COL_ERROR, *([COL_DETECTOR] if detector != ANY_DETECTOR else [])]))
     for _run_id, name in reversed(committed_files(root)):
         with fs.open(posixpath.join(pred_path, name), "rb") as f:
             pf = pq.ParquetFile(f)
-            missing = sorted(set(read) - set(pf.schema_arrow.names))
+            missing = sorted(set(read) - set(pf.schema_arrow.names) - set(FIELD_COLUMNS))
             if missing:
                 raise storage.StorageError(f"{predictions_uri(root)}/{name} lacks column(s) {', '.join(missing)}: "
                                            "not a predictions part of this version; move it out of the output root")
-            for batch in pf.iter_batches(batch_size=ROW_GROUP_ROWS, columns=read, use_threads=False):
+            present = [c for c in read if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=ROW_GROUP_ROWS, columns=present, use_threads=False):
+                for c in read:
+                    if c not in present:  # an older part: cut-out cells only
+                        batch = batch.append_column(PREDICTIONS_SCHEMA.field(c), pa.nulls(batch.num_rows,
+                                                                                         PREDICTIONS_SCHEMA.field(c).type))
                 keep = pc.equal(batch.column(COL_MODEL_ID), model_id)
                 if ok_only:
                     keep = pc.and_(keep, pc.is_null(batch.column(COL_ERROR)))
+                if detector != ANY_DETECTOR:
+                    kind = batch.column(COL_DETECTOR)
+                    keep = pc.and_(keep, pc.is_null(kind) if detector is None else pc.fill_null(pc.equal(kind, detector),
+                                                                                                False))
                 batch = batch.filter(keep).select(columns)
                 if batch.num_rows:
                     yield batch
@@ -152,14 +168,23 @@ def source_key(uri: str, version: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{uri}\0{version}".encode(), digest_size=8).digest(), "little")
 
 
-def scored_sources(root: str, model_id: str) -> np.ndarray:
+def scored_sources(root: str, model_id: str, detector: str | None = None) -> np.ndarray:
     """Sorted ``source_key`` of every loose file this model scored under ``root`` with a listing
     version (size and mtime, or size and ETag): a listed file with the same key has the same bytes
-    and need not be read again (--skip-scored). 8 bytes per file in the driver."""
+    and need not be read again (--skip-scored). 8 bytes per file in the driver. ``detector``: the
+    cell detector's key of a ``--fields`` run (its rows only); None: cut-out cells' rows only."""
     keys = [np.fromiter((source_key(u, v) for u, v in zip(b.column(0).to_pylist(), b.column(1).to_pylist())
                          if v is not None), dtype=np.uint64)
-            for b in _model_batches(root, model_id, [COL_URI, COL_SOURCE_VERSION])]
+            for b in _model_batches(root, model_id, [COL_URI, COL_SOURCE_VERSION], detector=detector)]
     return np.unique(np.concatenate(keys)) if keys else np.array([], dtype=np.uint64)
+
+
+def scored_fields(root: str, model_id: str, detector: str) -> np.ndarray:
+    """Sorted ids of the field photographs this model scored with this detector (``--skip-scored``
+    of ``--fields``: a field is skipped whole or rescored whole), as ``scored_ids``."""
+    chunks = [pc.drop_null(batch.column(0)).to_numpy(zero_copy_only=False)
+              for batch in _model_batches(root, model_id, [COL_FIELD_ID], detector=detector)]
+    return np.unique(np.concatenate(chunks).astype(np.bytes_)) if chunks else NO_IDS
 
 
 def rebuild_slides(root: str, model_id: str, fp_rate: float | None = None) -> pa.Table:
@@ -173,10 +198,12 @@ def rebuild_slides(root: str, model_id: str, fp_rate: float | None = None) -> pa
     model's false-positive rate per cell at its operating point, for the slide and patient calls
     (``metrics.CALL_RULE``).
     """
-    cols = [COL_IMAGE_ID, COL_URI, COL_SLIDE, COL_PATIENT, COL_LABEL, COL_PROB, COL_PRED, COL_ERROR]
-    seen, parts = _SeenInputs(), []
+    cols = [COL_IMAGE_ID, COL_URI, COL_SLIDE, COL_PATIENT, COL_LABEL, COL_PROB, COL_PRED, COL_ERROR, COL_FIELD_ID,
+            COL_RUN_ID]
+    seen, fields, parts = _SeenInputs(), _NewestFields(), []
     for batch in _model_batches(root, model_id, cols, ok_only=True):  # newest run first: its rows win
         fresh = seen.first_time(batch.column(COL_IMAGE_ID).to_pylist(), batch.column(COL_URI).to_pylist())
+        fresh &= fields.newest(batch)
         if fresh.any():
             parts.append(metrics.evidence_sums(pa.Table.from_batches([batch]).filter(pa.array(fresh))))
         if len(parts) > 64:
@@ -186,6 +213,77 @@ def rebuild_slides(root: str, model_id: str, fp_rate: float | None = None) -> pa
     table = metrics.evidence(sums, fp_rate, model_id)
     storage.replace_file(storage.join(root, SLIDES_FILE), storage.table_bytes(table))
     return table
+
+
+def rebuild_fields(root: str, model_id: str) -> pa.Table:
+    """``fields.parquet``: one row per field photograph the current model scored (``FIELDS_SCHEMA``),
+    from its newest run: cells found, called Parasitized, the fraction with its Wilson interval,
+    the mean probability, detection's flags, or the error that left it unscored. Streams like
+    ``rebuild_slides``; memory grows with the fields, not the cells."""
+    keys = [COL_URI, COL_FIELD_ID, COL_RUN_ID, COL_SLIDE, COL_PATIENT, COL_DETECTOR]
+    cols = [*keys, COL_PROB, COL_PRED, COL_ERROR, COL_FIELD_FLAGS]
+    parts = []
+    for batch in _model_batches(root, model_id, cols):
+        batch = batch.filter(pc.is_valid(batch.column(COL_FIELD_ID)))
+        if batch.num_rows:
+            parts.append(_field_sums(pa.Table.from_batches([batch]), keys))
+        if len(parts) > 64:
+            parts = [_merge_field_sums(parts, keys)]
+    rows = _merge_field_sums(parts, keys).to_pylist() if parts else []
+    newest: dict[tuple, dict] = {}
+    for r in sorted(rows, key=lambda r: r[COL_RUN_ID], reverse=True):  # run ids sort by start time
+        newest.setdefault((r[COL_URI], r[COL_FIELD_ID]), r)
+    out = []
+    for r in sorted(newest.values(), key=lambda r: r[COL_URI]):
+        n, k = r[COL_N_CELLS], r[COL_N_PRED_POS]
+        low, high = metrics.wilson_interval(k, n) if n else (None, None)
+        out.append({**{c: r[c] for c in keys}, COL_N_CELLS: n, COL_N_PRED_POS: k, COL_FRAC_POS: k / n if n else None,
+                    COL_FRAC_LOW: low, COL_FRAC_HIGH: high, COL_MEAN_PROB: r[COL_SUM_PROB] / n if n else None,
+                    COL_FIELD_FLAGS: r[COL_FIELD_FLAGS], COL_ERROR: r[COL_ERROR], COL_MODEL_ID: model_id})
+    table = pa.Table.from_pylist(out, schema=FIELDS_SCHEMA)
+    storage.replace_file(storage.join(root, FIELDS_FILE), storage.table_bytes(table))
+    return table
+
+
+def _field_sums(t: pa.Table, keys: list[str]) -> pa.Table:
+    scored = pc.is_null(t.column(COL_ERROR))
+    t = pa.table({**{k: t.column(k) for k in keys},
+                  COL_N_CELLS: pc.cast(scored, pa.int64()),
+                  COL_N_PRED_POS: pc.cast(pc.fill_null(pc.equal(t.column(COL_PRED), POSITIVE_CLASS), False), pa.int64()),
+                  COL_SUM_PROB: pc.fill_null(pc.cast(t.column(COL_PROB), pa.float64()), 0.0),
+                  COL_FIELD_FLAGS: t.column(COL_FIELD_FLAGS), COL_ERROR: t.column(COL_ERROR)})
+    return _merge_field_sums([t], keys)
+
+
+def _merge_field_sums(parts: list[pa.Table], keys: list[str]) -> pa.Table:
+    t = pa.concat_tables(parts).group_by(keys, use_threads=False).aggregate(
+        [(c, "sum") for c in (COL_N_CELLS, COL_N_PRED_POS, COL_SUM_PROB)] +
+        [(c, "max") for c in (COL_FIELD_FLAGS, COL_ERROR)])
+    return t.rename_columns([c.removesuffix("_sum").removesuffix("_max") for c in t.column_names])
+
+
+class _NewestFields:
+    """The field photographs seen in newer runs, so that the cells of an older run's scoring of the
+    same field (another detector finds other boxes, so other cell ids) do not count twice. Batches
+    arrive newest run first, each run's files together."""
+
+    def __init__(self) -> None:
+        self.done = np.array([], dtype=np.uint64)
+        self.this_run: set[int] = set()
+        self.run: str | None = None
+
+    def newest(self, batch: pa.RecordBatch) -> np.ndarray:
+        """Whether each row is a cut-out cell or a cell of a field no newer run scored."""
+        run = batch.column(COL_RUN_ID)[0].as_py() if batch.num_rows else self.run
+        if run != self.run:
+            self.done = np.union1d(self.done, np.fromiter(self.this_run, np.uint64, count=len(self.this_run)))
+            self.this_run, self.run = set(), run
+        ids = batch.column(COL_FIELD_ID).to_pylist()
+        keys = np.fromiter((hash((f, u)) & 0xFFFFFFFFFFFFFFFF if f is not None else 0
+                            for f, u in zip(ids, batch.column(COL_URI).to_pylist())), np.uint64, count=len(ids))
+        keep = (keys == 0) | ~np.isin(keys, self.done)
+        self.this_run.update(int(k) for k in keys[keep & (keys != 0)])
+        return keep
 
 
 class _SeenInputs:

@@ -22,6 +22,9 @@ from malaria_ray.schema import RESIZE_DEFAULT
 FORMATS = ("PNG", "JPEG", "TIFF")
 # Largest image we agree to decode (pixels). NIH cells are ~130x130; whole slides are ~5,000x4,000.
 MAX_PIXELS = 64_000_000
+# A cut-out cell larger than this a side is refused: NIH's crops are at most ~400 px, and a field
+# photograph (640x480 and up) scored as one cell would be a confident, meaningless row.
+MAX_CELL_SIDE = 600
 # Resize methods a model.json may name (``schema.KEY_RESIZE``): PIL's filters of those names.
 RESIZE_FILTERS = {name: getattr(Image.Resampling, name.upper())
                   for name in ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")}
@@ -46,6 +49,19 @@ class DecodeError(ValueError):
 def decode_image(data: bytes, size: int, resize: str = RESIZE_DEFAULT) -> np.ndarray:
     """``size`` x ``size`` x 3 uint8 RGB from encoded bytes (PNG/JPEG/TIFF, any mode or bit depth),
     resized with ``resize`` (a name of ``RESIZE_FILTERS``: the model's contract says which)."""
+    rgb, _ = decode_rgb(data)
+    if max(rgb.size) > MAX_CELL_SIDE:
+        raise DecodeError(f"{rgb.size[0]}x{rgb.size[1]} px is not a cut-out cell (a side over {MAX_CELL_SIDE} px): "
+                          "a photograph of a whole field? score those with --fields")
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), RESIZE_FILTERS[resize])
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, str]:
+    """The image of encoded bytes as 8-bit RGB, upright by its EXIF orientation, and the mode it
+    was stored in (``L``, ``I;16``, ``RGB``...: a field photograph must have colour). Raises
+    ``DecodeError`` with the reason for bad bytes, stacks, and images over ``max_pixels``."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
@@ -53,13 +69,16 @@ def decode_image(data: bytes, size: int, resize: str = RESIZE_DEFAULT) -> np.nda
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=FORMATS) as im:
                 w, h = im.size
-                if w * h > MAX_PIXELS:
-                    raise DecodeError(f"image too large ({w}x{h} > {MAX_PIXELS} pixels): possible decompression bomb")
+                if w * h > max_pixels:
+                    raise DecodeError(f"image too large ({w}x{h} > {max_pixels} pixels): possible decompression bomb"
+                                      if max_pixels == MAX_PIXELS else f"image too large ({w}x{h} > {max_pixels} "
+                                      "pixels, the cap)")
                 if getattr(im, "n_frames", 1) > 1:
-                    raise DecodeError(f"{im.format} with {im.n_frames} frames: one cell image per file is scored, "
+                    raise DecodeError(f"{im.format} with {im.n_frames} frames: one image per file is scored, "
                                       "not the first frame of a stack")
                 im.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(im))  # a camera's EXIF orientation, applied
+                mode = im.mode
+                return _to_rgb(ImageOps.exif_transpose(im)), mode  # a camera's EXIF orientation, applied
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -68,9 +87,6 @@ def decode_image(data: bytes, size: int, resize: str = RESIZE_DEFAULT) -> np.nda
         raise DecodeError(f"not a decodable image ({'/'.join(FORMATS)} only): {exc}") from exc
     except Exception as exc:  # PIL raises many types for bad bytes (UnidentifiedImageError, OSError, SyntaxError)
         raise DecodeError(f"not a decodable image: {type(exc).__name__}: {exc}") from exc
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), RESIZE_FILTERS[resize])
-    return np.asarray(rgb, dtype=np.uint8)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -66,12 +66,26 @@ COL_RUN_ID = "run_id"
 COL_SCORED_AT = "scored_at"
 COL_SOURCE_VERSION = "source_version"  # a loose file's size:mtime or size:ETag when listed; null in archives
 
+# A cell found in a field photograph (``score --fields``): its image_id is the field's id plus its box
+# (``fields.cell_id``) and its uri the field's; the columns below are null on a cut-out cell's row.
+COL_FIELD_ID = "field_id"  # sha256 of the field image's bytes
+COL_CELL = "cell"  # the cell's index in its field (0, 1, ...): a field scored has one row with cell 0
+COL_BOX_X, COL_BOX_Y, COL_BOX_W, COL_BOX_H = "box_x", "box_y", "box_w", "box_h"  # in the field's pixels
+COL_CELL_AREA = "cell_area"  # the cell's mask, full-size pixels
+COL_FIELD_FLAGS = "field_flags"  # what detection noticed about the whole field (comma-separated), else null
+COL_DETECTOR = "detector"  # ``DetectParams.key()`` of the detector that found the cell (part of the skip key)
+FIELD_COLUMNS = (COL_FIELD_ID, COL_CELL, COL_BOX_X, COL_BOX_Y, COL_BOX_W, COL_BOX_H, COL_CELL_AREA, COL_FIELD_FLAGS,
+                 COL_DETECTOR)
+
 PREDICTIONS_SCHEMA = pa.schema([
     (COL_IMAGE_ID, pa.string()), (COL_URI, pa.string()), (COL_SLIDE, pa.string()),
     (COL_PATIENT, pa.string()), (COL_LABEL, pa.string()), (COL_PROB, pa.float32()),
     (COL_PRED, pa.string()), (COL_THRESHOLD, pa.float64()), (COL_MODEL_ID, pa.string()),
     (COL_RUN_ID, pa.string()), (COL_SCORED_AT, pa.timestamp("us", tz="UTC")), (COL_ERROR, pa.string()),
     (COL_SOURCE_VERSION, pa.string()),
+    (COL_FIELD_ID, pa.string()), (COL_CELL, pa.int32()), (COL_BOX_X, pa.int32()), (COL_BOX_Y, pa.int32()),
+    (COL_BOX_W, pa.int32()), (COL_BOX_H, pa.int32()), (COL_CELL_AREA, pa.int64()), (COL_FIELD_FLAGS, pa.string()),
+    (COL_DETECTOR, pa.string()),
 ])
 
 # ---------------------------------------------------------------- metrics.parquet
@@ -97,8 +111,19 @@ SLIDES_SCHEMA = pa.schema([(COL_LEVEL, pa.string()), (COL_SLIDE, pa.string()), (
                            (COL_N_LABEL_NEG, pa.int64()), (COL_MODEL_ID, pa.string()), (COL_FRAC_LOW, pa.float64()),
                            (COL_FRAC_HIGH, pa.float64()), (COL_CALL, pa.bool_())])
 
+# ---------------------------------------------------------------- fields.parquet (``score --fields``)
+# One row per field photograph of the current model: the cells found and called, the fraction called
+# (the field's parasitemia estimate) with its Wilson 95% interval, detection's flags, or the error
+# that left the field unscored (no cells, undecodable...). Identity as the roll-ups have it.
+FIELDS_SCHEMA = pa.schema([(COL_URI, pa.string()), (COL_FIELD_ID, pa.string()), (COL_SLIDE, pa.string()),
+                           (COL_PATIENT, pa.string()), (COL_N_CELLS, pa.int64()), (COL_N_PRED_POS, pa.int64()),
+                           (COL_FRAC_POS, pa.float64()), (COL_FRAC_LOW, pa.float64()), (COL_FRAC_HIGH, pa.float64()),
+                           (COL_MEAN_PROB, pa.float64()), (COL_FIELD_FLAGS, pa.string()), (COL_ERROR, pa.string()),
+                           (COL_DETECTOR, pa.string()), (COL_MODEL_ID, pa.string()), (COL_RUN_ID, pa.string())])
+
 # ---------------------------------------------------------------- a scoring run's counts (summary, manifest)
 COUNT_SCORED, COUNT_ERRORS = "scored", "errors"  # rows scored; error rows (besides the row statuses)
+COUNT_FIELDS = "fields_scored"  # score --fields: field photographs whose cells were scored (each a file)
 
 # ---------------------------------------------------------------- the model artifact and its model.json
 MODEL_FILE, CONTRACT_FILE, H5_FILE = "model.keras", "model.json", "model.h5"

@@ -22,13 +22,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from malaria_ray import corpus, faults, ingest, logs, manifests, outputs, resources, sources, storage
+from malaria_ray import corpus, faults, fields, ingest, logs, manifests, outputs, resources, sources, storage
 from malaria_ray import schema
 from malaria_ray.config import DEFAULT_THRESHOLD, ConfigError, CorpusError, ScoreConfig
 from malaria_ray.model import ModelError, check_contract, inspect_artifact, read_contract, resize_of
-from malaria_ray.scoringrun import ERRORS, SCORED, RunResult, ScoringRun
+from malaria_ray.scoringrun import ERRORS, SCORED, RunResult, ScoringRun, entries
+from malaria_ray.segment import DetectParams
 
 log = logs.get("score")
+FIELDS_PER_TASK = 4  # field photographs per detection call: ~150 cells each, so blocks of a few MB
 READ_CPUS = 0.25  # a read task waits on storage; decoding (1 CPU per task) is where the CPU goes
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
 
@@ -94,7 +96,8 @@ class Scorer:
         # Columns that were all null in a block may arrive as Arrow's null type: the driver's
         # ``writer.normalize`` gives every column its contract type.
         out = {k: batch.column(k) for k in (schema.COL_IMAGE_ID, schema.COL_URI, schema.COL_SLIDE, schema.COL_PATIENT,
-                                            schema.COL_LABEL, schema.COL_SOURCE_VERSION)}
+                                            schema.COL_LABEL, schema.COL_SOURCE_VERSION, *schema.FIELD_COLUMNS)
+               if k in batch.column_names}  # a field's cells carry their box (``malaria_ray.fields``)
         return pa.table({**out, schema.COL_ERROR: error, schema.COL_STATUS: status,
                          schema.COL_PROB: pa.array(prob, pa.float32(), mask=~ok), schema.COL_PRED: pa.array(pred, pa.string()),
                          schema.COL_THRESHOLD: pa.array(np.full(n, self.threshold)),
@@ -158,10 +161,13 @@ def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Units, che
             raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
     model_id, size = model_info[schema.KEY_MODEL_ID], model_info[schema.KEY_IMAGE_SIZE]
     cfg, fp_rate = operating_point(cfg, checked.contract)
-    skip_ids = outputs.scored_ids(cfg.output, model_id) if cfg.skip_scored else ingest.NO_IDS
-    unchanged = 0
-    if cfg.skip_scored:  # loose files listed as they were when this model scored them: not read again
-        listing, unchanged = skip_unchanged(listing, outputs.scored_sources(cfg.output, model_id))
+    detector = detector_params(cfg)
+    key = DetectParams.from_dict(detector).key() if detector is not None else None
+    skip_ids, unchanged = ingest.NO_IDS, 0
+    if cfg.skip_scored:  # loose files listed as they were when this model (and detector) scored them: not read again
+        skip_ids = (outputs.scored_fields(cfg.output, model_id, key) if cfg.fields
+                    else outputs.scored_ids(cfg.output, model_id))
+        listing, unchanged = skip_unchanged(listing, outputs.scored_sources(cfg.output, model_id, key))
     known = corpus.Identities.from_manifest(sources.load_manifest(cfg.manifest, cfg.input)) if cfg.manifest else None
     # Runs that were killed before they finished: with --skip-scored this run completes them.
     unfinished = manifests.unfinished_runs(cfg.output) if cfg.skip_scored else []
@@ -169,7 +175,8 @@ def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Units, che
     ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run.run_id, remote_env, known, checked.resize)
     if cfg.gpus_per_actor:
         resources.require_visible_gpu("--gpus-per-actor", remote_env.get("runtime_env"))
-    run.begin(cfg, model_id, size, listing, len(known) if known is not None else 0, unfinished, unchanged)
+    run.begin(cfg, model_id, size, listing, len(known) if known is not None else 0, unfinished, unchanged,
+              detector=None if detector is None else {"key": key, "params": detector})
     started = time.perf_counter()
     failure: str | None = None
     try:
@@ -231,17 +238,25 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Units, size: int, skip_ids
     # or an archive and emits raw bytes in blocks of --batch-size rows; decode tasks take one block
     # each, so a single big archive decodes on every CPU. The read stage's smaller CPU request
     # (it waits on I/O) also keeps Ray Data from fusing it into the decode tasks.
-    ds = ray.data.from_arrow(ingest.slices(listing.table, max(4, len(listing) // 256), cfg.batch_size))
+    # Fields: FIELDS_PER_TASK photographs per decode (detection) task, each ~150 cells out.
+    raw_rows = FIELDS_PER_TASK if cfg.fields else cfg.batch_size
+    ds = ray.data.from_arrow(ingest.slices(listing.table, max(4, len(listing) // 256), raw_rows))
     ds = ds.map_batches(ingest.read_raw, batch_size=None, batch_format="numpy", num_cpus=READ_CPUS,
-                        fn_kwargs={"batch_size": cfg.batch_size,
+                        fn_kwargs={"batch_size": raw_rows,
                                    "limits": sources.Limits(int(cfg.max_member_mb * 2**20), cfg.max_compression_ratio)},
                         **remote_args)
     # Ray Data joins a task's yielded batches into blocks of up to 128 MiB: cut them back to
     # --batch-size rows, or one archive would be one block and so one decode task.
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    ds = ds.map_batches(ingest.prepare_batch, batch_size=None, batch_format="numpy", num_cpus=1,
-                        fn_kwargs={"image_size": size, "skip_ids": skip_ids, "known": known, "resize_method": resize},
-                        **remote_args)
+    ds = ds.repartition(target_num_rows_per_block=raw_rows)
+    if cfg.fields:
+        ds = ds.map_batches(fields.prepare_fields, batch_size=None, batch_format="numpy", num_cpus=1,
+                            fn_kwargs={"image_size": size, "params": detector_params(cfg), "skip_fields": skip_ids,
+                                       "known": known, "max_pixels": int(cfg.max_field_megapixels * 1e6)},
+                            **remote_args)
+    else:
+        ds = ds.map_batches(ingest.prepare_batch, batch_size=None, batch_format="numpy", num_cpus=1,
+                            fn_kwargs={"image_size": size, "skip_ids": skip_ids, "known": known,
+                                       "resize_method": resize}, **remote_args)
     return ds.map_batches(
         Scorer, batch_size=cfg.batch_size, batch_format="pyarrow",
         compute=pool.strategy(),
@@ -256,6 +271,14 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Units, size: int, skip_ids
         num_cpus=cpus_per_actor, num_gpus=cfg.gpus_per_actor or None, memory=memory_per_actor,
         **remote_args,
     )
+
+
+def detector_params(cfg: ScoreConfig) -> dict | None:
+    """The cell detector's parameters of a ``--fields`` run (recorded in its manifest; their key is
+    part of every cell row, so a detector change rescores), None for cut-out cells."""
+    if not cfg.fields:
+        return None
+    return dataclasses.replace(DetectParams(), diameter=cfg.cell_diameter).to_dict()
 
 
 def skip_unchanged(listing: sources.Units, scored: np.ndarray) -> tuple[sources.Units, int]:
@@ -277,9 +300,14 @@ def summary(result: RunResult) -> str:
     """The one-screen end-of-run summary."""
     c, m = result.counts, result.metrics
     rate = result.rows / result.seconds if result.seconds > 0 else float("nan")
+    scored = [f"  images scored     {c.get(SCORED, 0):>10,}"]
+    if result.fields:
+        fields_rate = result.inputs / result.seconds if result.seconds > 0 else float("nan")
+        scored = [f"  fields scored     {c.get(schema.COUNT_FIELDS, 0):>10,}  ({fields_rate:,.2f} fields/s; fields.parquet "
+                  "has one row per field)", f"  cells scored      {c.get(SCORED, 0):>10,}  (red cells found in them)"]
     lines = [
         f"malaria-ray score: run {result.run_id} committed (model {result.model_id})",
-        f"  images scored     {c.get(SCORED, 0):>10,}",
+        *scored,
         f"  error rows        {c.get(ERRORS, 0):>10,}",
         f"  already scored    {c.get(schema.STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored; "
         f"{result.unchanged:,} unchanged in the listing, not read)",
@@ -287,7 +315,8 @@ def summary(result: RunResult) -> str:
         f"  empty archives    {c.get(schema.STATUS_EMPTY, 0):>10,}",
         f"  hidden members    {c.get(schema.STATUS_HIDDEN, 0):>10,}  (under '.'/'_' folders in archives; counted)",
         f"  duplicate names   {c.get(schema.STATUS_DUPLICATE, 0):>10,}  (a second archive member of one name; counted)",
-        f"  entries           {sum(c.values()):>10,}  (every file and archive member: the sum of the above)",
+        f"  entries           {entries(c, result.fields):>10,}  (every file and archive member: the sum of the above"
+        f"{', each field once' if result.fields else ''})",
         f"  throughput        {rate:>10,.1f} images/s over {result.seconds:.1f} s",
     ]
     lines += [f"    error: {e}" for e in result.error_examples]
@@ -310,7 +339,8 @@ def summary(result: RunResult) -> str:
     lines += [
         f"  predictions       {result.predictions_uri}/ ({len(result.parts)} file(s) of this run)",
         f"  metrics, slides   {storage.join(result.output, outputs.METRICS_FILE)}, "
-        f"{storage.join(result.output, outputs.SLIDES_FILE)}",
+        f"{storage.join(result.output, outputs.SLIDES_FILE)}"
+        f"{', ' + storage.join(result.output, outputs.FIELDS_FILE) if result.fields else ''}",
         f"  run files         {outputs.run_uri(result.output, result.run_id)}/",
     ]
     return "\n".join(lines)
@@ -360,7 +390,7 @@ def main(cfg: ScoreConfig, checked: Preflight | None = None) -> int:
     print(summary(result), file=sys.stdout, flush=True)
     if result.error_fraction > cfg.max_error_fraction:
         print(f"malaria-ray: error: run {result.run_id} committed, but {result.counts.get(ERRORS, 0)} of "
-              f"{result.rows} images ({result.error_fraction:.1%}) are error rows, above --max-error-fraction "
+              f"{result.inputs} images ({result.error_fraction:.1%}) are error rows, above --max-error-fraction "
               f"{cfg.max_error_fraction:g}", file=sys.stderr, flush=True)
         return EXIT_TOO_MANY_ERRORS
     return 0

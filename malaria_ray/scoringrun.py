@@ -53,14 +53,21 @@ class RunResult:
     completes: list[str] = field(default_factory=list)  # earlier unfinished runs this one completed
     parts: list[str] = field(default_factory=list)  # the predictions files this run published
     unchanged: int = 0  # already scored, known from the listing (size and mtime/ETag) without reading
+    fields: bool = False  # a ``--fields`` run: ``scored`` counts cells, ``fields_scored`` the photographs
 
     @property
     def rows(self) -> int:
         return self.counts.get(SCORED, 0) + self.counts.get(ERRORS, 0)
 
     @property
+    def inputs(self) -> int:
+        """Images read and scored or failed: cut-out cells, or field photographs (not their cells)."""
+        return self.counts.get(schema.COUNT_FIELDS, 0) + self.counts.get(ERRORS, 0) if self.fields else self.rows
+
+    @property
     def error_fraction(self) -> float:
-        return self.counts.get(ERRORS, 0) / self.rows if self.rows else 0.0
+        """Error rows over the images read (a field's failure is one photograph, not one cell)."""
+        return self.counts.get(ERRORS, 0) / self.inputs if self.inputs else 0.0
 
 
 def part_file_name(uri: str) -> str:
@@ -100,10 +107,11 @@ class ScoringRun:
         self.lease.release()
 
     def begin(self, cfg: ScoreConfig, model_id: str, image_size: int, listing: sources.Units,
-              identity_rows: int, unfinished: list[str], unchanged: int) -> None:
+              identity_rows: int, unfinished: list[str], unchanged: int, detector: dict | None = None) -> None:
         """Write the run's config and its manifest (``finished: false``); open the part writer.
         ``unfinished``: earlier killed runs this one completes; ``unchanged``: listed loose files
-        left out because this model already scored them as they are."""
+        left out because this model already scored them as they are; ``detector``: a ``--fields``
+        run's cell detector (its key and parameters, recorded in the manifest)."""
         self.cfg, self.model_id, self.unfinished, self.unchanged = cfg, model_id, unfinished, unchanged
         storage.write_text(storage.join(outputs.run_uri(self.root, self.run_id), "config.json"),
                            dataclasses.replace(cfg, run_id=self.run_id).to_json())
@@ -112,11 +120,12 @@ class ScoringRun:
             "input": storage.redact(cfg.input), "image_size": image_size, "identity_manifest": cfg.manifest,
             "identity_manifest_rows": identity_rows, "threshold": cfg.threshold, "finished": False, "parts": [],
             "rows_committed": 0, "completes": unfinished, "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-            "units": {k: listing.count(k) for k in sources.UNIT_KINDS},
+            "units": {k: listing.count(k) for k in sources.UNIT_KINDS}, "fields": cfg.fields, "detector": detector,
             "commit": "rows are committed part by part: every file listed in `parts` is whole and final"}
         self._write_manifest()
         self.counts = {SCORED: 0, ERRORS: 0, schema.STATUS_NON_IMAGE: len(listing.skipped), schema.STATUS_EMPTY: 0,
-                       schema.STATUS_ALREADY: unchanged, schema.STATUS_HIDDEN: 0, schema.STATUS_DUPLICATE: 0}
+                       schema.STATUS_ALREADY: unchanged, schema.STATUS_HIDDEN: 0, schema.STATUS_DUPLICATE: 0,
+                       **({schema.COUNT_FIELDS: 0} if cfg.fields else {})}
         self.accumulator = metrics.MetricsAccumulator(cfg.threshold)
         self.writer = PredictionWriter(self.root, self.run_id, part_rows=cfg.commit_every_rows,
                                        part_seconds=60 * cfg.commit_every_minutes, on_part=self._on_part)
@@ -136,6 +145,9 @@ class ScoringRun:
         for name, n in zip(*np.unique(status.to_numpy(zero_copy_only=False).astype(str), return_counts=True)):
             key = {schema.STATUS_OK: SCORED, schema.STATUS_ERROR: ERRORS}.get(name, name)
             self.counts[key] = self.counts.get(key, 0) + int(n)
+        if self.cfg.fields:  # a field's cells: it counts once, as its cell 0
+            first = pc.and_(pc.equal(status, schema.STATUS_OK), pc.equal(batch.column(schema.COL_CELL), 0))
+            self.counts[schema.COUNT_FIELDS] += int(pc.sum(pc.cast(pc.fill_null(first, False), pa.int64())).as_py() or 0)
         rows = batch.filter(pc.is_in(status, pa.array([schema.STATUS_OK, schema.STATUS_ERROR])))
         return normalize(rows) if rows.num_rows else None
 
@@ -171,7 +183,7 @@ class ScoringRun:
         result = RunResult(self.run_id, self.model_id, self.root, outputs.predictions_uri(self.root), seconds,
                            self.counts, {schema.COL_RUN_ID: self.run_id, schema.COL_MODEL_ID: self.model_id, **acc.row()},
                            acc.confusion() if acc.metrics_known else None, self.examples[:ERROR_EXAMPLES],
-                           completes=self.unfinished, unchanged=self.unchanged)
+                           completes=self.unfinished, unchanged=self.unchanged, fields=self.cfg.fields)
         manifests.write_run_metrics(self.root, self.run_id, result.metrics)
         if result.confusion is not None:
             from malaria_ray.report import confusion_png
@@ -181,11 +193,20 @@ class ScoringRun:
         self.writer.commit()
         result.parts = [part_file_name(u) for u in self.writer.parts]
         self._write_manifest(parts=result.parts, rows_committed=self.writer.rows, finished=True, counts=self.counts,
-                             entries=sum(self.counts.values()), unchanged_in_listing=self.unchanged,
+                             entries=entries(self.counts, self.cfg.fields), unchanged_in_listing=self.unchanged,
                              seconds=round(seconds, 3), finished_at=dt.datetime.now(dt.timezone.utc).isoformat(),
                              **manifest_extra)
         for earlier in self.unfinished:
             manifests.mark_completed(self.root, earlier, self.run_id)
         manifests.rebuild_metrics(self.root)
         outputs.rebuild_slides(self.root, self.model_id, fp_rate)
+        if self.cfg.fields:
+            outputs.rebuild_fields(self.root, self.model_id)
         return result
+
+
+def entries(counts: dict[str, int], fields: bool) -> int:
+    """Every file and archive member the run met, each once: the sum of the counts, where a field
+    photograph whose cells were scored counts once (as ``fields_scored``), not once per cell."""
+    total = sum(counts.values())
+    return total - counts.get(SCORED, 0) if fields else total

@@ -150,3 +150,22 @@ def _draw_scale_bar(im: Image.Image, d: float) -> None:
     draw.line([(x0, y - 5), (x0, y + 5)], fill=(0, 0, 0), width=2)
     draw.line([(x1, y - 5), (x1, y + 5)], fill=(0, 0, 0), width=2)
     draw.text((x0 + length // 3, y + 10), "50um", fill=(0, 0, 0))
+
+
+def write_fields(dest: str, n: int, slides: int = 2, seed: int = 0, width: int = 640, height: int = 480) -> int:
+    """``n`` SYNTHETIC field photographs as JPEG under ``dest/slide-<k>/`` (the folder names the
+    slide, as a lab's archive of one folder per slide does), with ``boxes.json`` beside them (each
+    file's true boxes and which are parasitized); returns how many were written."""
+    import json
+    import os
+
+    truth = {}
+    for i in range(n):
+        f = make_field(seed=seed * 100_003 + i, width=width, height=height)
+        rel = f"slide-{i % slides}/field-{i:04d}.jpg"
+        os.makedirs(os.path.join(dest, os.path.dirname(rel)), exist_ok=True)
+        Image.fromarray(f.image).save(os.path.join(dest, rel), quality=92)
+        truth[rel] = {"boxes": f.boxes.tolist(), "parasitized": f.parasitized.tolist()}
+    with open(os.path.join(dest, "boxes.json"), "w") as fh:
+        json.dump(truth, fh)
+    return n

@@ -48,6 +48,7 @@ def predictions_table(uris, ids, probs, errors: list[dict], known: corpus.Identi
         schema.COL_SCORED_AT: [now] * n,
         schema.COL_ERROR: [None] * len(uris) + [e[schema.COL_ERROR] for e in errors],
         schema.COL_SOURCE_VERSION: [None] * n,
+        **{c: [None] * n for c in schema.FIELD_COLUMNS},  # cut-out cells
     }, schema=schema.PREDICTIONS_SCHEMA)
 
 

@@ -135,7 +135,7 @@ def normalize(table: pa.Table) -> pa.Table:
         col = table.column(f.name)
         if pa.types.is_string(f.type) and not pa.types.is_string(col.type):
             col = pa.array([x if isinstance(x, str) else None for x in col.to_pylist()], pa.string())
-        elif pa.types.is_floating(f.type) and pa.types.is_floating(col.type):
-            col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
+        elif (pa.types.is_floating(f.type) or pa.types.is_integer(f.type)) and pa.types.is_floating(col.type):
+            col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)  # a field's box on an error row
         cols.append(col.cast(f.type))
     return pa.Table.from_arrays(cols, schema=PREDICTIONS_SCHEMA)

@@ -23,7 +23,26 @@ def prediction_table(run_id: str, n: int) -> pa.Table:
         schema.COL_THRESHOLD: [0.5] * n, schema.COL_MODEL_ID: ["m"] * n, schema.COL_RUN_ID: [run_id] * n,
         schema.COL_SCORED_AT: np.full(n, np.datetime64("2025-01-01T00:00:00", "us")), schema.COL_ERROR: [None] * n,
         schema.COL_SOURCE_VERSION: pa.nulls(n, pa.string()),
+        **{c: pa.nulls(n, schema.PREDICTIONS_SCHEMA.field(c).type) for c in schema.FIELD_COLUMNS},
     })
+
+
+def test_parts_written_before_field_columns_read_as_cut_out_cells(tmp_path):
+    """An output root of an earlier version (parts without the field columns) keeps working:
+    --skip-scored and the roll-ups read its rows as cut-out cells, and a field run skips none."""
+    import pyarrow.parquet as pq
+
+    root = str(tmp_path)
+    old = prediction_table("20250101T000000Z-aaaaaa", 4).drop_columns(list(schema.FIELD_COLUMNS))
+    old = old.set_column(old.schema.get_field_index(schema.COL_SOURCE_VERSION), schema.COL_SOURCE_VERSION,
+                         pa.array(["1:1"] * 4))
+    os.makedirs(os.path.join(root, "predictions"))
+    pq.write_table(old, os.path.join(root, "predictions", outputs.part_name("20250101T000000Z-aaaaaa", 0)))
+    assert len(outputs.scored_ids(root, "m")) == 4
+    assert len(outputs.scored_sources(root, "m")) == 4, "cut-out cells' rows: detector None"
+    assert len(outputs.scored_sources(root, "m", "abc")) == 0 and len(outputs.scored_fields(root, "m", "abc")) == 0
+    assert outputs.rebuild_slides(root, "m").column(schema.COL_N_CELLS).to_pylist() == [4, 4]
+    assert outputs.rebuild_fields(root, "m").num_rows == 0
 
 
 def test_uncommitted_run_is_invisible_to_every_reader(tmp_path):

@@ -1,0 +1,204 @@
+"""Field photographs through scoring: detection as a Ray Data stage, cell rows, fields.parquet,
+--skip-scored keyed by the detector, bad input. SYNTHETIC fields everywhere; the real IML fields
+when ``MALARIA_FIELDS_DIR`` holds them (conftest's ``fields_dir``)."""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from malaria_ray import detect, fields, outputs, schema, sources
+from malaria_ray.config import ConfigError, ScoreConfig
+from malaria_ray.preprocess import DecodeError, decode_image
+from malaria_ray.synth_fields import make_field
+
+W, H = 640, 480
+
+
+def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _raw(items: dict[str, bytes]) -> dict[str, np.ndarray]:
+    rows = [{schema.COL_URI: uri, schema.COL_STATUS: schema.STATUS_OK, schema.COL_DATA: data, schema.COL_ERROR: None,
+             schema.COL_LABEL_HINT: None, schema.COL_SLIDE_HINT: None, schema.COL_PATIENT_HINT: None,
+             schema.COL_SOURCE_VERSION: None} for uri, data in items.items()]
+    return sources.rows_to_batch(rows)
+
+
+def _by_uri(out: dict[str, np.ndarray]) -> dict[str, list[int]]:
+    found: dict[str, list[int]] = {}
+    for i, uri in enumerate(out[schema.COL_URI]):
+        found.setdefault(uri, []).append(i)
+    return found
+
+
+def test_a_field_becomes_one_row_per_detected_cell_with_its_box_and_own_id():
+    f = make_field(seed=1)
+    out = fields.prepare_fields(_raw({"/night/slide-7/a.png": _png(f.image)}), 32)
+    det = detect.detect_cells(f.image, 32)
+    assert len(out[schema.COL_URI]) == len(det) > 20
+    boxes = np.stack([out[c] for c in fields.BOX_COLUMNS], axis=1).astype(int)
+    assert (boxes == det.boxes).all() and (out[schema.COL_CELL] == np.arange(len(det))).all()
+    assert (out[schema.COL_PIXELS] == det.crops).all()
+    ids = out[schema.COL_IMAGE_ID]
+    assert len(set(ids)) == len(ids) and ids[0] == fields.cell_id(out[schema.COL_FIELD_ID][0], det.boxes[0])
+    assert set(out[schema.COL_FIELD_ID]) == {__import__("hashlib").sha256(_png(f.image)).hexdigest()}
+    assert set(out[schema.COL_SLIDE]) == {"slide-7"}, "the folder names the slide"
+    assert set(out[schema.COL_LABEL]) == {None}, "a field's folder label is not its cells'"
+    assert set(out[schema.COL_STATUS]) == {schema.STATUS_OK}
+    assert set(out[schema.COL_DETECTOR]) == {detect.DetectParams().key()}
+
+
+def test_bad_fields_are_one_error_row_each_with_the_reason():
+    f = make_field(seed=2)
+    jpeg = io.BytesIO()
+    Image.fromarray(f.image).save(jpeg, "JPEG")
+    gray16 = (np.asarray(Image.fromarray(f.image).convert("L"), np.uint16) * 257)
+    blank = np.full((H, W, 3), 230, np.uint8)
+    cell = np.zeros((130, 130, 3), np.uint8)
+    cell[20:110, 20:110] = (190, 120, 140)
+    cases = {
+        "corrupt.jpg": (jpeg.getvalue()[:2000], "not a decodable image"),
+        "gray.png": (_png(np.asarray(Image.fromarray(f.image).convert("L"))), "grayscale"),
+        "gray16.png": (_png(gray16), "grayscale"),
+        "blank.png": (_png(blank), "no red cells found"),
+        "cell.png": (_png(cell), "a cut-out cell, not a field photograph"),
+        "huge.png": (_png(np.zeros((1200, 1200, 3), np.uint8)), "the cap"),
+    }
+    out = fields.prepare_fields(_raw({k: v for k, (v, _) in cases.items()}), 32, max_pixels=1_000_000)
+    assert list(out[schema.COL_URI]) == list(cases), "one row per bad field, in order"
+    assert set(out[schema.COL_STATUS]) == {schema.STATUS_ERROR}
+    for (name, (_, reason)), error in zip(cases.items(), out[schema.COL_ERROR]):
+        assert reason in error, (name, error)
+    assert out[schema.COL_FIELD_FLAGS][list(cases).index("blank.png")] == detect.FLAG_NO_CELLS
+    assert np.isnan(out[schema.COL_BOX_X]).all()
+
+
+def test_exif_rotation_is_applied_before_detection():
+    f = make_field(seed=3)
+    upright = fields.prepare_fields(_raw({"u.jpg": _png(f.image)}), 32)
+    # Stored turned a quarter (as a camera held on its side writes it), with EXIF orientation 6 (turn
+    # back 90 degrees clockwise to view): the boxes come out in the upright frame.
+    turned = Image.fromarray(f.image).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    turned.save(buf, "PNG", exif=exif.tobytes())
+    rotated = fields.prepare_fields(_raw({"r.png": buf.getvalue()}), 32)
+    a = np.stack([upright[c] for c in fields.BOX_COLUMNS], axis=1)
+    b = np.stack([rotated[c] for c in fields.BOX_COLUMNS], axis=1)
+    assert abs(len(a) - len(b)) <= 1 and np.median(b[:, 0]) == pytest.approx(np.median(a[:, 0]), abs=20)
+
+
+def test_a_field_passed_to_the_cut_out_cell_path_is_an_error_not_a_cell():
+    f = make_field(seed=4)
+    with pytest.raises(DecodeError, match="score those with --fields"):
+        decode_image(_png(f.image), 32)
+
+
+def test_field_flags_need_fields():
+    with pytest.raises(ConfigError, match="add --fields"):
+        ScoreConfig(input="i", model="m", output="o", cell_diameter=40.0)
+
+
+def _night(sample_dir: pathlib.Path, dest: pathlib.Path) -> dict[str, np.ndarray]:
+    """Three SYNTHETIC fields on two slides, three bad entries and a non-image; returns the fields."""
+    made = {}
+    for i, slide in enumerate(("slide-a", "slide-a", "slide-b")):
+        (dest / slide).mkdir(parents=True, exist_ok=True)
+        made[f"{slide}/f{i}.png"] = make_field(seed=10 + i).image
+        (dest / slide / f"f{i}.png").write_bytes(_png(made[f"{slide}/f{i}.png"]))
+    (dest / "slide-b" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    (dest / "slide-b" / "gray.png").write_bytes(_png(np.asarray(Image.fromarray(made["slide-a/f0.png"]).convert("L"))))
+    shutil.copy(next((sample_dir / "Uninfected").glob("*.png")), dest / "slide-b" / "cell.png")
+    (dest / "notes.txt").write_text("not an image")
+    return made
+
+
+@pytest.mark.ray
+@pytest.mark.tf
+def test_score_fields_cells_fields_table_roll_ups_and_rescore_on_detector_change(ray_session, sample_dir, score_model,
+                                                                                 tmp_path):
+    from malaria_ray import score
+
+    data, out = tmp_path / "night", tmp_path / "out"
+    made = _night(sample_dir, data)
+    expected = {k: len(detect.detect_cells(v, 32)) for k, v in made.items()}
+    cfg = ScoreConfig(input=str(data), model=str(score_model), output=str(out), fields=True, batch_size=64,
+                      skip_scored=True, run_id="20260101T000000Z-a")
+    first = score.score_archive(cfg)
+    assert first.counts[schema.COUNT_FIELDS] == 3 and first.counts[schema.COUNT_ERRORS] == 3
+    assert first.counts[schema.COUNT_SCORED] == sum(expected.values())
+    assert first.counts[schema.STATUS_NON_IMAGE] == 1
+    manifest = json.loads((out / "runs" / cfg.run_id / "manifest.json").read_text())
+    assert manifest["entries"] == 7 and manifest["detector"]["key"] == detect.DetectParams().key()
+    assert "entries                    7" in score.summary(first).replace(",", "")
+
+    preds = pd.read_parquet(out / "predictions")
+    assert list(preds.columns) == schema.PREDICTIONS_SCHEMA.names
+    cells = preds[preds[schema.COL_ERROR].isna()]
+    assert cells[schema.COL_IMAGE_ID].is_unique and cells[schema.COL_PROB].between(0, 1).all()
+    for rel, n in expected.items():
+        mine = cells[cells[schema.COL_URI] == str(data / rel)]
+        assert len(mine) == n and sorted(mine[schema.COL_CELL]) == list(range(n)), rel
+    errors = preds[preds[schema.COL_ERROR].notna()].set_index(schema.COL_URI)[schema.COL_ERROR]
+    assert "grayscale" in errors[str(data / "slide-b" / "gray.png")]
+    assert "cut-out cell" in errors[str(data / "slide-b" / "cell.png")]
+
+    table = pd.read_parquet(out / outputs.FIELDS_FILE).set_index(schema.COL_URI)
+    assert len(table) == 6
+    for rel, n in expected.items():
+        row = table.loc[str(data / rel)]
+        assert row[schema.COL_N_CELLS] == n and row[schema.COL_FRAC_LOW] <= row[schema.COL_FRAC_POS] <= row[
+            schema.COL_FRAC_HIGH]
+        assert row[schema.COL_SLIDE] == rel.split("/")[0] and pd.isna(row[schema.COL_ERROR])
+    assert table.loc[str(data / "slide-b" / "corrupt.jpg"), schema.COL_N_CELLS] == 0
+    slides = pd.read_parquet(out / outputs.SLIDES_FILE)
+    per_slide = slides[slides[schema.COL_LEVEL] == "slide"].set_index(schema.COL_SLIDE)[schema.COL_N_CELLS]
+    assert per_slide.to_dict() == {"slide-a": expected["slide-a/f0.png"] + expected["slide-a/f1.png"],
+                                   "slide-b": expected["slide-b/f2.png"]}
+
+    # The next night, unchanged: nothing is read again.
+    again = score.score_archive(ScoreConfig(**{**cfg.__dict__, "run_id": "20260102T000000Z-b"}))
+    assert again.unchanged == 6 and again.counts[schema.COUNT_SCORED] == 0
+    assert len(pd.read_parquet(out / "predictions")) == len(preds)
+    # A detector change rescores every field; the tables count each field once, from the newest run.
+    other = ScoreConfig(**{**cfg.__dict__, "run_id": "20260103T000000Z-c", "cell_diameter": 44.0})
+    third = score.score_archive(other)
+    assert third.counts[schema.COUNT_FIELDS] == 3
+    table = pd.read_parquet(out / outputs.FIELDS_FILE)
+    assert len(table) == 6 and set(table[schema.COL_RUN_ID]) == {other.run_id}
+    newest = pd.read_parquet(out / "predictions")
+    newest = newest[(newest[schema.COL_RUN_ID] == other.run_id) & newest[schema.COL_ERROR].isna()]
+    slides = pd.read_parquet(out / outputs.SLIDES_FILE)
+    assert slides.loc[slides[schema.COL_LEVEL] == "slide", schema.COL_N_CELLS].sum() == len(newest)
+
+
+@pytest.mark.ray
+@pytest.mark.tf
+def test_real_field_photographs_score_about_as_many_cells_as_are_boxed(ray_session, fields_dir, score_model, tmp_path):
+    from malaria_ray import annotations, score
+
+    names = sorted(p.name for p in (fields_dir / "images").iterdir())[100:103]
+    data = tmp_path / "night" / "slide"
+    data.mkdir(parents=True)
+    for n in names:
+        (data / n).symlink_to(fields_dir / "images" / n)
+    truth = annotations.load_annotations(str(fields_dir / "annotations.json"))
+    result = score.score_archive(ScoreConfig(input=str(tmp_path / "night"), model=str(score_model),
+                                             output=str(tmp_path / "out"), fields=True))
+    assert result.counts[schema.COUNT_FIELDS] == 3 and result.counts[schema.COUNT_ERRORS] == 0
+    table = pd.read_parquet(tmp_path / "out" / outputs.FIELDS_FILE)
+    for uri, n in zip(table[schema.COL_URI], table[schema.COL_N_CELLS]):
+        boxed = len(truth[pathlib.Path(uri).name].boxes)
+        assert abs(n - boxed) <= 0.15 * boxed, (uri, n, boxed)
