@@ -9,6 +9,7 @@ the rates from the four counts with ``rates``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -21,6 +22,8 @@ from malaria_ray.schema import (
     COL_CALL, COL_ERROR, COL_FRAC_HIGH, COL_FRAC_LOW, COL_FRAC_POS, COL_LABEL, COL_LEVEL, COL_MEAN_PROB, COL_MODEL_ID,
     COL_N_CELLS, COL_N_ERRORS, COL_N_IMAGES, COL_N_LABEL_NEG, COL_N_LABEL_POS, COL_N_LABELLED, COL_N_PRED_POS,
     COL_PATIENT, COL_PRED, COL_PROB, COL_SLIDE, COL_SUM_PROB, COL_THRESHOLD, METRIC_COUNTS, SLIDES_SCHEMA,
+    CELLS_CROPS, COL_CORRECTION, COL_FRAC_CORR, COL_FRAC_CORR_HIGH, COL_FRAC_CORR_LOW, KEY_THRESHOLD, KEY_VAL_CELLS,
+    KEY_VAL_N_NEGATIVE, KEY_VAL_N_POSITIVE, KEY_VAL_SENSITIVITY, KEY_VAL_SPECIFICITY,
 )
 
 AUC_BINS = 1 << 16  # streaming ROC AUC: ties within 1/65536 of probability count as ties
@@ -185,6 +188,48 @@ def rogan_gladen(k: int, n: int, sensitivity: float, specificity: float, n_posit
     return clip(raw), clip(low), clip(high)
 
 
+CORRECTED = "rogan-gladen: the model's validation sensitivity and specificity at its operating point"
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What a roll-up needs to correct its fraction called Parasitized for the classifier's known
+    error (``rogan_gladen``), or, with ``reason``, why it does not: rates measured on another kind
+    of cells (cut-out crops do not calibrate cells found in fields), another threshold than the
+    one they were measured at, or none recorded. Written to the ``correction`` column."""
+
+    sensitivity: float | None = None
+    specificity: float | None = None
+    n_positive: int | None = None
+    n_negative: int | None = None
+    reason: str | None = "no validation rates recorded with the model"
+
+    @classmethod
+    def of(cls, contract: dict, threshold: float | None, cells: str) -> "Correction":
+        """From a model's ``model.json`` (``contract``) for calls at ``threshold`` on ``cells``
+        (``schema.CELLS_CROPS`` or ``CELLS_FIELDS``)."""
+        se, sp = contract.get(KEY_VAL_SENSITIVITY), contract.get(KEY_VAL_SPECIFICITY)
+        if se is None or sp is None:
+            return cls()
+        measured = contract.get(KEY_VAL_CELLS, CELLS_CROPS)
+        if measured != cells:
+            return cls(reason=f"uncalibrated: the model's rates were measured on {measured}, these are {cells}")
+        if threshold != contract.get(KEY_THRESHOLD):
+            return cls(reason=f"uncalibrated: threshold {threshold} is not the model's operating point "
+                              f"{contract.get(KEY_THRESHOLD)}, where its rates were measured")
+        if se + sp <= 1:
+            return cls(reason=f"not correctable: sensitivity {se:.3f} + specificity {sp:.3f} <= 1")
+        return cls(float(se), float(sp), contract.get(KEY_VAL_N_POSITIVE), contract.get(KEY_VAL_N_NEGATIVE), None)
+
+    def columns(self, k: int, n: int) -> dict:
+        """The ``CORRECTION_COLUMNS`` of a group where ``k`` of ``n`` cells were called Parasitized."""
+        if self.reason is not None or n <= 0:
+            return {COL_FRAC_CORR: None, COL_FRAC_CORR_LOW: None, COL_FRAC_CORR_HIGH: None,
+                    COL_CORRECTION: self.reason or CORRECTED}
+        est, low, high = rogan_gladen(k, n, self.sensitivity, self.specificity, self.n_positive, self.n_negative)
+        return {COL_FRAC_CORR: est, COL_FRAC_CORR_LOW: low, COL_FRAC_CORR_HIGH: high, COL_CORRECTION: CORRECTED}
+
+
 BOOTSTRAP_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
 
 
@@ -282,12 +327,15 @@ def merge_evidence_sums(parts: list[pa.Table], keys: tuple[str, ...] = ROLLUP_KE
     return t.rename_columns([c.removesuffix("_sum") for c in t.column_names])
 
 
-def evidence(sums: pa.Table, fp_rate: float | None, model_id: str | None, keys: tuple[str, ...] = ROLLUP_KEYS,
+def evidence(sums: pa.Table, fp_rate: float | None, model_id: str | None, correction: Correction | None = None,
+             keys: tuple[str, ...] = ROLLUP_KEYS,
              levels: tuple[tuple[str, tuple[str, ...]], ...] = ROLLUP_LEVELS) -> pa.Table:
     """``SLIDES_SCHEMA`` rows of each level, each level sorted by its keys (nulls as "None"): cells,
     cells called Parasitized, the fraction called (the parasitemia estimate) with its Wilson 95%
-    interval, the mean probability, the label counts, and the call by ``CALL_RULE`` (null without
-    ``fp_rate``, the model's false-positive rate per cell at its operating point)."""
+    interval, the mean probability, the label counts, the call by ``CALL_RULE`` (null without
+    ``fp_rate``, the model's false-positive rate per cell at its operating point) and the fraction
+    corrected by ``correction`` (or the reason it is not)."""
+    correction = correction or Correction()
     tables = []
     for level, level_keys in levels:
         t = sums
@@ -302,14 +350,16 @@ def evidence(sums: pa.Table, fp_rate: float | None, model_id: str | None, keys: 
             out.append({**{key: r[key] for key in keys}, COL_LEVEL: level, COL_N_CELLS: n, COL_N_PRED_POS: k,
                         COL_FRAC_POS: k / n, COL_MEAN_PROB: r[COL_SUM_PROB] / n, COL_N_LABEL_POS: r[COL_N_LABEL_POS],
                         COL_N_LABEL_NEG: r[COL_N_LABEL_NEG], COL_MODEL_ID: model_id, COL_FRAC_LOW: low,
-                        COL_FRAC_HIGH: high, COL_CALL: None if fp_rate is None else bool(low > fp_rate)})
+                        COL_FRAC_HIGH: high, COL_CALL: None if fp_rate is None else bool(low > fp_rate),
+                        **correction.columns(k, n)})
         tables.append(pa.Table.from_pylist(out, schema=SLIDES_SCHEMA))
     return pa.concat_tables(tables)
 
 
-def roll_up(predictions: pa.Table, fp_rate: float | None, model_id: str | None) -> pa.Table:
+def roll_up(predictions: pa.Table, fp_rate: float | None, model_id: str | None,
+            correction: Correction | None = None) -> pa.Table:
     """``evidence`` of a table of prediction rows held whole (a training run's validation split)."""
-    return evidence(evidence_sums(predictions), fp_rate, model_id)
+    return evidence(evidence_sums(predictions), fp_rate, model_id, correction)
 
 
 def infected(row: dict) -> bool | None:

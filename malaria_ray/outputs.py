@@ -187,7 +187,8 @@ def scored_fields(root: str, model_id: str, detector: str) -> np.ndarray:
     return np.unique(np.concatenate(chunks).astype(np.bytes_)) if chunks else NO_IDS
 
 
-def rebuild_slides(root: str, model_id: str, fp_rate: float | None = None) -> pa.Table:
+def rebuild_slides(root: str, model_id: str, fp_rate: float | None = None,
+                   correction: metrics.Correction | None = None) -> pa.Table:
     """Per-slide and per-patient roll-up (``metrics.evidence``) of the current model's committed
     predictions.
 
@@ -196,7 +197,7 @@ def rebuild_slides(root: str, model_id: str, fp_rate: float | None = None) -> pa
     (same bytes at the same uri) scored by this model in several runs (no --skip-scored) counts
     once, from its newest run: ``_SeenInputs`` keeps 8 bytes per input for that. ``fp_rate``: the
     model's false-positive rate per cell at its operating point, for the slide and patient calls
-    (``metrics.CALL_RULE``).
+    (``metrics.CALL_RULE``); ``correction``: the corrected fraction's rates, or why there is none.
     """
     cols = [COL_IMAGE_ID, COL_URI, COL_SLIDE, COL_PATIENT, COL_LABEL, COL_PROB, COL_PRED, COL_ERROR, COL_FIELD_ID,
             COL_RUN_ID]
@@ -210,16 +211,18 @@ def rebuild_slides(root: str, model_id: str, fp_rate: float | None = None) -> pa
             parts = [metrics.merge_evidence_sums(parts)]
     sums = (metrics.merge_evidence_sums(parts) if parts else
             metrics.evidence_sums(pa.table({c: pa.array([], PREDICTIONS_SCHEMA.field(c).type) for c in cols})))
-    table = metrics.evidence(sums, fp_rate, model_id)
+    table = metrics.evidence(sums, fp_rate, model_id, correction)
     storage.replace_file(storage.join(root, SLIDES_FILE), storage.table_bytes(table))
     return table
 
 
-def rebuild_fields(root: str, model_id: str) -> pa.Table:
+def rebuild_fields(root: str, model_id: str, correction: metrics.Correction | None = None) -> pa.Table:
     """``fields.parquet``: one row per field photograph the current model scored (``FIELDS_SCHEMA``),
     from its newest run: cells found, called Parasitized, the fraction with its Wilson interval,
-    the mean probability, detection's flags, or the error that left it unscored. Streams like
-    ``rebuild_slides``; memory grows with the fields, not the cells."""
+    the mean probability, detection's flags, or the error that left it unscored, and the fraction
+    corrected by ``correction`` (or why not). Streams like ``rebuild_slides``; memory grows with
+    the fields, not the cells."""
+    correction = correction or metrics.Correction()
     keys = [COL_URI, COL_FIELD_ID, COL_RUN_ID, COL_SLIDE, COL_PATIENT, COL_DETECTOR]
     cols = [*keys, COL_PROB, COL_PRED, COL_ERROR, COL_FIELD_FLAGS]
     parts = []
@@ -239,7 +242,8 @@ def rebuild_fields(root: str, model_id: str) -> pa.Table:
         low, high = metrics.wilson_interval(k, n) if n else (None, None)
         out.append({**{c: r[c] for c in keys}, COL_N_CELLS: n, COL_N_PRED_POS: k, COL_FRAC_POS: k / n if n else None,
                     COL_FRAC_LOW: low, COL_FRAC_HIGH: high, COL_MEAN_PROB: r[COL_SUM_PROB] / n if n else None,
-                    COL_FIELD_FLAGS: r[COL_FIELD_FLAGS], COL_ERROR: r[COL_ERROR], COL_MODEL_ID: model_id})
+                    COL_FIELD_FLAGS: r[COL_FIELD_FLAGS], COL_ERROR: r[COL_ERROR], COL_MODEL_ID: model_id,
+                    **correction.columns(k, n)})
     table = pa.Table.from_pylist(out, schema=FIELDS_SCHEMA)
     storage.replace_file(storage.join(root, FIELDS_FILE), storage.table_bytes(table))
     return table

@@ -105,11 +105,18 @@ COL_N_LABEL_POS, COL_N_LABEL_NEG = "n_label_parasitized", "n_label_uninfected"
 # metrics.CALL_RULE (null where the model records no operating point to take a false-positive rate from).
 COL_FRAC_LOW, COL_FRAC_HIGH, COL_CALL = "frac_parasitized_ci_low", "frac_parasitized_ci_high", "call_parasitized"
 COL_SUM_PROB = "sum_prob"  # a partial sum inside the roll-up (``metrics.evidence_sums``), never written
+# The fraction corrected for the classifier's known error (``metrics.Correction``: Rogan-Gladen) with
+# its 95% interval, null where it is not applied; ``correction`` says which, or why not.
+COL_FRAC_CORR, COL_FRAC_CORR_LOW, COL_FRAC_CORR_HIGH = ("frac_corrected", "frac_corrected_ci_low",
+                                                        "frac_corrected_ci_high")
+COL_CORRECTION = "correction"
+CORRECTION_COLUMNS = ((COL_FRAC_CORR, pa.float64()), (COL_FRAC_CORR_LOW, pa.float64()),
+                      (COL_FRAC_CORR_HIGH, pa.float64()), (COL_CORRECTION, pa.string()))
 SLIDES_SCHEMA = pa.schema([(COL_LEVEL, pa.string()), (COL_SLIDE, pa.string()), (COL_PATIENT, pa.string()),
                            (COL_N_CELLS, pa.int64()), (COL_N_PRED_POS, pa.int64()), (COL_FRAC_POS, pa.float64()),
                            (COL_MEAN_PROB, pa.float64()), (COL_N_LABEL_POS, pa.int64()),
                            (COL_N_LABEL_NEG, pa.int64()), (COL_MODEL_ID, pa.string()), (COL_FRAC_LOW, pa.float64()),
-                           (COL_FRAC_HIGH, pa.float64()), (COL_CALL, pa.bool_())])
+                           (COL_FRAC_HIGH, pa.float64()), (COL_CALL, pa.bool_()), *CORRECTION_COLUMNS])
 
 # ---------------------------------------------------------------- fields.parquet (``score --fields``)
 # One row per field photograph of the current model: the cells found and called, the fraction called
@@ -119,7 +126,8 @@ FIELDS_SCHEMA = pa.schema([(COL_URI, pa.string()), (COL_FIELD_ID, pa.string()), 
                            (COL_PATIENT, pa.string()), (COL_N_CELLS, pa.int64()), (COL_N_PRED_POS, pa.int64()),
                            (COL_FRAC_POS, pa.float64()), (COL_FRAC_LOW, pa.float64()), (COL_FRAC_HIGH, pa.float64()),
                            (COL_MEAN_PROB, pa.float64()), (COL_FIELD_FLAGS, pa.string()), (COL_ERROR, pa.string()),
-                           (COL_DETECTOR, pa.string()), (COL_MODEL_ID, pa.string()), (COL_RUN_ID, pa.string())])
+                           (COL_DETECTOR, pa.string()), (COL_MODEL_ID, pa.string()), (COL_RUN_ID, pa.string()),
+                           *CORRECTION_COLUMNS])
 
 # ---------------------------------------------------------------- a scoring run's counts (summary, manifest)
 COUNT_SCORED, COUNT_ERRORS = "scored", "errors"  # rows scored; error rows (besides the row statuses)
@@ -132,6 +140,10 @@ KEY_IMAGE_SIZE, KEY_SCALE, KEY_RESIZE, KEY_CHANNELS = "image_size", "scale", "re
 KEY_CLASSES, KEY_POSITIVE_INDEX, KEY_MODEL_ID = "classes", "positive_index", "model_id"
 KEY_THRESHOLD, KEY_TARGET_SENSITIVITY, KEY_THRESHOLD_SOURCE = "threshold", "target_sensitivity", "threshold_source"
 KEY_VAL_SENSITIVITY, KEY_VAL_SPECIFICITY = "val_sensitivity", "val_specificity"
+# How many validation cells each rate was measured on, and their kind: the correction of a
+# parasitemia needs rates measured on the same kind of cells (a model.json without it: cut-out cells).
+KEY_VAL_N_POSITIVE, KEY_VAL_N_NEGATIVE, KEY_VAL_CELLS = "val_n_parasitized", "val_n_uninfected", "val_cells"
+CELLS_CROPS, CELLS_FIELDS = "cut-out cells", "cells found in field photographs"
 # How images are resized to the model's input (PIL's filter of that name): what training used, and
 # what scoring assumes for a bare ``.keras`` without a model.json.
 RESIZE_DEFAULT = "bilinear"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from malaria_ray import corpus, faults, fields, ingest, logs, manifests, outputs, resources, sources, storage
+from malaria_ray import corpus, faults, fields, ingest, logs, manifests, metrics, outputs, resources, sources, storage
 from malaria_ray import schema
 from malaria_ray.config import DEFAULT_THRESHOLD, ConfigError, CorpusError, ScoreConfig
 from malaria_ray.model import ModelError, check_contract, inspect_artifact, read_contract, resize_of
@@ -193,7 +193,11 @@ def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Units, che
     except BaseException as exc:
         run.fail(exc)
         raise
-    return run.finish(time.perf_counter() - started, fp_rate, ray_version=ray.__version__)
+    cells = schema.CELLS_FIELDS if cfg.fields else schema.CELLS_CROPS
+    correction = metrics.Correction.of(checked.contract, cfg.threshold, cells)
+    if checked.contract.get(schema.KEY_VAL_CELLS, schema.CELLS_CROPS) != cells:
+        fp_rate = None  # a false-positive rate measured on crops does not hold for cells found in fields
+    return run.finish(time.perf_counter() - started, fp_rate, correction, ray_version=ray.__version__)
 
 
 def operating_point(cfg: ScoreConfig, contract: dict) -> tuple[ScoreConfig, float | None]:

@@ -171,10 +171,12 @@ class ScoringRun:
         self.writer.abort()
         self._write_manifest(failed=f"{type(exc).__name__}: {exc}"[:500])
 
-    def finish(self, seconds: float, fp_rate: float | None, **manifest_extra) -> RunResult:
+    def finish(self, seconds: float, fp_rate: float | None, correction: metrics.Correction | None = None,
+               **manifest_extra) -> RunResult:
         """Publish the run: its metrics row and plot, the last part, the finished manifest, the
         earlier runs it completes, then the rebuilt ``metrics.parquet`` and ``slides.parquet``.
-        ``fp_rate``: the model's false-positive rate per cell for the slide calls (or None)."""
+        ``fp_rate``: the model's false-positive rate per cell for the slide calls (or None);
+        ``correction``: what corrects the roll-ups' fractions for the model's error, or why nothing does."""
         if self.writer.rows == 0 and self.counts[schema.STATUS_ALREADY] == 0:
             self.writer.abort()
             raise CorpusError(f"no images found in {self.cfg.input} ({self.counts[schema.STATUS_NON_IMAGE]} non-image "
@@ -199,9 +201,9 @@ class ScoringRun:
         for earlier in self.unfinished:
             manifests.mark_completed(self.root, earlier, self.run_id)
         manifests.rebuild_metrics(self.root)
-        outputs.rebuild_slides(self.root, self.model_id, fp_rate)
+        outputs.rebuild_slides(self.root, self.model_id, fp_rate, correction)
         if self.cfg.fields:
-            outputs.rebuild_fields(self.root, self.model_id)
+            outputs.rebuild_fields(self.root, self.model_id, correction)
         return result
 
 

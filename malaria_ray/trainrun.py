@@ -86,7 +86,9 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
     common = {schema.COL_N_IMAGES: len(uris) + len(val_errors), schema.COL_N_ERRORS: len(val_errors),
               schema.COL_MODEL_ID: model_id, schema.COL_RUN_ID: run_id, "split": "val", "split_kind": cfg.split,
               "best_epoch": best_state["epoch"], "synthetic": cfg.synthetic, "brier": metrics.brier(y, probs)}
-    groups = metrics.roll_up(preds, 1 - op[schema.KEY_VAL_SPECIFICITY], model_id)  # as scoring's slides.parquet
+    # as scoring's slides.parquet; the correction uses the rates of these same cells (in-sample)
+    groups = metrics.roll_up(preds, 1 - op[schema.KEY_VAL_SPECIFICITY], model_id,
+                             metrics.Correction.of(op, threshold, schema.CELLS_CROPS))
     rows = []
     kinds = (("operating_point", threshold), ("argmax", THRESHOLD))
     intervals = metrics.patient_bootstraps(y, probs, patients, [t for _, t in kinds], n_boot=BOOTSTRAP_SAMPLES,
@@ -169,6 +171,8 @@ def operating_point(y: np.ndarray, probs: np.ndarray, target: float) -> dict[str
     m = metrics.binary_metrics(y, probs, t)
     return {schema.KEY_THRESHOLD: float(t), schema.KEY_TARGET_SENSITIVITY: float(target),
             schema.KEY_VAL_SENSITIVITY: m["sensitivity"], schema.KEY_VAL_SPECIFICITY: m["specificity"],
+            schema.KEY_VAL_N_POSITIVE: int(m["tp"] + m["fn"]), schema.KEY_VAL_N_NEGATIVE: int(m["fp"] + m["tn"]),
+            schema.KEY_VAL_CELLS: schema.CELLS_CROPS,
             schema.KEY_THRESHOLD_SOURCE: "chosen on this run's validation split (the same images its metrics describe)"}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -62,6 +63,18 @@ def test_malaria_ray_train_then_score(synthetic, tmp_path):
     preds = pd.read_parquet(tmp_path / "scores" / "predictions")
     assert len(preds) == 64 and preds["uri"].is_unique and preds["error"].isna().all()
     assert (tmp_path / "scores" / "slides.parquet").exists() and (tmp_path / "scores" / "metrics.parquet").exists()
+
+    # Field photographs, as the README has them: SYNTHETIC fields, scored with the same run's model.
+    r = run("malaria-ray", "synth", "fields", "--fields", "--n", "4", cwd=tmp_path)
+    assert r.returncode == 0 and "wrote 4 SYNTHETIC field photographs" in r.stdout, r.stderr
+    r = run("malaria-ray", "score", "--input", "fields", "--model", "run", "--output", "field-scores", "--fields",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"fields scored\s+4 ", r.stdout) and "cells scored" in r.stdout, r.stdout
+    table = pd.read_parquet(tmp_path / "field-scores" / "fields.parquet")
+    assert len(table) == 4 and (table["n_cells"] > 20).all() and table["error"].isna().all()
+    cells = pd.read_parquet(tmp_path / "field-scores" / "predictions")
+    assert len(cells) == table["n_cells"].sum() and cells["image_id"].is_unique
 
 
 def test_jobs_entrypoints_train_then_score_real_cells(small_corpus, tmp_path):

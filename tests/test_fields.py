@@ -163,6 +163,8 @@ def test_score_fields_cells_fields_table_roll_ups_and_rescore_on_detector_change
             schema.COL_FRAC_HIGH]
         assert row[schema.COL_SLIDE] == rel.split("/")[0] and pd.isna(row[schema.COL_ERROR])
     assert table.loc[str(data / "slide-b" / "corrupt.jpg"), schema.COL_N_CELLS] == 0
+    # The test model records no validation rates: nothing to correct with, and the table says so.
+    assert table[schema.COL_FRAC_CORR].isna().all() and table[schema.COL_CORRECTION].str.contains("no validation").all()
     slides = pd.read_parquet(out / outputs.SLIDES_FILE)
     per_slide = slides[slides[schema.COL_LEVEL] == "slide"].set_index(schema.COL_SLIDE)[schema.COL_N_CELLS]
     assert per_slide.to_dict() == {"slide-a": expected["slide-a/f0.png"] + expected["slide-a/f1.png"],

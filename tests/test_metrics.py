@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
 from malaria_ray import metrics, schema
@@ -245,3 +246,24 @@ def test_one_bootstrap_serves_both_thresholds():
     both = metrics.patient_bootstraps(y, p, groups, [0.3, 0.5], n_boot=200, seed=7)
     assert both == [metrics.patient_bootstrap(y, p, groups, t, n_boot=200, seed=7) for t in (0.3, 0.5)]
     assert both[0]["roc_auc"] == both[1]["roc_auc"] and both[0]["sensitivity"] != both[1]["sensitivity"]
+
+
+def test_correction_applies_only_with_rates_of_the_same_cells_at_their_threshold():
+    contract = {schema.KEY_THRESHOLD: 0.3, schema.KEY_VAL_SENSITIVITY: 0.95, schema.KEY_VAL_SPECIFICITY: 0.98,
+                schema.KEY_VAL_N_POSITIVE: 400, schema.KEY_VAL_N_NEGATIVE: 600}
+    own = metrics.Correction.of(contract, 0.3, schema.CELLS_CROPS)
+    assert own.reason is None
+    cols = own.columns(50, 1000)
+    assert (cols["frac_corrected"], cols["frac_corrected_ci_low"], cols["frac_corrected_ci_high"]) == \
+        metrics.rogan_gladen(50, 1000, 0.95, 0.98, 400, 600)
+    assert cols["frac_corrected"] == pytest.approx((0.05 + 0.98 - 1) / (0.95 + 0.98 - 1))
+    fields = metrics.Correction.of(contract, 0.3, schema.CELLS_FIELDS)  # a model.json of a crop-trained model
+    assert "uncalibrated" in fields.reason and "cut-out cells" in fields.reason
+    assert fields.columns(50, 1000)["frac_corrected"] is None
+    assert "not the model's operating point" in metrics.Correction.of(contract, 0.5, schema.CELLS_CROPS).reason
+    assert "no validation rates" in metrics.Correction.of({}, 0.5, schema.CELLS_CROPS).reason
+    chance = {**contract, schema.KEY_VAL_SENSITIVITY: 0.5, schema.KEY_VAL_SPECIFICITY: 0.5}
+    assert "not correctable" in metrics.Correction.of(chance, 0.3, schema.CELLS_CROPS).reason
+    rows = metrics.roll_up(_predictions(["s1"] * 4, ["p1"] * 4, [None] * 4, [True, False, False, False]), 0.02, "m",
+                           own).to_pylist()
+    assert all(r["correction"] == metrics.CORRECTED and r["frac_corrected"] is not None for r in rows)
