@@ -140,6 +140,8 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     _flag(p, S, "cell_diameter", "with --fields: the red cells' diameter in pixels, for the whole archive "
           "(default: estimated per field)", type=float)
     _flag(p, S, "max_field_megapixels", "with --fields: a larger photograph is an error row, not detected", type=float)
+    _flag(p, S, "annotations", "with --fields: the fields' annotated boxes (IML-Malaria JSON or COCO): the run is "
+          "measured against them (detection, cells, fields, blocks of fields) in runs/<run_id>/field_eval.*")
 
 
 def config_from_args(cls, args: argparse.Namespace, preset: dict[str, Any] | None = None):
@@ -231,7 +233,7 @@ def _synth(argv: list[str]) -> int:
     p.add_argument("--size", type=int, default=96, help="cell image size in pixels (default: 96)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument("--fields", action="store_true", help="640x480 photographs of whole smear fields, many cells each, "
-                   "with their true boxes in boxes.json (to try `score --fields`)")
+                   "with their true boxes in annotations.json, COCO (to try `score --fields [--annotations]`)")
     args = p.parse_args(argv)
 
     def go() -> int:

@@ -198,6 +198,7 @@ class ScoreConfig(_Serialized):
     fields: bool = False  # the input holds field photographs: find the red cells, score each (malaria_ray.fields)
     cell_diameter: float | None = None  # px; None: estimated per field (score --fields)
     max_field_megapixels: float = 25.0  # a larger field photograph is an error row (detection time grows with pixels)
+    annotations: str | None = None  # IML-Malaria or COCO JSON: measure a --fields run against its boxes
 
     def __post_init__(self) -> None:
         for name in ("input", "model", "output"):
@@ -229,5 +230,7 @@ class ScoreConfig(_Serialized):
             raise ConfigError(f"--cell-diameter must be > 0 px, got {self.cell_diameter}")
         if self.max_field_megapixels <= 0:
             raise ConfigError(f"--max-field-megapixels must be > 0, got {self.max_field_megapixels}")
-        if not self.fields and (self.cell_diameter is not None or self.max_field_megapixels != 25.0):
-            raise ConfigError("--cell-diameter and --max-field-megapixels apply to field photographs: add --fields")
+        if not self.fields and (self.cell_diameter is not None or self.max_field_megapixels != 25.0
+                                or self.annotations is not None):
+            raise ConfigError("--cell-diameter, --max-field-megapixels and --annotations apply to field photographs: "
+                              "add --fields")

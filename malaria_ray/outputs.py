@@ -115,6 +115,18 @@ def committed_runs(root: str) -> list[str]:
     return list(dict.fromkeys(run for run, _ in committed_files(root)))
 
 
+def run_table(root: str, run_id: str, columns: list[str]) -> pa.Table:
+    """``columns`` of one run's committed rows, whole (an evaluation against annotations: a set of
+    annotated fields, not a year of nights)."""
+    fs, pred_path = storage.filesystem(predictions_uri(root))
+    tables = []
+    for run, name in committed_files(root):
+        if run == run_id:
+            with fs.open(posixpath.join(pred_path, name), "rb") as f:
+                tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables) if tables else PREDICTIONS_SCHEMA.empty_table().select(columns)
+
+
 def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool = False,
                    detector: str | None = ANY_DETECTOR) -> Iterator[pa.RecordBatch]:
     """``columns`` of the committed predictions of ``model_id`` (error rows dropped when

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from malaria_ray import corpus, faults, fields, ingest, logs, manifests, metrics, outputs, resources, sources, storage
+from malaria_ray import corpus, faults, fieldeval, fields, ingest, logs, manifests, metrics, outputs, resources, sources
+from malaria_ray import storage
 from malaria_ray import schema
 from malaria_ray.config import DEFAULT_THRESHOLD, ConfigError, CorpusError, ScoreConfig
 from malaria_ray.model import ModelError, check_contract, inspect_artifact, read_contract, resize_of
@@ -144,7 +145,10 @@ def score_archive(cfg: ScoreConfig, checked: Preflight | None = None) -> RunResu
     if storage.exists(outputs.run_uri(cfg.output, run_id)) or run_id in outputs.committed_runs(cfg.output):
         raise CorpusError(f"--run-id {run_id} was already used under {cfg.output}: a run id names one run")
     with ScoringRun(cfg.output, run_id) as run:
-        return _score_leased(cfg, run, listing, checked)
+        result = _score_leased(cfg, run, listing, checked)
+    if checked.truth is not None:  # committed first: a failed evaluation leaves the night's rows in place
+        result.evaluation = fieldeval.measure_run(cfg.output, run_id, checked.truth)
+    return result
 
 
 def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Units, checked: Preflight) -> RunResult:
@@ -324,6 +328,7 @@ def summary(result: RunResult) -> str:
         f"  throughput        {rate:>10,.1f} images/s over {result.seconds:.1f} s",
     ]
     lines += [f"    error: {e}" for e in result.error_examples]
+    lines += fieldeval.summary_lines(result.evaluation) if result.evaluation else []
     if result.confusion is not None:
         cm = result.confusion
         lines += [
@@ -359,6 +364,7 @@ class Preflight:
     model_info: dict | None
     contract: dict
     resize: str
+    truth: dict | None = None  # --annotations, parsed (``fieldeval.load_truth``)
 
 
 def preflight(cfg: ScoreConfig) -> Preflight:
@@ -380,7 +386,8 @@ def preflight(cfg: ScoreConfig) -> Preflight:
     # inspect_artifact: None for a legacy .h5, which is checked inside Ray
     artifact = inspect_artifact(cfg.model)
     check_contract(contract, artifact[schema.KEY_IMAGE_SIZE] if artifact else None)
-    return Preflight(artifact, contract, resize_of(contract))
+    truth = fieldeval.load_truth(cfg.annotations) if cfg.annotations else None
+    return Preflight(artifact, contract, resize_of(contract), truth)
 
 
 EXIT_TOO_MANY_ERRORS = 3

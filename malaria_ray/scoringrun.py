@@ -54,6 +54,7 @@ class RunResult:
     parts: list[str] = field(default_factory=list)  # the predictions files this run published
     unchanged: int = 0  # already scored, known from the listing (size and mtime/ETag) without reading
     fields: bool = False  # a ``--fields`` run: ``scored`` counts cells, ``fields_scored`` the photographs
+    evaluation: dict | None = None  # --annotations: the run measured against them (``fieldeval``)
 
     @property
     def rows(self) -> int:

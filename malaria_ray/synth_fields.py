@@ -154,18 +154,22 @@ def _draw_scale_bar(im: Image.Image, d: float) -> None:
 
 def write_fields(dest: str, n: int, slides: int = 2, seed: int = 0, width: int = 640, height: int = 480) -> int:
     """``n`` SYNTHETIC field photographs as JPEG under ``dest/slide-<k>/`` (the folder names the
-    slide, as a lab's archive of one folder per slide does), with ``boxes.json`` beside them (each
-    file's true boxes and which are parasitized); returns how many were written."""
+    slide, as a lab's archive of one folder per slide does), with their true boxes in COCO JSON
+    (``dest/annotations.json``: ``red blood cell``, and ``ring`` for a parasitized cell), which
+    ``score --fields --annotations`` reads; returns how many were written."""
     import json
     import os
 
-    truth = {}
+    images, anns = [], []
     for i in range(n):
         f = make_field(seed=seed * 100_003 + i, width=width, height=height)
-        rel = f"slide-{i % slides}/field-{i:04d}.jpg"
-        os.makedirs(os.path.join(dest, os.path.dirname(rel)), exist_ok=True)
-        Image.fromarray(f.image).save(os.path.join(dest, rel), quality=92)
-        truth[rel] = {"boxes": f.boxes.tolist(), "parasitized": f.parasitized.tolist()}
-    with open(os.path.join(dest, "boxes.json"), "w") as fh:
-        json.dump(truth, fh)
+        name = f"field-{i:04d}.jpg"
+        os.makedirs(os.path.join(dest, f"slide-{i % slides}"), exist_ok=True)
+        Image.fromarray(f.image).save(os.path.join(dest, f"slide-{i % slides}", name), quality=92)
+        images.append({"id": i, "file_name": name, "width": width, "height": height})
+        anns += [{"id": len(anns) + j, "image_id": i, "bbox": [int(v) for v in box], "category_id": int(sick)}
+                 for j, (box, sick) in enumerate(zip(f.boxes, f.parasitized))]
+    with open(os.path.join(dest, "annotations.json"), "w") as fh:
+        json.dump({"images": images, "annotations": anns,
+                   "categories": [{"id": 0, "name": "red blood cell"}, {"id": 1, "name": "ring"}]}, fh)
     return n

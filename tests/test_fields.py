@@ -106,6 +106,17 @@ def test_a_field_passed_to_the_cut_out_cell_path_is_an_error_not_a_cell():
         decode_image(_png(f.image), 32)
 
 
+def test_an_annotation_file_that_cannot_be_read_is_one_line(tmp_path):
+    from malaria_ray import fieldeval
+    from malaria_ray.annotations import AnnotationError
+
+    with pytest.raises(AnnotationError, match="cannot read annotation JSON"):
+        fieldeval.load_truth(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text('{"not": "annotations"}')
+    with pytest.raises(AnnotationError, match="not an annotation file"):
+        fieldeval.load_truth(str(tmp_path / "bad.json"))
+
+
 def test_field_flags_need_fields():
     with pytest.raises(ConfigError, match="add --fields"):
         ScoreConfig(input="i", model="m", output="o", cell_diameter=40.0)
@@ -134,9 +145,17 @@ def test_score_fields_cells_fields_table_roll_ups_and_rescore_on_detector_change
     data, out = tmp_path / "night", tmp_path / "out"
     made = _night(sample_dir, data)
     expected = {k: len(detect.detect_cells(v, 32)) for k, v in made.items()}
+    coco = {"images": [{"id": i, "file_name": rel.split("/")[1], "width": W, "height": H} for i, rel in enumerate(made)],
+            "categories": [{"id": 0, "name": "red blood cell"}, {"id": 1, "name": "ring"}],
+            "annotations": [{"id": 1000 * i + j, "image_id": i, "bbox": [int(v) for v in b], "category_id": int(sick)}
+                            for i, rel in enumerate(made) for j, (b, sick) in
+                            enumerate(zip(make_field(seed=10 + i).boxes, make_field(seed=10 + i).parasitized))]}
+    (tmp_path / "truth.json").write_text(json.dumps(coco))
     cfg = ScoreConfig(input=str(data), model=str(score_model), output=str(out), fields=True, batch_size=64,
-                      skip_scored=True, run_id="20260101T000000Z-a")
+                      skip_scored=True, run_id="20260101T000000Z-a", annotations=str(tmp_path / "truth.json"))
     first = score.score_archive(cfg)
+    assert first.evaluation["fields"] == 3 and first.evaluation["detection_recall"] > 0.8
+    assert (out / "runs" / cfg.run_id / "field_eval.parquet").is_file() and "vs annotations" in score.summary(first)
     assert first.counts[schema.COUNT_FIELDS] == 3 and first.counts[schema.COUNT_ERRORS] == 3
     assert first.counts[schema.COUNT_SCORED] == sum(expected.values())
     assert first.counts[schema.STATUS_NON_IMAGE] == 1
@@ -171,11 +190,11 @@ def test_score_fields_cells_fields_table_roll_ups_and_rescore_on_detector_change
                                    "slide-b": expected["slide-b/f2.png"]}
 
     # The next night, unchanged: nothing is read again.
-    again = score.score_archive(ScoreConfig(**{**cfg.__dict__, "run_id": "20260102T000000Z-b"}))
+    again = score.score_archive(ScoreConfig(**{**cfg.__dict__, "run_id": "20260102T000000Z-b", "annotations": None}))
     assert again.unchanged == 6 and again.counts[schema.COUNT_SCORED] == 0
     assert len(pd.read_parquet(out / "predictions")) == len(preds)
     # A detector change rescores every field; the tables count each field once, from the newest run.
-    other = ScoreConfig(**{**cfg.__dict__, "run_id": "20260103T000000Z-c", "cell_diameter": 44.0})
+    other = ScoreConfig(**{**cfg.__dict__, "run_id": "20260103T000000Z-c", "cell_diameter": 44.0, "annotations": None})
     third = score.score_archive(other)
     assert third.counts[schema.COUNT_FIELDS] == 3
     table = pd.read_parquet(out / outputs.FIELDS_FILE)
@@ -204,3 +223,51 @@ def test_real_field_photographs_score_about_as_many_cells_as_are_boxed(ray_sessi
     for uri, n in zip(table[schema.COL_URI], table[schema.COL_N_CELLS]):
         boxed = len(truth[pathlib.Path(uri).name].boxes)
         assert abs(n - boxed) <= 0.15 * boxed, (uri, n, boxed)
+
+
+def _cells(uri: str, boxes: np.ndarray, called: list[bool]):
+    import pyarrow as pa
+
+    b = np.asarray(boxes, np.int32).reshape(-1, 4)
+    return pa.table({schema.COL_URI: [uri] * len(b), schema.COL_ERROR: pa.nulls(len(b), pa.string()),
+                     schema.COL_PRED: [schema.POSITIVE_CLASS if c else schema.NEGATIVE_CLASS for c in called],
+                     **{c: b[:, i] for i, c in enumerate(fields.BOX_COLUMNS)}})
+
+
+def test_evaluation_against_boxes_counts_detection_cells_fields_and_blocks():
+    import pyarrow as pa
+
+    from malaria_ray import fieldeval
+    from malaria_ray.annotations import FieldBoxes
+
+    def field(name, n, sick, stage="ring"):
+        boxes = np.array([[60 * i, 10, 50, 50] for i in range(n)], np.int32)
+        labels = ["Parasitized" if i < sick else "Uninfected" for i in range(n)]
+        return FieldBoxes(name, boxes, labels, [stage if i < sick else "red blood cell" for i in range(n)],
+                          difficult=np.array([[60 * n, 10, 50, 50]], np.int32))
+
+    truth = {"a.jpg": field("a.jpg", 10, 2), "b.jpg": field("b.jpg", 10, 0), "c.jpg": field("c.jpg", 10, 1, "schizont"),
+             "not-scored.jpg": field("not-scored.jpg", 5, 0)}
+    # a: every cell found (difficult too) plus one phantom box; parasite 0 called, parasite 1 missed,
+    # one uninfected cell called. b: the last cell not found, nothing called. c: its parasite called.
+    a_boxes = np.r_[truth["a.jpg"].all_boxes(), [[700, 300, 50, 50]]]
+    a_calls = [True, False, True] + [False] * 9
+    b_boxes = truth["b.jpg"].all_boxes()[:9]
+    c_boxes = truth["c.jpg"].all_boxes()
+    cells = pa.concat_tables([_cells("/n/s/a.jpg", a_boxes, a_calls), _cells("s3://b/x/b.jpg", b_boxes, [False] * 9),
+                              _cells("/n/t.tar#s/c.jpg", c_boxes, [True] + [False] * 10),
+                              _cells("/n/s/extra.jpg", np.zeros((1, 4)), [False])])
+    table, f = fieldeval.evaluate(cells, truth, block=2)
+    assert table.column("field").to_pylist() == ["a.jpg", "b.jpg", "c.jpg"]
+    assert f["fields"] == 3 and f["annotated_fields_not_scored"] == 1 and f["scored_fields_not_annotated"] == 1
+    assert (f["detection_recall"], f["detection_precision"]) == (pytest.approx(31 / 33), pytest.approx(31 / 32))
+    assert (f["tp"], f["fn"], f["fp"], f["tn"]) == (2, 1, 1, 25)  # difficult cells have no class
+    assert f["infected_cell_sensitivity"] == pytest.approx(2 / 3)
+    assert f["false_positive_cells_per_field"] == pytest.approx(1 / 3)  # a's called uninfected cell
+    assert f["stage_sensitivity"] == {"ring": 0.5, "schizont": 1.0} and f["stage_counts"] == {"ring": 2, "schizont": 1}
+    assert f["field_sensitivity"] == 1.0 and f["field_sensitivity_2plus"] == 1.0 and f["field_specificity"] == 1.0
+    # a: called 2 of 12 found vs 2 of 11 annotated cells (difficult ones count); b: 0 vs 0; c: 1/11 vs 1/11
+    assert f["field_parasitemia_mae"] == pytest.approx(abs(2 / 12 - 2 / 11) / 3)
+    assert [b["first"] for b in f["blocks"]] == ["a.jpg"]  # blocks of 2: [a, b]; c alone is left out
+    assert f["blocks"][0]["true_fraction"] == pytest.approx(2 / 22)  # difficult boxes count as cells
+    assert f["blocks"][0]["called_fraction"] == pytest.approx(2 / 21) and f["blocks_within_25pct"] == 1.0
