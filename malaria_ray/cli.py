@@ -85,6 +85,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _flag(p, T, "split", "validation split: by patient (honest) or by image (the notebook's)", choices=SPLITS)
     _flag(p, T, "val_fraction", "share of images held out for validation", type=float)
     _flag(p, T, "weights", "initial ResNet50V2 weights: none, imagenet, or a URI of a notop .h5 file")
+    _flag(p, T, "init_from", "fine-tune: start from every weight of a trained run (its directory or model.keras; "
+          "the same --image-size), instead of --weights")
+    _flag(p, T, "annotations", "--data holds field photographs and this file (IML-Malaria JSON or COCO) boxes their "
+          "cells: train on the detected cells that match a box, cut as scoring cuts them (docs/fields.md)")
     _flag(p, T, "weights_sha256", "sha256 of the --weights file; a file that differs is refused")
     _flag(p, T, "seed", "seed for split, init and augmentation", type=int)
     _flag(p, T, "max_images", "use a class-balanced subset of this many images", type=int)

@@ -73,6 +73,8 @@ class TrainConfig(_Serialized):
     val_fraction: float = 0.3
     weights: str = "none"
     weights_sha256: str | None = None  # checked against a --weights file before Keras reads it
+    init_from: str | None = None  # a trained run (or its model.keras): start from all its weights (fine-tuning)
+    annotations: str | None = None  # --data holds field photographs boxed by this file (malaria_ray.fieldcrops)
     seed: int = 0
     max_images: int | None = None
     max_failures: int = 2

@@ -76,6 +76,28 @@ def load_base_weights(base, weights: str, sha256: str | None = None) -> None:
         raise ModelError(f"weights {weights} do not fit ResNet50V2(include_top=False): {exc}") from exc
 
 
+def check_init(uri: str, image_size: int) -> None:
+    """``--init-from``: the artifact exists, is a safe Keras model, and was trained at ``image_size``."""
+    found = inspect_artifact(uri)
+    if found is not None and found[KEY_IMAGE_SIZE] != image_size:
+        raise ModelError(f"--init-from {storage.redact(uri)} was trained at {found[KEY_IMAGE_SIZE]} px: fine-tune it "
+                         f"with --image-size {found[KEY_IMAGE_SIZE]}")
+
+
+def copy_weights(model, uri: str) -> None:
+    """Every weight of the trained model at ``uri`` (a run directory or a model.keras) into
+    ``model`` (fine-tuning); raises ``ModelError`` when the two do not have the same shapes (another
+    --image-size, another architecture)."""
+    source, _ = load_model(uri)
+    if source.input_shape != model.input_shape:
+        raise ModelError(f"--init-from {storage.redact(uri)}: its input is {source.input_shape[1:3]}, this run's "
+                         f"{model.input_shape[1:3]}: fine-tune at the trained model's --image-size")
+    try:
+        model.set_weights(source.get_weights())
+    except ValueError as exc:
+        raise ModelError(f"--init-from {storage.redact(uri)}: not this architecture: {exc}") from exc
+
+
 def _imagenet_path() -> str:
     import keras
 

@@ -248,6 +248,10 @@ def plan_run(cfg: TrainConfig, resume: bool = False) -> Plan:
 
     if resume:
         return plan_resume(cfg.output)
+    if cfg.init_from:  # a missing run or another image size: one line now, not a failed worker later
+        from malaria_ray.model import check_init
+
+        check_init(cfg.init_from, cfg.image_size)
     _prepare_output(cfg)
     return _plan(cfg)
 
@@ -255,7 +259,12 @@ def plan_run(cfg: TrainConfig, resume: bool = False) -> Plan:
 def _plan(cfg: TrainConfig) -> Plan:
     from malaria_ray import synth
 
-    listing = corpus.list_corpus(cfg.data)
+    if cfg.annotations:  # field photographs: their annotated cells, cut once into <output>/field_crops
+        from malaria_ray import fieldcrops
+
+        listing = corpus.list_corpus(fieldcrops.training_corpus(cfg.data, cfg.annotations, cfg.output, cfg.image_size))
+    else:
+        listing = corpus.list_corpus(cfg.data)
     if cfg.max_images:
         listing = corpus.stable_subsample(listing, cfg.max_images, cfg.seed)
     synthetic = cfg.synthetic or synth.is_synthetic(cfg.data)

@@ -73,7 +73,8 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
     uris, ids = made.column(schema.COL_URI).to_pylist(), made.column(schema.COL_IMAGE_ID).to_pylist()
     labels, probs = made.column(schema.COL_TRAIN_LABEL).to_numpy(), made.column(schema.COL_VAL_PROB).to_numpy()
     y = labels == CLASS_NAMES.index(POSITIVE_CLASS)
-    op = operating_point(y, probs, cfg.target_sensitivity)
+    cells = schema.CELLS_FIELDS if cfg.annotations else schema.CELLS_CROPS  # what validation's cells are
+    op = operating_point(y, probs, cfg.target_sensitivity, cells)
     model_id = model_mod.save_model(best, out, h5=cfg.export_h5, operating_point=op)
     threshold = op[schema.KEY_THRESHOLD]
 
@@ -88,7 +89,7 @@ def write_run(cfg: TrainConfig, listing: corpus.Listing, val_mask: np.ndarray, b
               "best_epoch": best_state["epoch"], "synthetic": cfg.synthetic, "brier": metrics.brier(y, probs)}
     # as scoring's slides.parquet; the correction uses the rates of these same cells (in-sample)
     groups = metrics.roll_up(preds, 1 - op[schema.KEY_VAL_SPECIFICITY], model_id,
-                             metrics.Correction.of(op, threshold, schema.CELLS_CROPS))
+                             metrics.Correction.of(op, threshold, cells))
     rows = []
     kinds = (("operating_point", threshold), ("argmax", THRESHOLD))
     intervals = metrics.patient_bootstraps(y, probs, patients, [t for _, t in kinds], n_boot=BOOTSTRAP_SAMPLES,
@@ -162,7 +163,7 @@ def _rows_with_ids(batch: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, n
     return {schema.COL_IMAGE_ID: batch[schema.COL_IMAGE_ID][keep], schema.COL_TRAIN_IMAGE: batch[schema.COL_TRAIN_IMAGE][keep]}
 
 
-def operating_point(y: np.ndarray, probs: np.ndarray, target: float) -> dict[str, Any]:
+def operating_point(y: np.ndarray, probs: np.ndarray, target: float, cells: str = schema.CELLS_CROPS) -> dict[str, Any]:
     """The decision threshold for ``target`` sensitivity on the validation split, with the
     validation sensitivity and specificity it gives (what ``model.json`` records)."""
     t = metrics.threshold_for_sensitivity(y, probs, target)
@@ -172,7 +173,7 @@ def operating_point(y: np.ndarray, probs: np.ndarray, target: float) -> dict[str
     return {schema.KEY_THRESHOLD: float(t), schema.KEY_TARGET_SENSITIVITY: float(target),
             schema.KEY_VAL_SENSITIVITY: m["sensitivity"], schema.KEY_VAL_SPECIFICITY: m["specificity"],
             schema.KEY_VAL_N_POSITIVE: int(m["tp"] + m["fn"]), schema.KEY_VAL_N_NEGATIVE: int(m["fp"] + m["tn"]),
-            schema.KEY_VAL_CELLS: schema.CELLS_CROPS,
+            schema.KEY_VAL_CELLS: cells,
             schema.KEY_THRESHOLD_SOURCE: "chosen on this run's validation split (the same images its metrics describe)"}
 
 

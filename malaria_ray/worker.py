@@ -122,6 +122,10 @@ def compile_model(cfg: TrainConfig, strategy, steps_per_epoch: int) -> Compiled:
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if cfg.precision == "bf16" else "float32")
     with strategy.scope():
         model = build_model(cfg.image_size, cfg.weights, seed=cfg.seed, weights_sha256=cfg.weights_sha256)
+        if cfg.init_from:  # fine-tuning: every weight of a trained run, head included
+            from malaria_ray.model import copy_weights
+
+            copy_weights(model, cfg.init_from)
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate(cfg, steps_per_epoch))
         optimizer.build(model.trainable_variables)
     # The notebook's loss, per example; label smoothing (a recipe option) only in training.

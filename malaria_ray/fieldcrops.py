@@ -1,0 +1,139 @@
+"""Annotated field photographs -> a training corpus of cell crops, cut as scoring cuts them.
+
+``train --data FIELDS --annotations FILE`` trains on field photographs with boxed cells (IML-Malaria
+JSON or COCO). Each field is run through the scoring detector (``detect.detect_cells``), and each
+detected cell that matches an annotated box with a class (IoU >= 0.5, one to one) becomes a
+training crop with the box's label (parasite stages -> Parasitized, ``red blood cell`` ->
+Uninfected) and its stage: training sees exactly the crops scoring will see. ``difficult`` boxes,
+annotated cells the detector did not find (their crop would not look like a scored one) and
+detected cells no box matches are left out and counted.
+
+Identity: fields are grouped in name order into runs of ``group_fields`` consecutive shots
+(neighbouring serial numbers are likely one slide); a run is the crops' ``slide_id`` and
+``patient_id``, so the patient split of training keeps a run's fields on one side.
+
+The crops go to Parquet files (PNG bytes, label, slide_id, patient_id, stage, field, box) that the
+existing Parquet corpus path reads. Imports neither Ray nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+from malaria_ray import storage
+from malaria_ray.annotations import FieldBoxes, match_boxes
+from malaria_ray.detect import FieldError, detect_cells
+from malaria_ray.fieldeval import field_name, load_truth
+from malaria_ray.fields import decode_field
+from malaria_ray.preprocess import DecodeError
+from malaria_ray.schema import COL_LABEL, COL_PATIENT, COL_SLIDE, IMAGE_SUFFIXES
+from malaria_ray.segment import DetectParams
+
+GROUP_FIELDS = 10  # consecutive fields per identity group (one slide, presumably)
+CROP_SIZE = 128  # px of the crops written: the product's default image size (training resizes to its own)
+SUMMARY_FILE = "crops.json"
+COL_STAGE, COL_FIELD = "stage", "field"
+
+
+def annotated_crops(image: np.ndarray, truth: FieldBoxes, size: int = CROP_SIZE,
+                    params: DetectParams | None = None) -> tuple[list[dict], dict[str, int]]:
+    """(one dict per matched cell: crop, label, stage, box; counts) of one field."""
+    det = detect_cells(image, size, params)
+    m = match_boxes(truth.all_boxes(), det.boxes)
+    rows = []
+    for ti, pi in (m.pairs if len(m.pairs) else []):
+        if ti >= len(truth.boxes):  # a difficult box: a cell, but no class to learn
+            continue
+        rows.append({"crop": det.crops[pi], COL_LABEL: truth.labels[ti], COL_STAGE: truth.stages[ti],
+                     "box": [int(v) for v in det.boxes[pi]]})
+    labelled = len(truth.boxes)
+    return rows, {"annotated": labelled, "difficult": len(truth.difficult), "detected": len(det),
+                  "matched": len(rows), "annotated_not_found": labelled - len(rows),
+                  "detected_unmatched": int(len(det) - len(m.pairs))}
+
+
+def _one_field(args) -> tuple[str, list[dict], dict[str, int] | str]:
+    path, truth, size, params = args
+    try:
+        img = decode_field(storage.read_bytes(path))
+        rows, counts = annotated_crops(img, truth, size, DetectParams.from_dict(params))
+    except (DecodeError, FieldError, OSError) as exc:
+        return path, [], f"{type(exc).__name__}: {exc}"
+    for r in rows:
+        buf = io.BytesIO()
+        Image.fromarray(r.pop("crop")).save(buf, "PNG")
+        r["image"] = buf.getvalue()
+    return path, rows, counts
+
+
+def list_fields(data_uri: str) -> list[str]:
+    """The image files under ``data_uri`` (any depth), sorted by path."""
+    fs, root = storage.filesystem(data_uri)
+    found = [p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES)]
+    prefix = storage.protocol_prefix(data_uri)
+    return sorted(prefix + p if prefix and not p.startswith(prefix) else p for p in found)
+
+
+def write_corpus(data_uri: str, annotations_uri: str, out_uri: str, size: int = CROP_SIZE,
+                 params: DetectParams | None = None, group_fields: int = GROUP_FIELDS,
+                 workers: int | None = None) -> dict:
+    """Cut the annotated fields under ``data_uri`` into a Parquet crop corpus at ``out_uri``
+    (``crops.parquet`` and ``crops.json``, the counts); returns the counts. Raises
+    ``AnnotationError`` for an unreadable annotation file, ``CorpusError`` when no field matches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from malaria_ray.config import CorpusError
+
+    truth = load_truth(annotations_uri)
+    paths = [p for p in list_fields(data_uri) if field_name(p) in truth]
+    if not paths:
+        raise CorpusError(f"no image under {data_uri} is named in {annotations_uri}: nothing to train on")
+    p = (params or DetectParams()).to_dict()
+    group = {path: f"fields-{i // group_fields:04d}" for i, path in enumerate(sorted(paths, key=field_name))}
+    totals: dict[str, int] = {}
+    errors, rows = [], []
+    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        for path, found, counts in pool.map(_one_field, [(q, truth[field_name(q)], size, p) for q in paths]):
+            if isinstance(counts, str):
+                errors.append(f"{path}: {counts}")
+                continue
+            for k, v in counts.items():
+                totals[k] = totals.get(k, 0) + v
+            name = field_name(path)
+            rows += [{**r, "path": f"{r[COL_LABEL]}/{name}/cell-{j:04d}.png", COL_FIELD: path,
+                      COL_SLIDE: group[path], COL_PATIENT: group[path]} for j, r in enumerate(found)]
+    table = pa.Table.from_pylist(rows)
+    summary = {"fields": len(paths) - len(errors), "field_errors": errors[:20], "n_field_errors": len(errors),
+               "annotated_fields_missing": len(set(truth) - {field_name(q) for q in paths}), "groups": len(set(group.values())),
+               "crops": len(rows), "parasitized": int(sum(r[COL_LABEL] == "Parasitized" for r in rows)),
+               "detector": {"key": DetectParams.from_dict(p).key(), "params": p}, "size": size, **totals}
+    fs, out = storage.filesystem(out_uri)
+    fs.makedirs(out, exist_ok=True)
+    with fs.open(posixpath.join(out, "crops.parquet"), "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+    storage.write_text(storage.join(out_uri, SUMMARY_FILE), json.dumps(summary, indent=1))
+    return summary
+
+
+def training_corpus(data_uri: str, annotations_uri: str, output: str, image_size: int) -> str:
+    """``train --annotations``: the crop corpus of the annotated fields under ``data_uri``, cut at
+    the run's image size into ``<output>/field_crops/`` once (a resumed run reuses it); its URI."""
+    from malaria_ray import logs
+
+    dest = storage.join(output, "field_crops")
+    if not storage.exists(storage.join(dest, SUMMARY_FILE)):
+        s = write_corpus(data_uri, annotations_uri, dest, size=image_size)
+        logs.get("train").info(
+            f"field crops: {s['crops']} cells ({s['parasitized']} parasitized) from {s['fields']} fields of {data_uri} "
+            f"in {s['groups']} groups of consecutive fields; left out: {s['annotated_not_found']} annotated cells the "
+            f"detector did not find, {s['detected_unmatched']} detected cells no box matched, {s['difficult']} "
+            f"difficult; {s['n_field_errors']} unreadable fields")
+    return dest

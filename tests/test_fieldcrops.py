@@ -1,0 +1,89 @@
+"""Training from annotated field photographs: the crop corpus (cut as scoring cuts), training on it
+and fine-tuning from a run. SYNTHETIC fields with their COCO boxes (``synth --fields``)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from malaria_ray import corpus, detect, fieldcrops, synth_fields
+from malaria_ray.annotations import load_annotations, match_boxes
+from malaria_ray.config import CorpusError, TrainConfig
+from malaria_ray.model import ModelError
+
+
+@pytest.fixture(scope="module")
+def annotated_fields(tmp_path_factory):
+    dest = tmp_path_factory.mktemp("fields")
+    synth_fields.write_fields(str(dest), 6, seed=3)
+    return dest
+
+
+def test_crop_corpus_holds_the_detected_cells_that_match_a_box_with_its_label(annotated_fields, tmp_path):
+    s = fieldcrops.write_corpus(str(annotated_fields), str(annotated_fields / "annotations.json"), str(tmp_path / "c"),
+                                size=32, group_fields=2, workers=2)
+    truth = load_annotations(str(annotated_fields / "annotations.json"))
+    crops = pd.read_parquet(tmp_path / "c" / "crops.parquet")
+    assert s["fields"] == 6 and s["groups"] == 3 and s["crops"] == len(crops) == s["matched"]
+    assert s["matched"] + s["annotated_not_found"] == s["annotated"] == sum(len(t.boxes) for t in truth.values())
+    assert s["matched"] >= 0.85 * s["annotated"] and s["parasitized"] == (crops["label"] == "Parasitized").sum() > 0
+    assert set(crops["stage"]) == {"ring", "red blood cell"}
+    assert crops["slide_id"].nunique() == 3 and (crops["slide_id"] == crops["patient_id"]).all()
+    # each crop is the scoring detector's crop of a detected cell, labelled by the box it matches
+    row = crops.iloc[0]
+    name = row["field"].rsplit("/", 1)[1]
+    image = np.asarray(Image.open(row["field"]).convert("RGB"))
+    det = detect.detect_cells(image, 32)
+    k = [list(b) for b in det.boxes.tolist()].index(list(row["box"]))
+    assert (np.asarray(Image.open(io.BytesIO(row["image"]))) == det.crops[k]).all()
+    m = match_boxes(truth[name].boxes, det.boxes[k:k + 1])
+    assert truth[name].labels[m.pairs[0, 0]] == row["label"]
+    # the existing Parquet corpus path reads it: labels and groups as identity
+    listing = corpus.list_corpus(str(tmp_path / "c"))
+    assert len(listing) == len(crops) and set(listing.patient_ids) == set(crops["patient_id"])
+    assert json.loads((tmp_path / "c" / fieldcrops.SUMMARY_FILE).read_text())["crops"] == len(crops)
+
+
+def test_no_annotated_field_under_data_is_one_line(annotated_fields, tmp_path):
+    (tmp_path / "other").mkdir()
+    with pytest.raises(CorpusError, match="is named in"):
+        fieldcrops.write_corpus(str(tmp_path / "other"), str(annotated_fields / "annotations.json"), str(tmp_path / "c"))
+
+
+@pytest.mark.tf
+def test_init_from_copies_every_weight_and_refuses_another_size(tmp_path):
+    from malaria_ray.model import build_model, check_init, copy_weights, save_model
+
+    save_model(build_model(image_size=32, seed=1), str(tmp_path / "run"))
+    fresh = build_model(image_size=32, seed=2)
+    copy_weights(fresh, str(tmp_path / "run"))
+    trained = build_model(image_size=32, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(fresh.get_weights(), trained.get_weights()))
+    with pytest.raises(ModelError, match="--image-size 32"):
+        check_init(str(tmp_path / "run"), 64)
+    with pytest.raises(ModelError, match="does not exist"):
+        check_init(str(tmp_path / "nope"), 32)
+
+
+@pytest.mark.ray
+@pytest.mark.tf
+@pytest.mark.slow
+def test_train_on_annotated_fields_then_fine_tune(annotated_fields, ray_session, tmp_path):
+    from malaria_ray import train
+    from malaria_ray.schema import CELLS_FIELDS, KEY_VAL_CELLS
+
+    common = dict(data=str(annotated_fields), annotations=str(annotated_fields / "annotations.json"), image_size=32,
+                  epochs=1, batch_size=16, bn_recal_batches=2, val_fraction=0.34)
+    train.fit(train.plan_run(TrainConfig(output=str(tmp_path / "first"), **common)))
+    contract = json.loads((tmp_path / "first" / "model.json").read_text())
+    assert contract[KEY_VAL_CELLS] == CELLS_FIELDS, "the operating point was chosen on field cells"
+    split = pd.read_parquet(tmp_path / "first" / "split.parquet")
+    assert split["uri"].str.contains("field_crops/crops.parquet#").all()
+    tuned = train.fit(train.plan_run(TrainConfig(output=str(tmp_path / "tuned"), init_from=str(tmp_path / "first"),
+                                                 **common)))
+    assert tuned["epochs"] == 1 and (tmp_path / "tuned" / "model.keras").exists()
