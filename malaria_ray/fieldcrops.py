@@ -8,9 +8,10 @@ Uninfected) and its stage: training sees exactly the crops scoring will see. ``d
 annotated cells the detector did not find (their crop would not look like a scored one) and
 detected cells no box matches are left out and counted.
 
-Identity: fields are grouped in name order into runs of ``group_fields`` consecutive shots
-(neighbouring serial numbers are likely one slide); a run is the crops' ``slide_id`` and
-``patient_id``, so the patient split of training keeps a run's fields on one side.
+Identity: fields in two or more folders are grouped by folder (one folder per slide); fields in one
+folder are grouped in name order into runs of ``group_fields`` consecutive shots (neighbouring
+serial numbers are likely one slide). A group is the crops' ``slide_id`` and ``patient_id``, so
+the patient split of training keeps a group's fields on one side.
 
 The crops go to Parquet files (PNG bytes, label, slide_id, patient_id, stage, field, box) that the
 existing Parquet corpus path reads. Imports neither Ray nor TensorFlow.
@@ -81,6 +82,15 @@ def list_fields(data_uri: str) -> list[str]:
     return sorted(prefix + p if prefix and not p.startswith(prefix) else p for p in found)
 
 
+def identity_groups(paths: list[str], group_fields: int = GROUP_FIELDS) -> dict[str, str]:
+    """Each field's identity group: its folder, where the fields sit in two or more folders (an
+    archive of one folder per slide), else its run of ``group_fields`` consecutive names."""
+    folders = {path: posixpath.dirname(path) for path in paths}
+    if len(set(folders.values())) >= 2:
+        return {path: posixpath.basename(folder) or folder for path, folder in folders.items()}
+    return {path: f"fields-{i // group_fields:04d}" for i, path in enumerate(sorted(paths, key=field_name))}
+
+
 def write_corpus(data_uri: str, annotations_uri: str, out_uri: str, size: int = CROP_SIZE,
                  params: DetectParams | None = None, group_fields: int = GROUP_FIELDS,
                  workers: int | None = None) -> dict:
@@ -97,7 +107,7 @@ def write_corpus(data_uri: str, annotations_uri: str, out_uri: str, size: int = 
     if not paths:
         raise CorpusError(f"no image under {data_uri} is named in {annotations_uri}: nothing to train on")
     p = (params or DetectParams()).to_dict()
-    group = {path: f"fields-{i // group_fields:04d}" for i, path in enumerate(sorted(paths, key=field_name))}
+    group = identity_groups(paths, group_fields)
     totals: dict[str, int] = {}
     errors, rows = [], []
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:

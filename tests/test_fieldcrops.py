@@ -20,7 +20,7 @@ from malaria_ray.model import ModelError
 @pytest.fixture(scope="module")
 def annotated_fields(tmp_path_factory):
     dest = tmp_path_factory.mktemp("fields")
-    synth_fields.write_fields(str(dest), 6, seed=3)
+    synth_fields.write_fields(str(dest), 8, slides=4, seed=3)
     return dest
 
 
@@ -29,11 +29,15 @@ def test_crop_corpus_holds_the_detected_cells_that_match_a_box_with_its_label(an
                                 size=32, group_fields=2, workers=2)
     truth = load_annotations(str(annotated_fields / "annotations.json"))
     crops = pd.read_parquet(tmp_path / "c" / "crops.parquet")
-    assert s["fields"] == 6 and s["groups"] == 3 and s["crops"] == len(crops) == s["matched"]
+    assert s["fields"] == 8 and s["groups"] == 4 and s["crops"] == len(crops) == s["matched"]
     assert s["matched"] + s["annotated_not_found"] == s["annotated"] == sum(len(t.boxes) for t in truth.values())
     assert s["matched"] >= 0.85 * s["annotated"] and s["parasitized"] == (crops["label"] == "Parasitized").sum() > 0
     assert set(crops["stage"]) == {"ring", "red blood cell"}
-    assert crops["slide_id"].nunique() == 3 and (crops["slide_id"] == crops["patient_id"]).all()
+    assert set(crops["slide_id"]) == {f"slide-{k}" for k in range(4)}, "one folder per slide: the folder"
+    assert (crops["slide_id"] == crops["patient_id"]).all()
+    one_folder = fieldcrops.identity_groups([f"/x/f{i:02d}.jpg" for i in range(25)], 10)
+    assert sorted(set(one_folder.values())) == ["fields-0000", "fields-0001", "fields-0002"]
+    assert one_folder["/x/f09.jpg"] == "fields-0000" and one_folder["/x/f10.jpg"] == "fields-0001"
     # each crop is the scoring detector's crop of a detected cell, labelled by the box it matches
     row = crops.iloc[0]
     name = row["field"].rsplit("/", 1)[1]
@@ -78,7 +82,7 @@ def test_train_on_annotated_fields_then_fine_tune(annotated_fields, ray_session,
     from malaria_ray.schema import CELLS_FIELDS, KEY_VAL_CELLS
 
     common = dict(data=str(annotated_fields), annotations=str(annotated_fields / "annotations.json"), image_size=32,
-                  epochs=1, batch_size=16, bn_recal_batches=2, val_fraction=0.34)
+                  epochs=1, batch_size=16, bn_recal_batches=2, val_fraction=0.5)
     train.fit(train.plan_run(TrainConfig(output=str(tmp_path / "first"), **common)))
     contract = json.loads((tmp_path / "first" / "model.json").read_text())
     assert contract[KEY_VAL_CELLS] == CELLS_FIELDS, "the operating point was chosen on field cells"
