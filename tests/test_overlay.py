@@ -155,3 +155,23 @@ def test_a_fields_run_writes_its_sheet_most_parasitized_first_and_overlay_draws_
     bad = _overlay_cli("--output", str(out), "--uri", str(data / "missing.png"), cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no scored rows" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_sheet_that_cannot_be_drawn_is_a_warning_not_a_failed_run(tmp_path, caplog):
+    import logging
+
+    from malaria_ray import logs
+    from malaria_ray.scoringrun import ScoringRun
+
+    t = pa.table({schema.COL_URI: ["/night/f.png"], schema.COL_RUN_ID: ["r1"], schema.COL_N_PRED_POS: [3],
+                  schema.COL_N_CELLS: [40], schema.COL_FRAC_POS: [0.075], schema.COL_ERROR: [None]})
+    logger = logs.get("score")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            drawn = ScoringRun(str(tmp_path), "r1")._field_sheet(t, ["r1.part00000.parquet"])  # a part never written
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert drawn == []
+    assert "field overlay sheet was not drawn" in caplog.text and "r1" in caplog.text
+    assert not (tmp_path / "runs" / "r1" / "plots" / overlay.SHEET_FILE).exists()
