@@ -104,11 +104,12 @@ def _strip(width: int, height: int, text: str, font_size: int) -> Image.Image:
     return im
 
 
-def legend(width: int, font_size: int = 13) -> Image.Image:
-    """The legend line: a sample edge and the meaning of each style."""
+def legend(width: int, truth: bool = True, font_size: int = 13) -> Image.Image:
+    """The legend line: a sample edge and the meaning of each style (the annotated ones only when
+    annotated boxes are drawn)."""
     im = Image.new("RGB", (width, font_size + 10), "white")
     draw, font, x = ImageDraw.Draw(im), _font(font_size), 6
-    for colour, dashed, text in LEGEND:
+    for colour, dashed, text in (LEGEND if truth else [item for item in LEGEND if not item[1]]):
         y = (font_size + 10) // 2
         if dashed:
             _dashed_box(draw, x, y, x + 24, y, colour, TRUTH_WIDTH)
@@ -152,7 +153,8 @@ def draw_field(image: np.ndarray, cells: FieldCells, truth: FieldBoxes | None = 
         at = (x0, max(0.0, y0 - (bottom - top) - top - 3))  # just above the box, inside the picture
         draw.rectangle(draw.textbbox(at, text, font=font), fill="white")
         draw.text(at, text, fill=PARASITIZED_RGB, font=font)
-    parts = ([_strip(im.width, 22, title, 14)] if title else []) + [im] + ([legend(im.width)] if with_legend else [])
+    parts = [*([_strip(im.width, 22, title, 14)] if title else []), im,
+             *([legend(im.width, truth is not None)] if with_legend else [])]
     return _stack(parts)
 
 
@@ -281,6 +283,6 @@ def write_sheet(root: str, run_id: str, fields_table: pa.Table, parts: list[str]
     for k, tile in enumerate(tiles):
         grid.paste(tile, ((k % cols) * cw + 4, (k // cols) * ch + 4))
     head = _strip(grid.width, 24, f"run {run_id}: {len(tiles)} fields, most {POSITIVE_CLASS} calls first", 16)
-    sheet = _stack([head, grid, legend(grid.width)])
+    sheet = _stack([head, grid, legend(grid.width, bool(truth))])
     storage.write_bytes(storage.join(outputs.run_uri(root, run_id), "plots", SHEET_FILE), png_bytes(sheet))
     return uris

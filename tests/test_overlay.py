@@ -81,6 +81,8 @@ def test_annotated_boxes_are_dashed_in_their_own_colours_under_the_legend():
     legend = im[title_h + f.image.shape[0]:].reshape(-1, 3)
     for colour in (overlay.PARASITIZED_RGB, overlay.UNINFECTED_RGB, overlay.TRUTH_POS_RGB, overlay.TRUTH_NEG_RGB):
         assert (legend == colour).all(axis=1).any(), colour
+    plain = np.asarray(overlay.legend(640, truth=False)).reshape(-1, 3)
+    assert not (plain == overlay.TRUTH_POS_RGB).all(axis=1).any(), "no annotated style where none is drawn"
 
 
 def test_a_thumbnail_is_downscaled_and_its_boxes_scaled_with_it():
