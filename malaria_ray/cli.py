@@ -1,4 +1,4 @@
-"""``malaria-ray train|score|synth``: flags map one-to-one onto the config dataclasses.
+"""``malaria-ray train|score|overlay|synth``: flags map one-to-one onto the config dataclasses.
 
 Defaults live only in ``malaria_ray.config``; flags left unset are not passed, so the dataclass
 default applies (and ``--help`` shows it). Errors a user can fix print one line and exit 2.
@@ -194,12 +194,13 @@ def run_guarded(fn: Callable[[], int]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": _train, "score": _score, "synth": _synth}
+    commands = {"train": _train, "score": _score, "overlay": _overlay, "synth": _synth}
     if not argv or argv[0] not in commands:
-        print("usage: malaria-ray {train,score,synth} [--help]\n\n"
-              "  train   train the classifier with Ray Train (writes a run directory)\n"
-              "  score   bulk-score images with Ray Data (writes Parquet predictions, metrics, slides)\n"
-              "  synth   write a small synthetic corpus (offline demos)", file=sys.stderr)
+        print("usage: malaria-ray {train,score,overlay,synth} [--help]\n\n"
+              "  train    train the classifier with Ray Train (writes a run directory)\n"
+              "  score    bulk-score images with Ray Data (writes Parquet predictions, metrics, slides)\n"
+              "  overlay  draw one scored field photograph with its cells' boxes coloured by their calls (PNG)\n"
+              "  synth    write a small synthetic corpus (offline demos)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else EXIT_USAGE
     return commands[argv[0]](argv[1:])
 
@@ -225,6 +226,29 @@ def _score(argv: list[str]) -> int:
         checked = score.preflight(cfg)
         with runtime.ray_for("score"):
             return score.main(cfg, checked)
+
+    return run_guarded(go)
+
+
+def _overlay(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="malaria-ray overlay", description="Draw one field photograph that `score "
+                                "--fields` scored, with the newest run's boxes: Parasitized calls red with their "
+                                "probability, Uninfected green, annotated boxes dashed (docs/fields.md). Needs no Ray.")
+    p.add_argument("--output", required=True, help="the scoring output root (local or s3://)")
+    p.add_argument("--uri", required=True, help="the field's URI, as the uri column of OUTPUT/predictions spells it")
+    p.add_argument("--annotations", help="IML-Malaria or COCO JSON (local or s3://): its boxes for this image, matched "
+                   "by file name, drawn dashed")
+    p.add_argument("--to", help="PNG to write, local or s3:// (default: <field name>.overlay.png here)")
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        from malaria_ray import overlay, storage
+
+        image, cells = overlay.render_uri(args.output, args.uri, args.annotations)
+        to = args.to or f"{cells.name.rsplit('.', 1)[0]}.overlay.png"
+        storage.write_bytes(to, overlay.png_bytes(image))
+        print(f"wrote {to}: {cells.caption()} (run {cells.run_id})")
+        return 0
 
     return run_guarded(go)
 

@@ -34,7 +34,7 @@ from malaria_ray.detect import FieldError, detect_cells
 from malaria_ray.fieldeval import field_name, load_truth
 from malaria_ray.fields import decode_field
 from malaria_ray.preprocess import DecodeError
-from malaria_ray.schema import COL_LABEL, COL_PATIENT, COL_SLIDE, IMAGE_SUFFIXES
+from malaria_ray.schema import COL_LABEL, COL_PATIENT, COL_SLIDE, IMAGE_SUFFIXES, POSITIVE_CLASS
 from malaria_ray.segment import DetectParams
 
 GROUP_FIELDS = 10  # consecutive fields per identity group (one slide, presumably)
@@ -123,7 +123,7 @@ def write_corpus(data_uri: str, annotations_uri: str, out_uri: str, size: int = 
     table = pa.Table.from_pylist(rows)
     summary = {"fields": len(paths) - len(errors), "field_errors": errors[:20], "n_field_errors": len(errors),
                "annotated_fields_missing": len(set(truth) - {field_name(q) for q in paths}), "groups": len(set(group.values())),
-               "crops": len(rows), "parasitized": int(sum(r[COL_LABEL] == "Parasitized" for r in rows)),
+               "crops": len(rows), "parasitized": int(sum(r[COL_LABEL] == POSITIVE_CLASS for r in rows)),
                "detector": {"key": DetectParams.from_dict(p).key(), "params": p}, "size": size, **totals}
     fs, out = storage.filesystem(out_uri)
     fs.makedirs(out, exist_ok=True)

@@ -8,6 +8,7 @@ Layout (``ROOT`` = ``--output``, local or ``s3://``)::
     ROOT/slides.parquet                           per slide and per patient, current model
     ROOT/fields.parquet                           per field photograph, current model (``score --fields``)
     ROOT/runs/<run_id>/config.json, manifest.json, metrics.parquet, plots/confusion_matrix.png
+    ROOT/runs/<run_id>/plots/fields_overlay.png   sample fields with their boxes (``score --fields``; ``overlay``)
     ROOT/_lease.json                              the running run's lease (``malaria_ray.lease``)
 
 Who writes what: the commit protocol is ``malaria_ray.scoringrun.ScoringRun``; the parts are

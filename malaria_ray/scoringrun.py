@@ -55,6 +55,7 @@ class RunResult:
     unchanged: int = 0  # already scored, known from the listing (size and mtime/ETag) without reading
     fields: bool = False  # a ``--fields`` run: ``scored`` counts cells, ``fields_scored`` the photographs
     evaluation: dict | None = None  # --annotations: the run measured against them (``fieldeval``)
+    overlay: list[str] = field(default_factory=list)  # the fields on its plots/fields_overlay.png, in sheet order
 
     @property
     def rows(self) -> int:
@@ -204,8 +205,21 @@ class ScoringRun:
         manifests.rebuild_metrics(self.root)
         outputs.rebuild_slides(self.root, self.model_id, fp_rate, correction)
         if self.cfg.fields:
-            outputs.rebuild_fields(self.root, self.model_id, correction)
+            result.overlay = self._field_sheet(outputs.rebuild_fields(self.root, self.model_id, correction),
+                                               result.parts)
         return result
+
+    def _field_sheet(self, fields_table: pa.Table, parts: list[str]) -> list[str]:
+        """The run's ``plots/fields_overlay.png`` (``malaria_ray.overlay``). The run is committed by
+        now, so a picture that cannot be drawn is a warning, never a failed night."""
+        from malaria_ray import overlay
+
+        try:
+            return overlay.write_sheet(self.root, self.run_id, fields_table, parts)
+        except Exception as exc:
+            log.warning(f"run {self.run_id} is committed, but its field overlay sheet was not drawn: "
+                        f"{type(exc).__name__}: {exc}")
+            return []
 
 
 def entries(counts: dict[str, int], fields: bool) -> int:
