@@ -31,8 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from malaria_ray import logs, outputs, sources, storage
-from malaria_ray.annotations import FieldBoxes, parse_annotations
+from malaria_ray import fieldeval, logs, outputs, sources, storage
+from malaria_ray.annotations import FieldBoxes
 from malaria_ray.config import CorpusError
 from malaria_ray.fields import BOX_COLUMNS, decode_field
 from malaria_ray.schema import (
@@ -226,23 +226,10 @@ def newest_cells(root: str, uri: str) -> FieldCells:
                        f"{outputs.predictions_uri(root)} spells it)")
 
 
-def load_truth(annotations_uri: str | None) -> dict[str, FieldBoxes] | None:
-    """Annotated boxes by image file name (IML-Malaria JSON or COCO; local or s3://), or None."""
-    if not annotations_uri:
-        return None
-    import json
-
-    try:
-        doc = json.loads(storage.read_bytes(annotations_uri))
-    except (OSError, ValueError) as exc:
-        raise OverlayError(f"{annotations_uri}: cannot read annotation JSON: {exc}") from exc
-    return parse_annotations(doc)
-
-
 def render_uri(root: str, uri: str, annotations_uri: str | None = None) -> tuple[Image.Image, FieldCells]:
     """One field at full size with the newest run's boxes (and the annotated ones, when given)."""
     cells = newest_cells(root, uri)
-    truth = load_truth(annotations_uri)
+    truth = fieldeval.load_truth(annotations_uri) if annotations_uri else None
     try:
         image = read_field(uri)
     except Exception as exc:  # moved, deleted or undecodable since it was scored: say so in one line

@@ -201,7 +201,7 @@ def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Units, che
     correction = metrics.Correction.of(checked.contract, cfg.threshold, cells)
     if checked.contract.get(schema.KEY_VAL_CELLS, schema.CELLS_CROPS) != cells:
         fp_rate = None  # a false-positive rate measured on crops does not hold for cells found in fields
-    return run.finish(time.perf_counter() - started, fp_rate, correction, ray_version=ray.__version__)
+    return run.finish(time.perf_counter() - started, fp_rate, correction, checked.truth, ray_version=ray.__version__)
 
 
 def operating_point(cfg: ScoreConfig, contract: dict) -> tuple[ScoreConfig, float | None]:

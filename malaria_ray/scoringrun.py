@@ -174,11 +174,12 @@ class ScoringRun:
         self._write_manifest(failed=f"{type(exc).__name__}: {exc}"[:500])
 
     def finish(self, seconds: float, fp_rate: float | None, correction: metrics.Correction | None = None,
-               **manifest_extra) -> RunResult:
+               truth: dict | None = None, **manifest_extra) -> RunResult:
         """Publish the run: its metrics row and plot, the last part, the finished manifest, the
         earlier runs it completes, then the rebuilt ``metrics.parquet`` and ``slides.parquet``.
         ``fp_rate``: the model's false-positive rate per cell for the slide calls (or None);
-        ``correction``: what corrects the roll-ups' fractions for the model's error, or why nothing does."""
+        ``correction``: what corrects the roll-ups' fractions for the model's error, or why nothing does;
+        ``truth``: ``--annotations``, drawn on the field sheet."""
         if self.writer.rows == 0 and self.counts[schema.STATUS_ALREADY] == 0:
             self.writer.abort()
             raise CorpusError(f"no images found in {self.cfg.input} ({self.counts[schema.STATUS_NON_IMAGE]} non-image "
@@ -206,16 +207,16 @@ class ScoringRun:
         outputs.rebuild_slides(self.root, self.model_id, fp_rate, correction)
         if self.cfg.fields:
             result.overlay = self._field_sheet(outputs.rebuild_fields(self.root, self.model_id, correction),
-                                               result.parts)
+                                               result.parts, truth)
         return result
 
-    def _field_sheet(self, fields_table: pa.Table, parts: list[str]) -> list[str]:
+    def _field_sheet(self, fields_table: pa.Table, parts: list[str], truth: dict | None = None) -> list[str]:
         """The run's ``plots/fields_overlay.png`` (``malaria_ray.overlay``). The run is committed by
         now, so a picture that cannot be drawn is a warning, never a failed night."""
         from malaria_ray import overlay
 
         try:
-            return overlay.write_sheet(self.root, self.run_id, fields_table, parts)
+            return overlay.write_sheet(self.root, self.run_id, fields_table, parts, truth)
         except Exception as exc:
             log.warning(f"run {self.run_id} is committed, but its field overlay sheet was not drawn: "
                         f"{type(exc).__name__}: {exc}")
