@@ -156,6 +156,7 @@ def test_score_fields_cells_fields_table_roll_ups_and_rescore_on_detector_change
     first = score.score_archive(cfg)
     assert first.evaluation["fields"] == 3 and first.evaluation["detection_recall"] > 0.8
     assert (out / "runs" / cfg.run_id / "field_eval.parquet").is_file() and "vs annotations" in score.summary(first)
+    assert (out / "runs" / cfg.run_id / "plots" / "fields_overlay.png").is_file() and len(first.overlay) == 3
     assert first.counts[schema.COUNT_FIELDS] == 3 and first.counts[schema.COUNT_ERRORS] == 3
     assert first.counts[schema.COUNT_SCORED] == sum(expected.values())
     assert first.counts[schema.STATUS_NON_IMAGE] == 1
