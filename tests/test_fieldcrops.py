@@ -77,17 +77,22 @@ def test_init_from_copies_every_weight_and_refuses_another_size(tmp_path):
 @pytest.mark.ray
 @pytest.mark.tf
 @pytest.mark.slow
-def test_train_on_annotated_fields_then_fine_tune(annotated_fields, ray_session, tmp_path):
+def test_fine_tune_a_run_on_annotated_fields(annotated_fields, ray_session, tmp_path):
+    """One real Ray Train run through both new paths: the crop corpus of annotated fields, and
+    --init-from (a saved 32 px model standing in for a trained run; copy_weights is checked above)."""
     from malaria_ray import train
+    from malaria_ray.model import build_model, save_model
     from malaria_ray.schema import CELLS_FIELDS, KEY_VAL_CELLS
 
-    common = dict(data=str(annotated_fields), annotations=str(annotated_fields / "annotations.json"), image_size=32,
-                  epochs=1, batch_size=16, bn_recal_batches=2, val_fraction=0.5)
-    train.fit(train.plan_run(TrainConfig(output=str(tmp_path / "first"), **common)))
-    contract = json.loads((tmp_path / "first" / "model.json").read_text())
+    save_model(build_model(image_size=32, seed=1), str(tmp_path / "base"))
+    cfg = TrainConfig(data=str(annotated_fields), annotations=str(annotated_fields / "annotations.json"),
+                      output=str(tmp_path / "tuned"), init_from=str(tmp_path / "base"), image_size=32, epochs=1,
+                      batch_size=16, bn_recal_batches=2, val_fraction=0.5)
+    summary = train.fit(train.plan_run(cfg))
+    assert summary["epochs"] == 1
+    contract = json.loads((tmp_path / "tuned" / "model.json").read_text())
     assert contract[KEY_VAL_CELLS] == CELLS_FIELDS, "the operating point was chosen on field cells"
-    split = pd.read_parquet(tmp_path / "first" / "split.parquet")
+    split = pd.read_parquet(tmp_path / "tuned" / "split.parquet")
     assert split["uri"].str.contains("field_crops/crops.parquet#").all()
-    tuned = train.fit(train.plan_run(TrainConfig(output=str(tmp_path / "tuned"), init_from=str(tmp_path / "first"),
-                                                 **common)))
-    assert tuned["epochs"] == 1 and (tmp_path / "tuned" / "model.keras").exists()
+    assert set(split["patient_id"]) == {f"slide-{k}" for k in range(4)}
+    assert not set(split.loc[split.split == "val", "patient_id"]) & set(split.loc[split.split == "train", "patient_id"])
