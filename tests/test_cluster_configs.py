@@ -437,10 +437,11 @@ def test_no_credentials_in_any_cluster_file():
 # ---------------------------------------------------------------- KubeRay v1.7 semantics and schemas
 #
 # The schemas are KubeRay v1.7.0's CRDs as the API server gets them (tests/data/kuberay-v1.7.0/,
-# vendored, descriptions removed). What jsonschema cannot check here: the CRDs' five CEL rules
-# (x-kubernetes-validations, all on deletionStrategy: checked by the deletion-rule test below as
-# KubeRay's controller validates them), ObjectMeta (the CRD types it as a bare object; names are
-# checked below), and the operator's own admission-time validation beyond deletion rules.
+# vendored, descriptions removed). What jsonschema cannot check here: the CRDs' CEL rules
+# (x-kubernetes-validations): those on deletionStrategy are checked by _rules as KubeRay's controller
+# validates them, the others sit on fields no manifest sets (managedBy, gcsFaultToleranceOptions;
+# the schema test keeps it so); ObjectMeta (the CRD types it as a bare object; names are checked
+# below); and the operator's own validation beyond deletion rules.
 
 KUBERAY_SCHEMAS = json.loads((REPO / "tests/data/kuberay-v1.7.0/crd-schemas.json").read_text())
 # KubeRay v1.7.0 ray-operator/controllers/ray/utils/constant.go: a RayJob's name leaves room for
@@ -521,6 +522,13 @@ def test_every_kuberay_manifest_matches_kuberay_v1_7_crd_schemas():
     assert {doc["kind"] for _, doc in docs} == {"RayCluster", "RayJob", "RayCronJob"}
     for name, doc in docs:
         assert not _schema_errors(doc), f"{name}: {_schema_errors(doc)}"
+    # Fields whose CEL rules jsonschema cannot evaluate (see above) stay unset.
+    for name, spec in _job_specs().items():
+        # deletionRules only (KubeRay rejects them beside the deprecated onSuccess/onFailure).
+        assert set(spec.get("deletionStrategy", {"deletionRules": 0})) == {"deletionRules"}, name
+        assert "managedBy" not in spec, name
+    for name, spec in _cluster_specs().items():
+        assert not {"managedBy", "gcsFaultToleranceOptions"} & set(spec), name
 
 
 def test_the_crd_check_rejects_what_the_api_server_rejects():
