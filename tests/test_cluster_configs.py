@@ -1,7 +1,9 @@
 """Every file under cluster/, and the cluster image they run, parses and carries what makes it run.
 
-Pure and fast: YAML, the Dockerfile's text, `make -n`, the CLI's own flag parsers and Ray's own
-cluster-config validation; no Ray runtime, no TensorFlow, no Docker, no network. What is checked
+Pure and fast: YAML, the Dockerfile's text, `make -n`, the CLI's own flag parsers, Ray's own
+cluster-config schema and validation, KubeRay v1.7.0's CRD schemas (vendored in tests/data) and the
+IAM policies in cluster/aws-iam/ against the EC2 calls of Ray's AWS node provider; no Ray runtime,
+no TensorFlow, no Docker, no Kubernetes API server, no network. What is checked
 here is what breaks a cluster run silently or late: an entrypoint naming a script or flag that does
 not exist, an image built on another Ray or with pins that drifted from pyproject.toml, a config
 naming another image than `make image` builds, a GPU worker that asks for no GPU or may land on a
@@ -11,6 +13,8 @@ CPU node, auth off.
 from __future__ import annotations
 
 import copy
+import fnmatch
+import json
 import os
 import pathlib
 import re
@@ -18,6 +22,7 @@ import shlex
 import subprocess
 import tomllib
 
+import jsonschema
 import pytest
 import yaml
 
@@ -379,7 +384,7 @@ def test_rayjob_entrypoints_name_real_scripts_and_flags_the_cli_accepts():
 
 def test_rayjobs_free_their_gpus_and_fit_the_work_they_submit():
     for name, spec in _job_specs().items():
-        assert spec["shutdownAfterJobFinishes"] is True, name
+        assert _cluster_deleted_after_s(spec) == 0, f"{name}: GPU pods outlive the job"
         assert spec["activeDeadlineSeconds"] > 0, name
         script, flags = _entrypoint(spec)
         gpus = sum(
@@ -427,3 +432,300 @@ def test_no_credentials_in_any_cluster_file():
     assert not re.search(r"AKIA[0-9A-Z]{16}", text), "an AWS access key id is in cluster/"
     # A Ray token may be referenced by path (~/.ray/auth_token) or Secret, never written inline.
     assert not re.search(r"(?i)(RAY_AUTH_TOKEN|auth_token)\s*[:=]\s*[\"']?[A-Za-z0-9+=_-]{16,}", text)
+
+
+# ---------------------------------------------------------------- KubeRay v1.7 semantics and schemas
+#
+# The schemas are KubeRay v1.7.0's CRDs as the API server gets them (tests/data/kuberay-v1.7.0/,
+# vendored, descriptions removed). What jsonschema cannot check here: the CRDs' CEL rules
+# (x-kubernetes-validations): those on deletionStrategy are checked by _rules as KubeRay's controller
+# validates them, the others sit on fields no manifest sets (managedBy, gcsFaultToleranceOptions;
+# the schema test keeps it so); ObjectMeta (the CRD types it as a bare object; names are checked
+# below); and the operator's own validation beyond deletion rules.
+
+KUBERAY_SCHEMAS = json.loads((REPO / "tests/data/kuberay-v1.7.0/crd-schemas.json").read_text())
+# KubeRay v1.7.0 ray-operator/controllers/ray/utils/constant.go: a RayJob's name leaves room for
+# the RayCluster's suffix; a RayCronJob's leaves room for "-<minutes since epoch>" on each RayJob.
+MAX_RAYJOB_NAME, MAX_RAYCRONJOB_NAME = 53 - 6, 53 - 6 - 11
+# The API server appends 5 random characters to metadata.generateName.
+GENERATED_SUFFIX = 5
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+TERMINAL = [("jobStatus", "SUCCEEDED"), ("jobStatus", "FAILED"), ("jobDeploymentStatus", "Failed")]
+QUANTITY = re.compile(r"^(\d+)(Ki|Mi|Gi|Ti)?$")
+
+
+def _strict(node):
+    """The schema as `kubectl create/apply` enforce it (server-side strict field validation, the
+    default since Kubernetes 1.27): a field the schema does not declare is an error, not dropped."""
+    if isinstance(node, dict):
+        node = {k: _strict(v) for k, v in node.items()}
+        if "properties" in node and "additionalProperties" not in node \
+                and not node.get("x-kubernetes-preserve-unknown-fields"):
+            node["additionalProperties"] = False
+        return node
+    if isinstance(node, list):
+        return [_strict(v) for v in node]
+    return node
+
+
+def _kuberay_validator(kind: str) -> jsonschema.Draft7Validator:
+    schema = _strict({"$defs": KUBERAY_SCHEMAS["$defs"], **KUBERAY_SCHEMAS["kinds"][kind]})
+    return jsonschema.Draft7Validator(schema)
+
+
+def _schema_errors(doc: dict) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in _kuberay_validator(doc["kind"]).iter_errors(doc)]
+
+
+def _bytes(quantity: str) -> int:
+    m = QUANTITY.match(quantity)
+    assert m, f"unexpected quantity {quantity}"
+    return int(m.group(1)) * 1024 ** ["", "Ki", "Mi", "Gi", "Ti"].index(m.group(2) or "")
+
+
+def _rules(spec: dict) -> dict[tuple[str, str, str], int]:
+    """(condition field, value, policy) -> ttlSeconds of a RayJob spec's deletionRules."""
+    rules = {}
+    for rule in spec.get("deletionStrategy", {}).get("deletionRules", []):
+        cond = {k: v for k, v in rule["condition"].items() if k != "ttlSeconds"}
+        (field, value), = cond.items()  # KubeRay: exactly one of jobStatus / jobDeploymentStatus
+        key = (field, value, rule["policy"])
+        assert key not in rules, f"duplicate deletion rule {key}"
+        rules[key] = rule["condition"].get("ttlSeconds", 0)
+    return rules
+
+
+def _cluster_deleted_after_s(spec: dict) -> int:
+    """Seconds after any terminal end (success, failure, deadline) until KubeRay v1.7 deletes the
+    job's RayCluster, by the one cleanup mechanism the spec uses; fails on a spec KubeRay rejects."""
+    rules = _rules(spec)
+    if rules:
+        # rayjob_controller.go: rules mode excludes shutdownAfterJobFinishes and the global TTL.
+        assert not spec.get("shutdownAfterJobFinishes") and not spec.get("ttlSecondsAfterFinished"), \
+            "KubeRay rejects shutdownAfterJobFinishes/ttlSecondsAfterFinished beside deletionRules"
+        missing = [t for t in TERMINAL if (*t, "DeleteCluster") not in rules and (*t, "DeleteSelf") not in rules]
+        assert not missing, f"no deletion rule for {missing}: that ending keeps its GPU pods"
+        return max(min(rules.get((*t, p), 2**31) for p in ("DeleteCluster", "DeleteSelf")) for t in TERMINAL)
+    assert spec.get("shutdownAfterJobFinishes") is True, "nothing deletes the RayCluster"
+    return spec.get("ttlSecondsAfterFinished", 0)
+
+
+def _pod_specs() -> dict[str, dict]:
+    return {f"{name} {group.get('groupName', 'head')}": group["template"]["spec"]
+            for name, spec in _cluster_specs().items()
+            for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]}
+
+
+def test_every_kuberay_manifest_matches_kuberay_v1_7_crd_schemas():
+    docs = [(name, doc) for name, ds in _kuberay_docs().items() for doc in ds if doc["apiVersion"] == "ray.io/v1"]
+    assert {doc["kind"] for _, doc in docs} == {"RayCluster", "RayJob", "RayCronJob"}
+    for name, doc in docs:
+        assert not _schema_errors(doc), f"{name}: {_schema_errors(doc)}"
+    # Fields whose CEL rules jsonschema cannot evaluate (see above) stay unset.
+    for name, spec in _job_specs().items():
+        # deletionRules only (KubeRay rejects them beside the deprecated onSuccess/onFailure).
+        assert set(spec.get("deletionStrategy", {"deletionRules": 0})) == {"deletionRules"}, name
+        assert "managedBy" not in spec, name
+    for name, spec in _cluster_specs().items():
+        assert not {"managedBy", "gcsFaultToleranceOptions"} & set(spec), name
+
+
+def test_the_crd_check_rejects_what_the_api_server_rejects():
+    # The schema check must be able to fail: a misspelt field, a wrong enum, a negative TTL.
+    job = _one("RayJob", "rayjob-train.yaml")
+    for path, value, why in [(("spec", "ttlSecondAfterFinished"), 0, "unknown field"),
+                             (("spec", "rayClusterSpec", "headGroupSpec", "rayStartParams", "num-cpus"), 0,
+                              "rayStartParams values are strings"),
+                             (("spec", "deletionStrategy"), {"deletionRules": [{"policy": "DeleteAll",
+                                                              "condition": {"jobStatus": "FAILED"}}]}, "enum"),
+                             (("spec", "deletionStrategy"), {"deletionRules": [{"policy": "DeleteSelf",
+                                                              "condition": {"jobStatus": "FAILED", "ttlSeconds": -1}}]},
+                              "minimum")]:
+        bad = copy.deepcopy(job)
+        node = bad
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        assert _schema_errors(bad), f"the schema check accepts a manifest with {why}: {path}={value!r}"
+
+
+def test_kuberay_names_fit_kuberay_and_the_documented_kubectl_verb():
+    for name, docs in _kuberay_docs().items():
+        for doc in docs:
+            meta = doc["metadata"]
+            assert ("name" in meta) != ("generateName" in meta), f"{name}: exactly one of name/generateName"
+            full = meta.get("name") or meta["generateName"] + "x" * GENERATED_SUFFIX
+            assert DNS_1035.match(full), f"{name}: {full} is not a DNS-1035 label"
+            limit = {"RayJob": MAX_RAYJOB_NAME, "RayCronJob": MAX_RAYCRONJOB_NAME}.get(doc["kind"], 63)
+            assert len(full) <= limit, f"{name}: {full} longer than {limit}"
+    # A one-off scoring run is created again and again: a fixed name fails the second time.
+    assert _one("RayJob", "rayjob-score.yaml")["metadata"]["generateName"] == "malaria-score-"
+    # `kubectl apply` cannot create an object without a name; `kubectl create` of a fixed name
+    # works once. Every command in the docs and the manifests' headers must fit its file.
+    texts = [(p.name, p.read_text()) for p in [REPO / "docs/operations.md", REPO / "README.md", *KUBERAY.glob("*.yaml")]]
+    commands = [(where, verb, pathlib.Path(f).name) for where, text in texts
+                for verb, f in re.findall(r"kubectl (apply|create) -f (\S+\.yaml)", text)]
+    assert len(commands) >= 5, commands
+    for where, verb, file in commands:
+        assert (KUBERAY / file).is_file(), f"{where}: kubectl {verb} -f {file}: no such manifest"
+        generated = any("generateName" in d["metadata"] for d in _kuberay_docs()[file])
+        assert verb == ("create" if generated else "apply"), \
+            f"{where}: `kubectl {verb} -f {file}` ({'generateName' if generated else 'fixed name'})"
+
+
+def test_rayjob_deletion_rules_are_valid_and_bound_the_nightly_history():
+    for name, spec in _job_specs().items():
+        rules = _rules(spec)
+        # KubeRay's validateTTLConsistency: per condition, DeleteCluster before (<=) DeleteSelf.
+        for field, value in TERMINAL:
+            cluster, self_ = rules.get((field, value, "DeleteCluster")), rules.get((field, value, "DeleteSelf"))
+            if cluster is not None and self_ is not None:
+                assert cluster <= self_, f"{name}: {value}: DeleteSelf before DeleteCluster"
+        if not rules:
+            assert spec["ttlSecondsAfterFinished"] <= 60, f"{name}: the finished cluster is kept too long"
+    # RayCronJob (v1.7) has no history limit and deletes nothing: each nightly RayJob must delete
+    # itself after every kind of end, or they pile up one a night for ever.
+    cron = _rules(_one("RayCronJob", "raycronjob-score-nightly.yaml")["spec"]["jobTemplate"])
+    for field, value in TERMINAL:
+        ttl = cron.get((field, value, "DeleteSelf"))
+        assert ttl is not None, f"a nightly RayJob that ends {value} is never deleted"
+        # Long enough to read a failed night's log the next working day, short enough to stay few.
+        assert 2 * 86400 <= ttl <= 14 * 86400, f"{value}: DeleteSelf after {ttl} s"
+
+
+def test_dev_shm_is_capped_above_rays_object_store():
+    from ray._private.ray_constants import DEFAULT_OBJECT_STORE_MEMORY_PROPORTION
+
+    for where, pod in _pod_specs().items():
+        (container,) = pod["containers"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        (shm,) = [v for v in pod["volumes"] if mounts.get(v["name"]) == "/dev/shm"]
+        assert shm["emptyDir"]["medium"] == "Memory", where
+        limit = _bytes(container["resources"]["limits"]["memory"])
+        size = _bytes(shm["emptyDir"]["sizeLimit"])
+        store = DEFAULT_OBJECT_STORE_MEMORY_PROPORTION * limit
+        # Ray sizes the store from memory, not from /dev/shm (it caps at shm only above 10 GB):
+        # a smaller tmpfs would fail allocations the store believes it has.
+        assert size >= 1.1 * store, f"{where}: /dev/shm {size} B under Ray's object store {store:.0f} B"
+        assert size <= 0.5 * limit, f"{where}: /dev/shm may take {size} B of the pod's {limit} B"
+
+
+def test_every_pod_runs_as_the_shipped_service_account_with_an_iam_role():
+    (sa,) = _kuberay_docs()["serviceaccount.yaml"]
+    assert sa["apiVersion"] == "v1" and sa["kind"] == "ServiceAccount"
+    names = {where: pod.get("serviceAccountName") for where, pod in _pod_specs().items()}
+    assert set(names.values()) == {sa["metadata"]["name"]}, names
+    role = sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@-]{1,64}", role), role
+    # Pull secrets belong on the service account (every pod gets them), not in one pod template.
+    assert not [w for w, pod in _pod_specs().items() if "imagePullSecrets" in pod]
+    assert "imagePullSecrets" in (KUBERAY / "serviceaccount.yaml").read_text(), "document the pull-secret block"
+
+
+# ---------------------------------------------------------------- AWS launcher IAM
+
+AWS_IAM = CLUSTER / "aws-iam"
+
+
+def _policy(name: str) -> list[dict]:
+    doc = json.loads((AWS_IAM / name).read_text())
+    assert doc["Version"] == "2012-10-17"
+    return [{**s, "Action": [s["Action"]] if isinstance(s["Action"], str) else s["Action"],
+             "Resource": [s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"]}
+            for s in doc["Statement"]]
+
+
+def _allowed(statements: list[dict], action: str, resource: str = "*") -> list[dict]:
+    """The Allow statements that grant ``action`` on ``resource`` (IAM's * wildcards; conditions kept)."""
+    return [s for s in statements if s["Effect"] == "Allow"
+            and any(fnmatch.fnmatchcase(action, a) for a in s["Action"])
+            and any(fnmatch.fnmatchcase(resource, r) for r in s["Resource"])]
+
+
+def _node_provider_ec2_actions() -> set[str]:
+    """The EC2 API actions Ray's installed AWS node provider (the head's autoscaler) calls."""
+    import ray.autoscaler._private.aws.node_provider as node_provider
+
+    source = pathlib.Path(node_provider.__file__).read_text()
+    # Client and resource calls, called or passed on as a function (terminate_instances_func = ...).
+    calls = set(re.findall(r"\.(create_instances|create_tags|start_instances|stop_instances|terminate_instances|"
+                           r"describe_\w+)\b", source))
+    calls |= {f"{verb}_instances" for verb in re.findall(r"\bnode\.(terminate|stop|start)\(\)", source)}
+    if ".instances.filter(" in source:
+        calls.add("describe_instances")
+    assert {"create_instances", "terminate_instances", "describe_instances"} <= calls, calls
+    camel = {c: "".join(w.capitalize() for w in c.split("_")) for c in calls}
+    camel["create_instances"] = "RunInstances"  # boto3's resource call for the RunInstances API
+    return {f"ec2:{a}" for a in camel.values()}
+
+
+def test_aws_launcher_config_matches_rays_cluster_config_schema():
+    import ray.autoscaler
+
+    schema = json.loads((pathlib.Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    raw = _load(CLUSTER / "aws-gpu.yaml")
+    assert not [e.message for e in validator.iter_errors(raw)]
+    bad = {**raw, "idle_timeout_minute": 10}
+    assert list(validator.iter_errors(bad)), "ray-schema.json no longer rejects an unknown top-level key"
+
+
+def test_aws_head_profile_carries_what_the_autoscaler_needs_and_workers_only_s3():
+    from ray.autoscaler.tags import TAG_RAY_CLUSTER_NAME
+
+    raw = _load(CLUSTER / "aws-gpu.yaml")
+    head = raw["available_node_types"][raw["head_node_type"]]["node_config"]
+    workers = [n["node_config"] for k, n in raw["available_node_types"].items() if k != raw["head_node_type"]]
+    # An explicit head profile stops Ray from creating ray-autoscaler-v1 (aws/config.py,
+    # _configure_iam_role), so this profile alone must let the head launch workers.
+    head_profile = head["IamInstanceProfile"]["Name"]
+    (worker_profile,) = {w["IamInstanceProfile"]["Name"] for w in workers}
+    assert head_profile != worker_profile, "workers must not get the head's EC2 and PassRole rights"
+
+    autoscaler = _policy("head-autoscaler-policy.json")
+    s3 = _policy("s3-policy.json")
+    for action in sorted(_node_provider_ec2_actions()):
+        assert _allowed(autoscaler, action), f"Ray's AWS node provider calls {action}; the head may not"
+    # Ending nodes is limited to this cluster's, by the tag Ray puts on every node it launches.
+    for action in ("ec2:TerminateInstances", "ec2:StopInstances"):
+        (stmt,) = _allowed(autoscaler, action)
+        assert stmt["Condition"] == {"StringEquals": {f"aws:ResourceTag/{TAG_RAY_CLUSTER_NAME}": raw["cluster_name"]}}
+    # Launching an instance with a profile passes its role (same name as the profile, as the docs
+    # create them) to EC2; nothing else may be passed.
+    (pass_role,) = _allowed(autoscaler, "iam:PassRole", f"arn:aws:iam::123456789012:role/{worker_profile}")
+    assert pass_role["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+    assert not _allowed(autoscaler, "iam:PassRole", f"arn:aws:iam::123456789012:role/{head_profile}")
+    # ImageId resolve:ssm:<parameter> makes RunInstances read the parameter as the caller.
+    for node in [head, *workers]:
+        if node["ImageId"].startswith("resolve:ssm:"):
+            param = node["ImageId"].removeprefix("resolve:ssm:")
+            arn = f"arn:aws:ssm:{raw['provider']['region']}::parameter{param}"
+            assert _allowed(autoscaler, "ssm:GetParameters", arn), f"the head cannot resolve {param}"
+    # Neither policy is a blanket grant; the S3 policy grants S3 only.
+    for stmt in autoscaler + s3:
+        assert not {"*", "ec2:*", "iam:*", "s3:*"} & set(stmt["Action"]), stmt
+    assert all(a.startswith("s3:") for stmt in s3 for a in stmt["Action"])
+
+
+def test_s3_policy_covers_every_bucket_the_jobs_read_and_write():
+    s3 = _policy("s3-policy.json")
+    reads, writes = set(), set()
+    for spec in _job_specs().values():
+        _, flags = _entrypoint(spec)
+        for flag, uri in zip(flags, flags[1:]):
+            if uri.startswith("s3://"):
+                (writes if flag == "--output" else reads).add(uri.removeprefix("s3://"))
+    assert reads and writes
+    for path in reads | writes:
+        bucket = path.split("/")[0]
+        assert _allowed(s3, "s3:ListBucket", f"arn:aws:s3:::{bucket}"), bucket
+        assert _allowed(s3, "s3:GetObject", f"arn:aws:s3:::{path}/x"), path
+    for path in writes:
+        # Scoring publishes parts and a lease (put, then delete); multipart uploads may be aborted.
+        for action in ("s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"):
+            assert _allowed(s3, action, f"arn:aws:s3:::{path}/x"), f"{action} on {path}"
+    # A bucket no job writes to (the corpus and the slide archive) stays read-only.
+    written = {w.split("/")[0] for w in writes}
+    for bucket in {r.split("/")[0] for r in reads} - written:
+        assert not _allowed(s3, "s3:PutObject", f"arn:aws:s3:::{bucket}/x"), f"{bucket} is input: read only"
