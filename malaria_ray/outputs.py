@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 from malaria_ray import logs, metrics, storage
 from malaria_ray.ingest import NO_IDS
 from malaria_ray.schema import (
-    COL_ERROR, COL_IMAGE_ID, COL_LABEL, COL_MODEL_ID, COL_PATIENT, COL_PRED, COL_PROB, COL_SLIDE, COL_SOURCE_VERSION,
-    COL_URI, PREDICTIONS_SCHEMA,
+    COL_ERROR, COL_ERROR_KIND, COL_IMAGE_ID, COL_LABEL, COL_MODEL_ID, COL_PATIENT, COL_PRED, COL_PROB, COL_SLIDE,
+    COL_SOURCE_VERSION, COL_URI, ERROR_TRANSIENT, PREDICTIONS_SCHEMA,
 )
 
 log = logs.get("score")
@@ -111,9 +111,12 @@ def committed_runs(root: str) -> list[str]:
     return list(dict.fromkeys(run for run, _ in committed_files(root)))
 
 
-def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool = False) -> Iterator[pa.RecordBatch]:
+def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool = False,
+                   settled: bool = False) -> Iterator[pa.RecordBatch]:
     """``columns`` of the committed predictions of ``model_id`` (error rows dropped when
-    ``ok_only``), newest run first, one file and one row group at a time on this thread.
+    ``ok_only``; transient error rows dropped when ``settled``: they are to be read again),
+    newest run first, one file and one row group at a time on this thread. Parts written before
+    error rows had a kind have no ``error_kind`` column: their error rows count as permanent.
 
     Not ``pyarrow.dataset``: its scanner reads ahead on Arrow's thread pools, and the driver's
     memory then grew with the store (docs/benchmarks.md, driver memory).
@@ -127,23 +130,28 @@ def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool =
             if missing:
                 raise storage.StorageError(f"{predictions_uri(root)}/{name} lacks column(s) {', '.join(missing)}: "
                                            "not a predictions part of this version; move it out of the output root")
-            for batch in pf.iter_batches(batch_size=ROW_GROUP_ROWS, columns=read, use_threads=False):
+            kinds = settled and COL_ERROR_KIND in pf.schema_arrow.names
+            for batch in pf.iter_batches(batch_size=ROW_GROUP_ROWS, columns=read + [COL_ERROR_KIND] * kinds,
+                                         use_threads=False):
                 keep = pc.equal(batch.column(COL_MODEL_ID), model_id)
                 if ok_only:
                     keep = pc.and_(keep, pc.is_null(batch.column(COL_ERROR)))
+                if kinds:
+                    keep = pc.and_(keep, pc.fill_null(pc.not_equal(batch.column(COL_ERROR_KIND), ERROR_TRANSIENT), True))
                 batch = batch.filter(keep).select(columns)
                 if batch.num_rows:
                     yield batch
 
 
 def scored_ids(root: str, model_id: str) -> np.ndarray:
-    """Sorted image ids this model already scored under ``root`` (ids only; for --skip-scored).
+    """Sorted image ids this model already scored under ``root`` (ids only; for --skip-scored),
+    transient error rows left out: what failed for a passing reason is read again.
 
     Fixed-width ASCII (``S64`` for sha256 hex), not Python strings: half the memory, and one
     buffer that every decode task maps from Ray's object store instead of unpickling.
     """
     chunks = [pc.drop_null(batch.column(0)).to_numpy(zero_copy_only=False)
-              for batch in _model_batches(root, model_id, [COL_IMAGE_ID])]
+              for batch in _model_batches(root, model_id, [COL_IMAGE_ID], settled=True)]
     return np.unique(np.concatenate(chunks).astype(np.bytes_)) if chunks else NO_IDS
 
 
@@ -155,10 +163,11 @@ def source_key(uri: str, version: str) -> int:
 def scored_sources(root: str, model_id: str) -> np.ndarray:
     """Sorted ``source_key`` of every loose file this model scored under ``root`` with a listing
     version (size and mtime, or size and ETag): a listed file with the same key has the same bytes
-    and need not be read again (--skip-scored). 8 bytes per file in the driver."""
+    and need not be read again (--skip-scored). A transient error row does not count: an unchanged
+    file whose read timed out is read again. 8 bytes per file in the driver."""
     keys = [np.fromiter((source_key(u, v) for u, v in zip(b.column(0).to_pylist(), b.column(1).to_pylist())
                          if v is not None), dtype=np.uint64)
-            for b in _model_batches(root, model_id, [COL_URI, COL_SOURCE_VERSION])]
+            for b in _model_batches(root, model_id, [COL_URI, COL_SOURCE_VERSION], settled=True)]
     return np.unique(np.concatenate(keys)) if keys else np.array([], dtype=np.uint64)
 
 
