@@ -175,6 +175,9 @@ def _s3_get(fs, path: str, etag: str | None) -> bytes:
         raise
 
 
+S3_BLOCK_BYTES = 4 * 2**20
+
+
 class SteadyFile(io.RawIOBase):
     """A read-only file (local or object store) whose every read is bounded by the policy's time
     limit and retried after transient failures, reopened at the same offset (the timed-out call
@@ -194,7 +197,9 @@ class SteadyFile(io.RawIOBase):
             self.version = now  # what a reopen must still find
             return f
         fs, path = storage.read_filesystem(self.uri, self.policy.timeout_s)
-        f = fs.open(path, "rb")
+        # Small ranged GETs (s3fs reads ahead 50 MiB by default): the time limit bounds one GET,
+        # and 5 MiB in 60 s is a stalled store, where 50 MiB may be only a slow one.
+        f = fs.open(path, "rb", block_size=S3_BLOCK_BYTES)
         etag, listed = f.details.get("ETag") if hasattr(f, "details") else None, _etag(self.version)
         if listed and etag and etag != listed:
             raise ChangedSinceListed(f"{self.uri} changed since it was listed (ETag {listed} -> {etag})")
