@@ -64,7 +64,7 @@ def baseline(archive: pathlib.Path, model_dir: str, batch_size: int) -> dict:
     files = sorted(f for f in archive.rglob("*") if f.is_file())
     rows = [{schema.COL_URI: str(f), schema.COL_STATUS: schema.STATUS_OK, schema.COL_DATA: f.read_bytes(),
              schema.COL_ERROR: None, schema.COL_LABEL_HINT: None, schema.COL_SLIDE_HINT: None,
-             schema.COL_PATIENT_HINT: None, schema.COL_SOURCE_VERSION: None} for f in files]
+             schema.COL_PATIENT_HINT: None, schema.COL_SOURCE_VERSION: None, schema.COL_ERROR_KIND: None} for f in files]
     c0, t0 = _cpu_s(), time.perf_counter()
     crops = [fields.prepare_fields(sources.rows_to_batch(rows[i:i + 4]), size)[schema.COL_PIXELS]
              for i in range(0, len(rows), 4)]

@@ -131,6 +131,10 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
           type=float)
     _flag(p, S, "max_compression_ratio", "zip members that unpack to more than this times their packed size are "
           "error rows, not read (zip bombs)", type=float)
+    _flag(p, S, "read_timeout_s", "seconds one read of an input (a file, a piece of an archive, an S3 GET) may take; "
+          "a read that takes longer is tried again, then becomes a transient error row", type=float)
+    _flag(p, S, "read_attempts", "tries of a read that failed for a passing reason (timeout, dropped connection, "
+          "throttling, 5xx), with backoff", type=int)
     _flag(p, S, "max_error_fraction", "error rows (unreadable images) above this share of the run's images: "
           "the run commits, then exits 3 with one line, so schedulers report a failed night", type=float)
     _flag(p, S, "commit_every_rows", "publish scored rows in a part of this many rows (a killed run keeps them)",

@@ -192,6 +192,10 @@ class ScoreConfig(_Serialized):
     skip_scored: bool = False
     max_member_mb: float = 64.0  # an archive member larger than this is an error row, not read
     max_compression_ratio: float = 100.0  # a zip member unpacking to more than this x its packed size: error row
+    # One read of an input (a loose file, a piece of an archive, an S3 GET) that takes longer is
+    # abandoned: a hung mount or a stalled object store becomes a transient error row, not a stalled night.
+    read_timeout_s: float = 60.0
+    read_attempts: int = 3  # tries of a read that failed for a passing reason (timeout, 5xx), with backoff
     max_error_fraction: float = 0.05  # above it the run still commits, and exits 3 to page someone
     commit_every_rows: int = 100_000  # a part of the predictions is published at this many rows ...
     commit_every_minutes: float = 10.0  # ... or after this long, whichever comes first
@@ -220,6 +224,8 @@ class ScoreConfig(_Serialized):
             raise ConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
         if self.max_member_mb <= 0 or self.max_compression_ratio < 1:
             raise ConfigError("--max-member-mb must be > 0 and --max-compression-ratio >= 1")
+        if self.read_timeout_s <= 0 or self.read_attempts < 1:
+            raise ConfigError("--read-timeout-s must be > 0 and --read-attempts >= 1")
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ConfigError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
         if self.commit_every_rows < 1 or self.commit_every_minutes <= 0:

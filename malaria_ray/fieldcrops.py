@@ -28,13 +28,13 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from PIL import Image
 
-from malaria_ray import storage
+from malaria_ray import listing, reads, storage
 from malaria_ray.annotations import FieldBoxes, match_boxes
 from malaria_ray.detect import FieldError, detect_cells
 from malaria_ray.fieldeval import field_name, load_truth
 from malaria_ray.fields import decode_field
 from malaria_ray.preprocess import DecodeError
-from malaria_ray.schema import COL_LABEL, COL_PATIENT, COL_SLIDE, IMAGE_SUFFIXES, POSITIVE_CLASS
+from malaria_ray.schema import COL_KIND, COL_LABEL, COL_PATIENT, COL_SLIDE, COL_URI, COL_VERSION, KIND_IMAGE, POSITIVE_CLASS
 from malaria_ray.segment import DetectParams
 
 GROUP_FIELDS = 10  # consecutive fields per identity group (one slide, presumably)
@@ -61,9 +61,9 @@ def annotated_crops(image: np.ndarray, truth: FieldBoxes, size: int = CROP_SIZE,
 
 
 def _one_field(args) -> tuple[str, list[dict], dict[str, int] | str]:
-    path, truth, size, params = args
-    try:
-        img = decode_field(storage.read_bytes(path))
+    path, version, truth, size, params = args
+    try:  # a bounded read, retried on transient failures (``malaria_ray.reads``), as scoring reads
+        img = decode_field(reads.read_whole(path, version, reads.ReadPolicy()))
         rows, counts = annotated_crops(img, truth, size, DetectParams.from_dict(params))
     except (DecodeError, FieldError, OSError) as exc:
         return path, [], f"{type(exc).__name__}: {exc}"
@@ -74,12 +74,12 @@ def _one_field(args) -> tuple[str, list[dict], dict[str, int] | str]:
     return path, rows, counts
 
 
-def list_fields(data_uri: str) -> list[str]:
-    """The image files under ``data_uri`` (any depth), sorted by path."""
-    fs, root = storage.filesystem(data_uri)
-    found = [p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES)]
-    prefix = storage.protocol_prefix(data_uri)
-    return sorted(prefix + p if prefix and not p.startswith(prefix) else p for p in found)
+def list_fields(data_uri: str) -> dict[str, str | None]:
+    """{uri: listing version} of the loose images under ``data_uri``, listed as scoring lists them
+    (``listing.list_units``: links to files followed, odd entries never opened)."""
+    t = listing.list_units(data_uri).table
+    return {u: v for k, u, v in zip(t.column(COL_KIND).to_pylist(), t.column(COL_URI).to_pylist(),
+                                    t.column(COL_VERSION).to_pylist()) if k == KIND_IMAGE}
 
 
 def identity_groups(paths: list[str], group_fields: int = GROUP_FIELDS) -> dict[str, str]:
@@ -103,7 +103,8 @@ def write_corpus(data_uri: str, annotations_uri: str, out_uri: str, size: int = 
     from malaria_ray.config import CorpusError
 
     truth = load_truth(annotations_uri)
-    paths = [p for p in list_fields(data_uri) if field_name(p) in truth]
+    versions = list_fields(data_uri)
+    paths = [p for p in versions if field_name(p) in truth]
     if not paths:
         raise CorpusError(f"no image under {data_uri} is named in {annotations_uri}: nothing to train on")
     p = (params or DetectParams()).to_dict()
@@ -111,7 +112,7 @@ def write_corpus(data_uri: str, annotations_uri: str, out_uri: str, size: int = 
     totals: dict[str, int] = {}
     errors, rows = [], []
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
-        for path, found, counts in pool.map(_one_field, [(q, truth[field_name(q)], size, p) for q in paths]):
+        for path, found, counts in pool.map(_one_field, [(q, versions[q], truth[field_name(q)], size, p) for q in paths]):
             if isinstance(counts, str):
                 errors.append(f"{path}: {counts}")
                 continue

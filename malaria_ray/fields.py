@@ -23,7 +23,8 @@ from malaria_ray.detect import FieldError, detect_cells
 from malaria_ray.ingest import NO_IDS, image_id_of, in_sorted
 from malaria_ray.preprocess import DecodeError, decode_rgb
 from malaria_ray.schema import (
-    COL_BOX_H, COL_BOX_W, COL_BOX_X, COL_BOX_Y, COL_CELL, COL_CELL_AREA, COL_DATA, COL_DETECTOR, COL_ERROR,
+    COL_BOX_H, COL_BOX_W, COL_BOX_X, COL_BOX_Y, COL_CELL, COL_CELL_AREA, COL_DATA, COL_DETECTOR, COL_ERROR, COL_ERROR_KIND,
+    ERROR_PERMANENT,
     COL_FIELD_FLAGS, COL_FIELD_ID, COL_IMAGE_ID, COL_LABEL, COL_LABEL_HINT, COL_PATIENT, COL_PATIENT_HINT, COL_PIXELS,
     COL_SLIDE, COL_SLIDE_HINT, COL_SOURCE_VERSION, COL_STATUS, COL_URI, STATUS_ALREADY, STATUS_ERROR, STATUS_OK,
 )
@@ -33,7 +34,7 @@ MAX_FIELD_PIXELS = 25_000_000  # ``--max-field-megapixels`` default: a 5,000 x 5
 MIN_LONG_SIDE = 400  # px; NIH's cut-out cells are at most ~400 px, a microscope camera's field 640 px and up
 COLOR_MODES = ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX")
 BOX_COLUMNS = (COL_BOX_X, COL_BOX_Y, COL_BOX_W, COL_BOX_H)
-_TEXT = (COL_URI, COL_STATUS, COL_ERROR, COL_IMAGE_ID, COL_FIELD_ID, COL_SLIDE, COL_PATIENT, COL_LABEL,
+_TEXT = (COL_URI, COL_STATUS, COL_ERROR, COL_ERROR_KIND, COL_IMAGE_ID, COL_FIELD_ID, COL_SLIDE, COL_PATIENT, COL_LABEL,
          COL_SOURCE_VERSION, COL_FIELD_FLAGS, COL_DETECTOR)
 _NUMBERS = (COL_CELL, *BOX_COLUMNS, COL_CELL_AREA)
 
@@ -74,7 +75,8 @@ def prepare_fields(batch: dict[str, np.ndarray], image_size: int, params: dict |
     for i in range(len(batch[COL_URI])):
         uri, data, status = batch[COL_URI][i], batch[COL_DATA][i], batch[COL_STATUS][i]
         base = {COL_URI: uri, COL_STATUS: status, COL_ERROR: batch[COL_ERROR][i], COL_DETECTOR: key,
-                COL_SOURCE_VERSION: batch[COL_SOURCE_VERSION][i] if COL_SOURCE_VERSION in batch else None}
+                COL_SOURCE_VERSION: batch[COL_SOURCE_VERSION][i] if COL_SOURCE_VERSION in batch else None,
+                COL_ERROR_KIND: batch[COL_ERROR_KIND][i] if COL_ERROR_KIND in batch else None}
         if status not in (STATUS_OK, STATUS_ERROR):
             rows.append(base)  # non-images and empty archives travel on only to be counted
             continue
@@ -85,17 +87,17 @@ def prepare_fields(batch: dict[str, np.ndarray], image_size: int, params: dict |
         if in_sorted(skip_fields, field_id):
             rows.append({**base, COL_STATUS: STATUS_ALREADY})
             continue
-        if status == STATUS_ERROR:
-            rows.append(base)
+        if status == STATUS_ERROR:  # the read's error row, transient or permanent as the read said
+            rows.append({**base, COL_ERROR_KIND: base[COL_ERROR_KIND] or ERROR_PERMANENT})
             continue
         try:
             found = detect_cells(decode_field(bytes(data), max_pixels), image_size, p)
-        except (DecodeError, FieldError) as exc:
-            rows.append({**base, COL_STATUS: STATUS_ERROR, COL_ERROR: str(exc)})
+        except (DecodeError, FieldError) as exc:  # the bytes are what they are: permanent
+            rows.append({**base, COL_STATUS: STATUS_ERROR, COL_ERROR: str(exc), COL_ERROR_KIND: ERROR_PERMANENT})
             continue
         flags = ",".join(found.flags) or None
         if not len(found):
-            rows.append({**base, COL_STATUS: STATUS_ERROR, COL_FIELD_FLAGS: flags,
+            rows.append({**base, COL_STATUS: STATUS_ERROR, COL_FIELD_FLAGS: flags, COL_ERROR_KIND: ERROR_PERMANENT,
                          COL_ERROR: f"no red cells found in the field ({flags}; {found.n_candidates} candidate "
                                     f"segments, rejected: {found.rejected})"})
             continue

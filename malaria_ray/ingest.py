@@ -19,9 +19,9 @@ import numpy as np
 from malaria_ray import corpus, sources
 from malaria_ray.preprocess import DecodeError, decode_image
 from malaria_ray.schema import (
-    COL_DATA, COL_ERROR, COL_IMAGE_ID, COL_KIND, COL_LABEL, COL_LABEL_HINT, COL_PATIENT, COL_PATIENT_HINT, COL_PIXELS,
-    COL_SLIDE, COL_SLIDE_HINT, COL_SOURCE_VERSION, COL_STATUS, COL_URI, COL_VERSION, KIND_IMAGE, RESIZE_DEFAULT,
-    STATUS_ALREADY, STATUS_ERROR, STATUS_OK,
+    COL_DATA, COL_ERROR, COL_ERROR_KIND, COL_IMAGE_ID, COL_KIND, COL_LABEL, COL_LABEL_HINT, COL_PATIENT,
+    COL_PATIENT_HINT, COL_PIXELS, COL_SLIDE, COL_SLIDE_HINT, COL_SOURCE_VERSION, COL_STATUS, COL_URI, COL_VERSION,
+    ERROR_PERMANENT, KIND_IMAGE, RESIZE_DEFAULT, STATUS_ALREADY, STATUS_ERROR, STATUS_OK,
 )
 
 READ_THREADS = 16  # loose files in flight per read task (object-store latency, not CPU, bounds them)
@@ -46,7 +46,9 @@ def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.nd
     """
     n = len(batch[COL_URI])
     pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
-    cols = {k: np.empty(n, dtype=object) for k in (COL_IMAGE_ID, COL_SLIDE, COL_PATIENT, COL_LABEL, COL_ERROR)}
+    cols = {k: np.empty(n, dtype=object) for k in (COL_IMAGE_ID, COL_SLIDE, COL_PATIENT, COL_LABEL, COL_ERROR,
+                                                   COL_ERROR_KIND)}
+    kinds = batch.get(COL_ERROR_KIND, [None] * n)  # transient or permanent, for the read's error rows
     status = np.asarray(batch[COL_STATUS], dtype=object).copy()
     for i in range(n):
         uri, data, err = batch[COL_URI][i], batch[COL_DATA][i], batch[COL_ERROR][i]
@@ -59,12 +61,12 @@ def prepare_batch(batch: dict[str, np.ndarray], image_size: int, skip_ids: np.nd
             status[i] = STATUS_ALREADY
             continue
         if status[i] == STATUS_ERROR:
-            cols[COL_ERROR][i] = err
+            cols[COL_ERROR][i], cols[COL_ERROR_KIND][i] = err, kinds[i] or ERROR_PERMANENT
             continue
         try:
             pixels[i] = decode_image(bytes(data), image_size, resize_method)
-        except DecodeError as exc:
-            status[i], cols[COL_ERROR][i] = STATUS_ERROR, str(exc)
+        except DecodeError as exc:  # the bytes are what they are: another try decodes them no better
+            status[i], cols[COL_ERROR][i], cols[COL_ERROR_KIND][i] = STATUS_ERROR, str(exc), ERROR_PERMANENT
     return {COL_URI: np.asarray(batch[COL_URI], dtype=object), COL_STATUS: status, COL_PIXELS: pixels,
             COL_SOURCE_VERSION: np.asarray(batch.get(COL_SOURCE_VERSION, [None] * n), dtype=object), **cols}
 
@@ -112,14 +114,15 @@ def _unit_rows(units: dict[str, np.ndarray], limits: sources.Limits, threads: in
         while i < len(listed):
             kind, uri, version = listed[i]
             if kind != KIND_IMAGE:
-                yield from sources.expand_unit({COL_KIND: kind, COL_URI: uri}, limits=limits)
+                yield from sources.expand_unit({COL_KIND: kind, COL_URI: uri, COL_VERSION: version}, limits=limits)
                 i += 1
                 continue
             j = i  # a run of loose files, fetched concurrently (at most 4 x threads in flight)
             while j < len(listed) and j - i < 4 * threads and listed[j][0] == KIND_IMAGE:
                 j += 1
             run = listed[i:j]
-            read = lambda unit: list(sources.expand_unit({COL_KIND: unit[0], COL_URI: unit[1]}, limits=limits))
+            read = lambda unit: list(sources.expand_unit({COL_KIND: unit[0], COL_URI: unit[1], COL_VERSION: unit[2]},
+                                                         limits=limits))
             for (_, _, version), unit_rows in zip(run, pool.map(read, run) if pool else map(read, run)):
                 for row in unit_rows:
                     row[COL_SOURCE_VERSION] = version  # a loose file: its listing version names its bytes

@@ -36,10 +36,10 @@ import pyarrow.parquet as pq
 from malaria_ray import logs, metrics, storage
 from malaria_ray.ingest import NO_IDS
 from malaria_ray.schema import (
-    COL_DETECTOR, COL_ERROR, COL_FIELD_FLAGS, COL_FIELD_ID, COL_FRAC_HIGH, COL_FRAC_LOW, COL_FRAC_POS, COL_IMAGE_ID,
-    COL_LABEL, COL_MEAN_PROB, COL_MODEL_ID, COL_N_CELLS, COL_N_PRED_POS, COL_PATIENT, COL_PRED, COL_PROB, COL_RUN_ID,
-    COL_SLIDE, COL_SOURCE_VERSION, COL_SUM_PROB, COL_URI, FIELD_COLUMNS, FIELDS_SCHEMA, POSITIVE_CLASS,
-    PREDICTIONS_SCHEMA,
+    COL_DETECTOR, COL_ERROR, COL_ERROR_KIND, COL_FIELD_FLAGS, COL_FIELD_ID, COL_FRAC_HIGH, COL_FRAC_LOW, COL_FRAC_POS,
+    COL_IMAGE_ID, COL_LABEL, COL_MEAN_PROB, COL_MODEL_ID, COL_N_CELLS, COL_N_PRED_POS, COL_PATIENT, COL_PRED, COL_PROB,
+    COL_RUN_ID, COL_SLIDE, COL_SOURCE_VERSION, COL_SUM_PROB, COL_URI, ERROR_TRANSIENT, FIELD_COLUMNS, FIELDS_SCHEMA,
+    POSITIVE_CLASS, PREDICTIONS_SCHEMA,
 )
 
 log = logs.get("score")
@@ -129,11 +129,13 @@ def run_table(root: str, run_id: str, columns: list[str]) -> pa.Table:
 
 
 def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool = False,
-                   detector: str | None = ANY_DETECTOR) -> Iterator[pa.RecordBatch]:
+                   detector: str | None = ANY_DETECTOR, settled: bool = False) -> Iterator[pa.RecordBatch]:
     """``columns`` of the committed predictions of ``model_id`` (error rows dropped when
-    ``ok_only``; with ``detector``, only the rows of that detector key, or of cut-out cells when it
-    is None), newest run first, one file and one row group at a time on this thread. Parts written
-    before field photographs were scored lack the field columns: read as nulls (cut-out cells).
+    ``ok_only``; transient error rows dropped when ``settled``: they are to be read again; with
+    ``detector``, only the rows of that detector key, or of cut-out cells when it is None), newest
+    run first, one file and one row group at a time on this thread. Parts written before field
+    photographs were scored lack the field columns: read as nulls (cut-out cells). Parts written
+    before error rows had a kind have no ``error_kind`` column: their error rows count as permanent.
 
     Not ``pyarrow.dataset``: its scanner reads ahead on Arrow's thread pools, and the driver's
     memory then grew with the store (docs/benchmarks.md, driver memory).
@@ -148,7 +150,9 @@ def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool =
                 raise storage.StorageError(f"{predictions_uri(root)}/{name} lacks column(s) {', '.join(missing)}: "
                                            "not a predictions part of this version; move it out of the output root")
             present = [c for c in read if c in pf.schema_arrow.names]
-            for batch in pf.iter_batches(batch_size=ROW_GROUP_ROWS, columns=present, use_threads=False):
+            kinds = settled and COL_ERROR_KIND in pf.schema_arrow.names
+            for batch in pf.iter_batches(batch_size=ROW_GROUP_ROWS, columns=present + [COL_ERROR_KIND] * kinds,
+                                         use_threads=False):
                 for c in read:
                     if c not in present:  # an older part: cut-out cells only
                         batch = batch.append_column(PREDICTIONS_SCHEMA.field(c), pa.nulls(batch.num_rows,
@@ -156,6 +160,8 @@ def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool =
                 keep = pc.equal(batch.column(COL_MODEL_ID), model_id)
                 if ok_only:
                     keep = pc.and_(keep, pc.is_null(batch.column(COL_ERROR)))
+                if kinds:
+                    keep = pc.and_(keep, pc.fill_null(pc.not_equal(batch.column(COL_ERROR_KIND), ERROR_TRANSIENT), True))
                 if detector != ANY_DETECTOR:
                     kind = batch.column(COL_DETECTOR)
                     keep = pc.and_(keep, pc.is_null(kind) if detector is None else pc.fill_null(pc.equal(kind, detector),
@@ -166,13 +172,14 @@ def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool =
 
 
 def scored_ids(root: str, model_id: str) -> np.ndarray:
-    """Sorted image ids this model already scored under ``root`` (ids only; for --skip-scored).
+    """Sorted image ids this model already scored under ``root`` (ids only; for --skip-scored),
+    transient error rows left out: what failed for a passing reason is read again.
 
     Fixed-width ASCII (``S64`` for sha256 hex), not Python strings: half the memory, and one
     buffer that every decode task maps from Ray's object store instead of unpickling.
     """
     chunks = [pc.drop_null(batch.column(0)).to_numpy(zero_copy_only=False)
-              for batch in _model_batches(root, model_id, [COL_IMAGE_ID])]
+              for batch in _model_batches(root, model_id, [COL_IMAGE_ID], settled=True)]
     return np.unique(np.concatenate(chunks).astype(np.bytes_)) if chunks else NO_IDS
 
 
@@ -184,11 +191,12 @@ def source_key(uri: str, version: str) -> int:
 def scored_sources(root: str, model_id: str, detector: str | None = None) -> np.ndarray:
     """Sorted ``source_key`` of every loose file this model scored under ``root`` with a listing
     version (size and mtime, or size and ETag): a listed file with the same key has the same bytes
-    and need not be read again (--skip-scored). 8 bytes per file in the driver. ``detector``: the
-    cell detector's key of a ``--fields`` run (its rows only); None: cut-out cells' rows only."""
+    and need not be read again (--skip-scored). A transient error row does not count: an unchanged
+    file whose read timed out is read again. 8 bytes per file in the driver. ``detector``: the cell
+    detector's key of a ``--fields`` run (its rows only); None: cut-out cells' rows only."""
     keys = [np.fromiter((source_key(u, v) for u, v in zip(b.column(0).to_pylist(), b.column(1).to_pylist())
                          if v is not None), dtype=np.uint64)
-            for b in _model_batches(root, model_id, [COL_URI, COL_SOURCE_VERSION], detector=detector)]
+            for b in _model_batches(root, model_id, [COL_URI, COL_SOURCE_VERSION], detector=detector, settled=True)]
     return np.unique(np.concatenate(keys)) if keys else np.array([], dtype=np.uint64)
 
 
@@ -196,7 +204,7 @@ def scored_fields(root: str, model_id: str, detector: str) -> np.ndarray:
     """Sorted ids of the field photographs this model scored with this detector (``--skip-scored``
     of ``--fields``: a field is skipped whole or rescored whole), as ``scored_ids``."""
     chunks = [pc.drop_null(batch.column(0)).to_numpy(zero_copy_only=False)
-              for batch in _model_batches(root, model_id, [COL_FIELD_ID], detector=detector)]
+              for batch in _model_batches(root, model_id, [COL_FIELD_ID], detector=detector, settled=True)]
     return np.unique(np.concatenate(chunks).astype(np.bytes_)) if chunks else NO_IDS
 
 

@@ -31,6 +31,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 ZIP_SUFFIXES = (".zip",)
 PARQUET_SUFFIXES = (".parquet",)
+# Entries a listing meets but never opens (docs/operations.md, "What a listing follows"): each is
+# one row, so a night accounts for it. A link whose target is gone; a link loop (ELOOP) or a folder
+# met again below itself; a pipe, socket or device named like an input; a link to a folder (not
+# followed, counted); a folder or entry that could not be listed (denied, vanished, hung).
+KIND_DANGLING, KIND_LINK_LOOP, KIND_SPECIAL = "dangling_link", "link_loop", "special_file"
+KIND_FOLDER_LINK, KIND_UNLISTABLE = "folder_link", "unlistable"
 
 # ---------------------------------------------------------------- raw input rows (sources -> decode)
 COL_DATA = "data"  # encoded bytes of one image
@@ -39,6 +45,11 @@ COL_ERROR = "error"  # why a row could not be scored; None when it was
 COL_LABEL_HINT = "label_hint"  # a label an input carries itself (a Parquet ``label`` column)
 COL_SLIDE_HINT, COL_PATIENT_HINT = "slide_hint", "patient_hint"  # a Parquet input's slide_id / patient_id
 COL_PIXELS = "pixels"  # decoded uint8 [size, size, 3]
+# Whether an error row may succeed on another try (null on scored rows): a transient one (a read
+# that timed out, a 5xx, a file that vanished or changed since it was listed) is read again by the
+# next --skip-scored night; a permanent one (bytes that do not decode, a dangling link) is not.
+COL_ERROR_KIND = "error_kind"
+ERROR_TRANSIENT, ERROR_PERMANENT = "transient", "permanent"
 
 # Row statuses: what a read task yields, then what decoding and scoring make of it.
 STATUS_OK = "ok"  # bytes to score
@@ -47,6 +58,7 @@ STATUS_NON_IMAGE = "non_image"  # skipped and counted
 STATUS_EMPTY = "empty_archive"  # counted
 STATUS_HIDDEN = "hidden"  # an archive member under a "." or "_" folder, or named so (counted, not scored)
 STATUS_DUPLICATE = "duplicate_name"  # a second archive member of the same name (counted, not scored)
+STATUS_FOLDER_LINK = "folder_link"  # a link to a folder: not followed (counted, not scored)
 STATUS_ALREADY = "already_scored"  # --skip-scored: this model scored the same bytes before
 STATUS_MODEL_ERROR = "model_error"  # a scoring actor whose model did not load: the run stops
 
@@ -82,7 +94,7 @@ PREDICTIONS_SCHEMA = pa.schema([
     (COL_PATIENT, pa.string()), (COL_LABEL, pa.string()), (COL_PROB, pa.float32()),
     (COL_PRED, pa.string()), (COL_THRESHOLD, pa.float64()), (COL_MODEL_ID, pa.string()),
     (COL_RUN_ID, pa.string()), (COL_SCORED_AT, pa.timestamp("us", tz="UTC")), (COL_ERROR, pa.string()),
-    (COL_SOURCE_VERSION, pa.string()),
+    (COL_SOURCE_VERSION, pa.string()), (COL_ERROR_KIND, pa.string()),
     (COL_FIELD_ID, pa.string()), (COL_CELL, pa.int32()), (COL_BOX_X, pa.int32()), (COL_BOX_Y, pa.int32()),
     (COL_BOX_W, pa.int32()), (COL_BOX_H, pa.int32()), (COL_CELL_AREA, pa.int64()), (COL_FIELD_FLAGS, pa.string()),
     (COL_DETECTOR, pa.string()),

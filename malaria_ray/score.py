@@ -97,7 +97,8 @@ class Scorer:
         # Columns that were all null in a block may arrive as Arrow's null type: the driver's
         # ``writer.normalize`` gives every column its contract type.
         out = {k: batch.column(k) for k in (schema.COL_IMAGE_ID, schema.COL_URI, schema.COL_SLIDE, schema.COL_PATIENT,
-                                            schema.COL_LABEL, schema.COL_SOURCE_VERSION, *schema.FIELD_COLUMNS)
+                                            schema.COL_LABEL, schema.COL_SOURCE_VERSION, schema.COL_ERROR_KIND,
+                                            *schema.FIELD_COLUMNS)
                if k in batch.column_names}  # a field's cells carry their box (``malaria_ray.fields``)
         return pa.table({**out, schema.COL_ERROR: error, schema.COL_STATUS: status,
                          schema.COL_PROB: pa.array(prob, pa.float32(), mask=~ok), schema.COL_PRED: pa.array(pred, pa.string()),
@@ -138,7 +139,7 @@ def score_archive(cfg: ScoreConfig, checked: Preflight | None = None) -> RunResu
                           "not ending in .partNNNNN)")
     if checked is None:
         checked = preflight(cfg)
-    listing = sources.list_units(cfg.input)
+    listing = sources.list_units(cfg.input, cfg.read_timeout_s)
     if not len(listing):
         raise CorpusError(f"no images found in {cfg.input} ({len(listing.skipped)} non-image files skipped)")
     storage.check_writable(cfg.output)
@@ -250,8 +251,7 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Units, size: int, skip_ids
     raw_rows = FIELDS_PER_TASK if cfg.fields else cfg.batch_size
     ds = ray.data.from_arrow(ingest.slices(listing.table, max(4, len(listing) // 256), raw_rows))
     ds = ds.map_batches(ingest.read_raw, batch_size=None, batch_format="numpy", num_cpus=READ_CPUS,
-                        fn_kwargs={"batch_size": raw_rows,
-                                   "limits": sources.Limits(int(cfg.max_member_mb * 2**20), cfg.max_compression_ratio)},
+                        fn_kwargs={"batch_size": raw_rows, "limits": sources.Limits.of(cfg)},
                         **remote_args)
     # Ray Data joins a task's yielded batches into blocks of up to 128 MiB: cut them back to
     # --batch-size rows, or one archive would be one block and so one decode task.
@@ -316,13 +316,14 @@ def summary(result: RunResult) -> str:
     lines = [
         f"malaria-ray score: run {result.run_id} committed (model {result.model_id})",
         *scored,
-        f"  error rows        {c.get(ERRORS, 0):>10,}",
+        f"  error rows        {c.get(ERRORS, 0):>10,}  ({result.transient:,} transient: read again next night)",
         f"  already scored    {c.get(schema.STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored; "
         f"{result.unchanged:,} unchanged in the listing, not read)",
         f"  non-images        {c.get(schema.STATUS_NON_IMAGE, 0):>10,}  (skipped and counted)",
         f"  empty archives    {c.get(schema.STATUS_EMPTY, 0):>10,}",
         f"  hidden members    {c.get(schema.STATUS_HIDDEN, 0):>10,}  (under '.'/'_' folders in archives; counted)",
         f"  duplicate names   {c.get(schema.STATUS_DUPLICATE, 0):>10,}  (a second archive member of one name; counted)",
+        f"  folder links      {c.get(schema.STATUS_FOLDER_LINK, 0):>10,}  (links to folders: not followed; counted)",
         f"  entries           {entries(c, result.fields):>10,}  (every file and archive member: the sum of the above"
         f"{', each field once' if result.fields else ''})",
         f"  throughput        {rate:>10,.1f} images/s over {result.seconds:.1f} s",

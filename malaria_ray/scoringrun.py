@@ -53,6 +53,7 @@ class RunResult:
     completes: list[str] = field(default_factory=list)  # earlier unfinished runs this one completed
     parts: list[str] = field(default_factory=list)  # the predictions files this run published
     unchanged: int = 0  # already scored, known from the listing (size and mtime/ETag) without reading
+    transient: int = 0  # error rows that may read on another try (``schema.ERROR_TRANSIENT``): not skipped next night
     fields: bool = False  # a ``--fields`` run: ``scored`` counts cells, ``fields_scored`` the photographs
     evaluation: dict | None = None  # --annotations: the run measured against them (``fieldeval``)
     overlay: list[str] = field(default_factory=list)  # the fields on its plots/fields_overlay.png, in sheet order
@@ -96,6 +97,7 @@ class ScoringRun:
         self.examples: list[str] = []
         self.unfinished: list[str] = []
         self.unchanged = 0
+        self.error_kinds = {schema.ERROR_TRANSIENT: 0, schema.ERROR_PERMANENT: 0}  # error rows by kind
 
     def __enter__(self) -> "ScoringRun":
         self.lease.acquire()
@@ -127,7 +129,7 @@ class ScoringRun:
         self._write_manifest()
         self.counts = {SCORED: 0, ERRORS: 0, schema.STATUS_NON_IMAGE: len(listing.skipped), schema.STATUS_EMPTY: 0,
                        schema.STATUS_ALREADY: unchanged, schema.STATUS_HIDDEN: 0, schema.STATUS_DUPLICATE: 0,
-                       **({schema.COUNT_FIELDS: 0} if cfg.fields else {})}
+                       schema.STATUS_FOLDER_LINK: 0, **({schema.COUNT_FIELDS: 0} if cfg.fields else {})}
         self.accumulator = metrics.MetricsAccumulator(cfg.threshold)
         self.writer = PredictionWriter(self.root, self.run_id, part_rows=cfg.commit_every_rows,
                                        part_seconds=60 * cfg.commit_every_minutes, on_part=self._on_part)
@@ -162,6 +164,9 @@ class ScoringRun:
             errs = rows.filter(pc.is_valid(rows.column(schema.COL_ERROR)))
             self.examples += [f"{u}: {e}" for u, e in zip(errs.column(schema.COL_URI).to_pylist()[:ERROR_EXAMPLES],
                                                          errs.column(schema.COL_ERROR).to_pylist()[:ERROR_EXAMPLES])]
+        kinds = rows.column(schema.COL_ERROR_KIND).to_pylist()
+        for kind in self.error_kinds:
+            self.error_kinds[kind] += kinds.count(kind)
         self.writer.write(rows)
 
     def close(self) -> None:
@@ -188,7 +193,8 @@ class ScoringRun:
         result = RunResult(self.run_id, self.model_id, self.root, outputs.predictions_uri(self.root), seconds,
                            self.counts, {schema.COL_RUN_ID: self.run_id, schema.COL_MODEL_ID: self.model_id, **acc.row()},
                            acc.confusion() if acc.metrics_known else None, self.examples[:ERROR_EXAMPLES],
-                           completes=self.unfinished, unchanged=self.unchanged, fields=self.cfg.fields)
+                           completes=self.unfinished, unchanged=self.unchanged,
+                           transient=self.error_kinds[schema.ERROR_TRANSIENT], fields=self.cfg.fields)
         manifests.write_run_metrics(self.root, self.run_id, result.metrics)
         if result.confusion is not None:
             from malaria_ray.report import confusion_png
@@ -199,6 +205,7 @@ class ScoringRun:
         result.parts = [part_file_name(u) for u in self.writer.parts]
         self._write_manifest(parts=result.parts, rows_committed=self.writer.rows, finished=True, counts=self.counts,
                              entries=entries(self.counts, self.cfg.fields), unchanged_in_listing=self.unchanged,
+                             error_kinds=self.error_kinds,
                              seconds=round(seconds, 3), finished_at=dt.datetime.now(dt.timezone.utc).isoformat(),
                              **manifest_extra)
         for earlier in self.unfinished:

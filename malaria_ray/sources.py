@@ -1,42 +1,42 @@
-"""Scoring inputs: list what is under an input URI and stream one row per image out of it.
+"""Scoring inputs: stream one row per image out of each listed unit.
 
-An input is a local path, ``file://`` or ``s3://`` URI naming one file or a folder/prefix tree of
-any depth holding, mixed: loose images (.png/.jpg/.jpeg/.tif/.tiff), tar shards (.tar, .tar.gz,
-.tgz), zip archives (NIH publishes the corpus as one zip) and Parquet files with an image-bytes
-column. The driver lists *paths* only (``list_units``); the bytes are read inside Ray Data tasks
-by ``expand_unit``, one archive member or Parquet row at a time, so no process holds an archive.
+The driver lists *paths* only (``malaria_ray.listing``, named here as ``list_units``); the bytes
+are read inside Ray Data tasks by ``expand_unit``: a loose image (.png/.jpg/.jpeg/.tif/.tiff), a
+tar shard (.tar, .tar.gz, .tgz), a zip archive (NIH publishes the corpus as one zip) or a Parquet
+file with an image-bytes column, one archive member or Parquet row at a time, so no process holds
+an archive. Every read is bounded in time and retried after transient failures (``reads``).
 
 Every row ``expand_unit`` yields has a ``status`` (``malaria_ray.schema``): ``ok`` (bytes to
-score), ``error`` (an input that exists but could not be read; it becomes an error row),
-``non_image`` (skipped and counted) or ``empty_archive`` (counted). Training and scoring read
-through these same functions. Pure: imports neither Ray nor TensorFlow.
+score), ``error`` (an input that exists but could not be read; it becomes an error row, with its
+``error_kind``: transient or permanent), ``non_image`` (skipped and counted), ``empty_archive``,
+``folder_link`` (counted). Training and scoring read through these same functions. Pure: imports
+neither Ray nor TensorFlow.
 """
 
 from __future__ import annotations
 
 import os
-import posixpath
 import tarfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from malaria_ray import storage
-from malaria_ray.config import CorpusError
+from malaria_ray import listing, reads, storage
 from malaria_ray.schema import (
-    COL_DATA, COL_ERROR, COL_KIND, COL_LABEL, COL_LABEL_HINT, COL_PATIENT, COL_PATIENT_HINT, COL_SLIDE, COL_SLIDE_HINT,
-    COL_SOURCE_VERSION, COL_STATUS, COL_URI, COL_VERSION, IMAGE_SUFFIXES, KIND_IMAGE, KIND_PARQUET, KIND_TAR,
-    KIND_ZIP, PARQUET_SUFFIXES, STATUS_DUPLICATE, STATUS_EMPTY, STATUS_ERROR, STATUS_HIDDEN, STATUS_NON_IMAGE,
-    STATUS_OK, TAR_SUFFIXES, ZIP_SUFFIXES, member_uri,
+    COL_DATA, COL_ERROR, COL_ERROR_KIND, COL_KIND, COL_LABEL, COL_LABEL_HINT, COL_PATIENT, COL_PATIENT_HINT, COL_SLIDE,
+    COL_SLIDE_HINT, COL_SOURCE_VERSION, COL_STATUS, COL_URI, COL_VERSION, ERROR_PERMANENT, ERROR_TRANSIENT,
+    KIND_DANGLING, KIND_FOLDER_LINK, KIND_IMAGE, KIND_LINK_LOOP, KIND_PARQUET, KIND_SPECIAL, KIND_TAR,
+    KIND_UNLISTABLE, KIND_ZIP, STATUS_DUPLICATE, STATUS_EMPTY, STATUS_ERROR, STATUS_FOLDER_LINK, STATUS_HIDDEN,
+    STATUS_NON_IMAGE, STATUS_OK, member_uri,
 )
 
-# Unit kinds (``schema.KIND_*``, suffixes ``schema.*_SUFFIXES``): what the driver lists.
-KIND_BAD_NAME = "bad_name"  # a file whose name is not valid UTF-8: listed so that it becomes an error row
-UNIT_KINDS = (KIND_IMAGE, KIND_TAR, KIND_ZIP, KIND_PARQUET, KIND_BAD_NAME)
+# The listing (``malaria_ray.listing``), named here too: training and scoring list through ``sources``.
+UNIT_KINDS, KIND_BAD_NAME, Units, kind_of, list_units = (listing.UNIT_KINDS, listing.KIND_BAD_NAME, listing.Units,
+                                                        listing.kind_of, listing.list_units)
+_undecodable, _printable, _hidden = listing.undecodable, listing.printable, listing.hidden
 
 # Parquet inputs: the first column found by these names (or the only binary column) holds bytes.
 PARQUET_BYTES_NAMES = ("image", "image_bytes", "bytes", "data", "content", "png")
@@ -47,154 +47,25 @@ PARQUET_BATCH_ROWS = 256
 @dataclass(frozen=True)
 class Limits:
     """Caps checked on an archive member's header before any of its bytes are read: over either
-    is an error row, never an out-of-memory kill (a zip bomb declares a small packed size)."""
+    is an error row, never an out-of-memory kill (a zip bomb declares a small packed size); and
+    how long one read may take, how often a transient failure is tried (``reads.ReadPolicy``)."""
 
     member_bytes: int = 64 * 2**20  # --max-member-mb
     compression_ratio: float = 100.0  # --max-compression-ratio (zip members: unpacked / packed)
+    read_timeout_s: float = reads.ReadPolicy.timeout_s  # --read-timeout-s
+    read_attempts: int = reads.ReadPolicy.attempts  # --read-attempts
+
+    @classmethod
+    def of(cls, cfg) -> "Limits":
+        """The limits a ``ScoreConfig`` sets."""
+        return cls(int(cfg.max_member_mb * 2**20), cfg.max_compression_ratio, cfg.read_timeout_s, cfg.read_attempts)
+
+    @property
+    def policy(self) -> reads.ReadPolicy:
+        return reads.ReadPolicy(self.read_timeout_s, self.read_attempts)
 
 
 DEFAULT_LIMITS = Limits()
-
-
-@dataclass
-class Units:
-    """What the driver found under an input: units to read, and loose files it skipped.
-
-    The units live in one Arrow table (``kind``, ``uri``), which Ray Data reads as is
-    (``ray.data.from_arrow``); docs/benchmarks.md has what it costs per unit.
-    """
-
-    table: pa.Table = field(default_factory=lambda: pa.table({COL_KIND: pa.array([], pa.string()),
-                                                              COL_URI: pa.array([], pa.string())}))
-    skipped: list[str] = field(default_factory=list)  # non-image loose files (Thumbs.db, .txt, ...)
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def count(self, kind: str) -> int:
-        return int(pc.sum(pc.equal(self.table.column(COL_KIND), kind)).as_py() or 0)
-
-
-def kind_of(path: str) -> str | None:
-    """The unit kind of a file name, or None for anything we do not read."""
-    low = path.lower()
-    for kind, suffixes in ((KIND_IMAGE, IMAGE_SUFFIXES), (KIND_TAR, TAR_SUFFIXES),
-                           (KIND_ZIP, ZIP_SUFFIXES), (KIND_PARQUET, PARQUET_SUFFIXES)):
-        if low.endswith(suffixes):
-            return kind
-    return None
-
-
-HIDDEN_FOLDER_PREFIXES = (".", "_")  # staging folders, .git, macOS resource-fork folders
-
-
-def _undecodable(name: str) -> bool:
-    """A name decoded with surrogate escapes (the OS or tarfile met bytes that are not UTF-8)."""
-    try:
-        name.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
-
-
-def _printable(name: str) -> str:
-    """``name`` with its undecodable bytes shown as ``\\xNN``: a string any table can hold."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def _hidden(rel: str) -> bool:
-    # Staging folders and dotfiles (.DS_Store, ._resource forks) are not part of an input.
-    return any(part.startswith(HIDDEN_FOLDER_PREFIXES) for part in rel.split("/")[:-1])
-
-
-def list_units(input_uri: str) -> Units:
-    """Every readable unit under ``input_uri`` (sorted), and the non-image files it skipped.
-
-    Raises ``CorpusError`` when the input is missing or unreadable (missing bucket, no access).
-    Paths stream into Arrow chunks in sorted order, one directory (local) or one listing page
-    (S3, 1,000 keys) at a time, so the driver never holds a per-file info dict (fsspec ``find``
-    builds one, and keeps it in its listings cache).
-    """
-    fs, root = storage.filesystem(input_uri)
-    prefix = storage.protocol_prefix(input_uri)
-    skipped, chunks, kinds, uris, versions = [], [], [], [], []
-    try:
-        if fs.isfile(root):
-            found, base = iter([(root, _version(fs.info(root)))]), posixpath.dirname(root)
-        elif fs.isdir(root):
-            base = root
-            if storage.is_s3(input_uri):
-                found = _list_s3(fs, root)
-            elif storage.is_remote(input_uri):  # another fsspec store: its own find, cache dropped
-                found = iter(sorted((p, None) for p in fs.find(root)))
-                fs.invalidate_cache()
-            else:
-                found = _walk_sorted(root)
-        else:
-            raise CorpusError(f"input {input_uri} does not exist")
-        for path, version in found:
-            if _hidden(posixpath.relpath(path, base) if base else path):
-                continue
-            kind = KIND_BAD_NAME if _undecodable(path) else kind_of(path)
-            if kind is None:
-                skipped.append(prefix + path)
-                continue
-            kinds.append(kind)
-            uris.append(prefix + (_printable(path) if kind == KIND_BAD_NAME else path))
-            versions.append(version)
-            if len(uris) == 4096:  # Python strings only for a chunk: Arrow keeps ~100 B a path
-                chunks.append(_units_table(kinds, uris, versions))
-                kinds, uris, versions = [], [], []
-    except CorpusError:
-        raise
-    except Exception as exc:  # missing bucket, denied, bad endpoint: the backend's type varies
-        raise CorpusError(f"cannot list input {input_uri}: {type(exc).__name__}: {exc}") from exc
-    chunks.append(_units_table(kinds, uris, versions))
-    return Units(pa.concat_tables(chunks), skipped)
-
-
-def _units_table(kinds: list, uris: list, versions: list) -> pa.Table:
-    return pa.table({COL_KIND: pa.array(kinds, pa.string()), COL_URI: pa.array(uris, pa.string()),
-                     COL_VERSION: pa.array(versions, pa.string())})
-
-
-def _version(info: dict) -> str | None:
-    """``size:etag`` or ``size:mtime`` of an fsspec info dict: what changes when the bytes do."""
-    tag = info.get("ETag") or info.get("mtime") or info.get("LastModified")
-    return f"{info.get('size')}:{tag}" if tag is not None else None
-
-
-def _walk_sorted(folder: str) -> Iterator[tuple[str, str]]:
-    """(path, ``size:mtime_ns``) of the files under a local ``folder``, in sorted order of their
-    full paths, holding one directory's entries per level. A folder sorts as its name plus ``/``,
-    exactly where ``sorted()`` of the full paths would put its files. Folders ``_hidden`` would
-    drop are not entered."""
-    with os.scandir(folder) as it:
-        entries = sorted((e.name + "/" if e.is_dir() else e.name, e.path, e) for e in it)
-    for key, path, entry in entries:
-        if not key.endswith("/"):
-            st = entry.stat()
-            yield path, f"{st.st_size}:{st.st_mtime_ns}"
-        elif not key.startswith(HIDDEN_FOLDER_PREFIXES):
-            yield from _walk_sorted(path)
-
-
-def _list_s3(fs, root: str, page_size: int = 1000) -> Iterator[tuple[str, str]]:
-    """Every object under the S3 prefix ``root`` ("bucket/key/prefix") as ("bucket/key", ``size:etag``), one
-    ``ListObjectsV2`` page at a time (each page retried by s3fs). S3 returns keys in UTF-8 byte
-    order, which is Python's ``sorted`` order of the full paths, so nothing is held to sort.
-    Folder markers (keys ending in ``/``) are not objects to read."""
-    bucket, key, _ = fs.split_path(root)
-    request = {"Bucket": bucket, "Prefix": key.rstrip("/") + "/" if key else "", "MaxKeys": page_size,
-               **fs.req_kw}
-    while True:
-        page = fs.call_s3("list_objects_v2", **request)
-        for obj in page.get("Contents", ()):
-            if not obj["Key"].endswith("/"):
-                yield f"{bucket}/{obj['Key']}", f"{obj['Size']}:{obj['ETag']}"
-        if not page.get("IsTruncated"):
-            return
-        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
@@ -210,14 +81,22 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
 
 
 RAW_COLUMNS = (COL_URI, COL_DATA, COL_STATUS, COL_ERROR, COL_LABEL_HINT, COL_SLIDE_HINT, COL_PATIENT_HINT,
-               COL_SOURCE_VERSION)
+               COL_SOURCE_VERSION, COL_ERROR_KIND)
 RAW_SCHEMA = pa.schema([(c, pa.binary() if c == COL_DATA else pa.string()) for c in RAW_COLUMNS])
 
 
 def _row(uri: str, status: str, data: bytes | None = None, error: str | None = None, label_hint: str | None = None,
-         slide_hint: str | None = None, patient_hint: str | None = None) -> dict:
+         slide_hint: str | None = None, patient_hint: str | None = None, transient: bool = False) -> dict:
+    """One raw row; an error row is permanent unless ``transient`` (``schema.COL_ERROR_KIND``)."""
+    kind = None if error is None else (ERROR_TRANSIENT if transient else ERROR_PERMANENT)
     return {COL_URI: uri, COL_DATA: data, COL_STATUS: status, COL_ERROR: error, COL_LABEL_HINT: label_hint,
-            COL_SLIDE_HINT: slide_hint, COL_PATIENT_HINT: patient_hint, COL_SOURCE_VERSION: None}
+            COL_SLIDE_HINT: slide_hint, COL_PATIENT_HINT: patient_hint, COL_SOURCE_VERSION: None, COL_ERROR_KIND: kind}
+
+
+def _failed(uri: str, what: str, exc: BaseException) -> dict:
+    """The error row of a read that raised: transient or permanent by ``reads.is_transient``."""
+    return _row(uri, STATUS_ERROR, error=f"{what}: {type(exc).__name__}: {storage.redact(str(exc))}",
+                transient=reads.is_transient(exc))
 
 
 def expand_unit(unit: dict, with_data: bool = True, limits: Limits = DEFAULT_LIMITS) -> Iterator[dict]:
@@ -226,20 +105,65 @@ def expand_unit(unit: dict, with_data: bool = True, limits: Limits = DEFAULT_LIM
     ``with_data=False`` names the images without reading their bytes (``data`` stays None): how a
     training listing learns what an archive holds.
     """
-    kind, uri = unit[COL_KIND], unit[COL_URI]
+    kind, uri, version = unit[COL_KIND], unit[COL_URI], unit.get(COL_VERSION)
+    if kind in _ODD:
+        yield _ODD[kind](uri, limits)
+        return
     readers = {KIND_IMAGE: _read_image, KIND_TAR: _read_tar, KIND_ZIP: _read_zip, KIND_PARQUET: _read_parquet,
                KIND_BAD_NAME: _read_bad_name}
     try:
-        yield from readers[kind](uri, with_data, limits)
+        yield from readers[kind](uri, with_data, limits, version)
     except Exception as exc:  # a unit that cannot be opened at all is one error row, not a crash
-        yield _row(uri, STATUS_ERROR, error=f"cannot read {kind}: {type(exc).__name__}: {exc}")
+        yield _failed(uri, f"cannot read {kind}", exc)
 
 
-def _read_image(uri: str, with_data: bool, limits: Limits) -> Iterator[dict]:
-    yield _row(uri, STATUS_OK, data=storage.read_bytes(uri) if with_data else None)
+def _read_image(uri: str, with_data: bool, limits: Limits, version: str | None = None) -> Iterator[dict]:
+    yield _row(uri, STATUS_OK, data=reads.read_whole(uri, version, limits.policy) if with_data else None)
 
 
-def _read_bad_name(uri: str, with_data: bool, limits: Limits) -> Iterator[dict]:
+def _link_target(uri: str) -> str:
+    try:
+        return os.readlink(storage.local_path(uri))
+    except OSError as exc:
+        return f"? ({exc.strerror})"
+
+
+def _special_type(uri: str) -> str:
+    import stat
+
+    try:
+        mode = os.lstat(storage.local_path(uri)).st_mode
+    except OSError:
+        return "special file"
+    return ("named pipe" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else
+            "device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "special file")
+
+
+def _unlistable(uri: str, limits: Limits) -> dict:
+    """A folder or entry the listing could not list: listed again here, for the reason."""
+    try:
+        reads.within(limits.read_timeout_s, os.listdir, storage.local_path(uri))
+        reason = "could be listed again only after the night's listing: its images are read next night"
+    except NotADirectoryError:
+        reason = "could not be stat'ed when listed: read next night"
+    except Exception as exc:  # noqa: BLE001 - the reason is the row's error
+        reason = f"{type(exc).__name__}: {exc}"
+    return _row(uri, STATUS_ERROR, error=f"cannot list this folder or entry: {reason}", transient=True)
+
+
+_ODD = {  # what the listing met and did not open (``listing``): one row each
+    KIND_DANGLING: lambda uri, limits: _row(uri, STATUS_ERROR, error=f"symbolic link to a missing target "
+                                                                    f"(-> {_link_target(uri)}): not read"),
+    KIND_LINK_LOOP: lambda uri, limits: _row(uri, STATUS_ERROR, error="symbolic link loop (or a folder met again "
+                                                                     "below itself): not followed"),
+    KIND_SPECIAL: lambda uri, limits: _row(uri, STATUS_ERROR, error=f"a {_special_type(uri)}, not a regular file: "
+                                                                   "never opened"),
+    KIND_FOLDER_LINK: lambda uri, limits: _row(uri, STATUS_FOLDER_LINK),
+    KIND_UNLISTABLE: _unlistable,
+}
+
+
+def _read_bad_name(uri: str, with_data: bool, limits: Limits, version: str | None = None) -> Iterator[dict]:
     yield _row(uri, STATUS_ERROR, error="file name is not valid UTF-8 (undecodable bytes shown as \\xNN): "
                                         "rename it to score it")
 
@@ -271,14 +195,14 @@ def _member_row(uri: str, raw_name: str, read, with_data: bool, seen: set[str], 
                                                 f"{limits.compression_ratio:g}x cap (--max-compression-ratio): not read")
     try:
         return _row(member, STATUS_OK, data=read() if with_data else None)
-    except Exception as exc:  # CRC mismatch, truncated member, bad compression
-        return _row(member, STATUS_ERROR, error=f"corrupt archive member: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # CRC mismatch, truncated member, bad compression; or a read that timed out
+        return _failed(member, "unreadable archive member" if reads.is_transient(exc) else "corrupt archive member",
+                       exc)
 
 
-def _read_tar(uri: str, with_data: bool, limits: Limits) -> Iterator[dict]:
-    fs, path = storage.filesystem(uri)
+def _read_tar(uri: str, with_data: bool, limits: Limits, version: str | None = None) -> Iterator[dict]:
     n = 0
-    with fs.open(path, "rb") as raw:
+    with reads.open_steady(uri, version, limits.policy) as raw:
         # Stream mode ("r|*") reads members in order without seeking: works on any object store.
         try:
             with tarfile.open(fileobj=raw, mode="r|*") as tar:
@@ -297,17 +221,17 @@ def _read_tar(uri: str, with_data: bool, limits: Limits) -> Iterator[dict]:
             if n == 0 and "empty" in str(exc).lower():
                 yield _row(uri, STATUS_EMPTY)
                 return
-            # A truncated or corrupt tar: the members read so far stand, the rest is one error row.
-            yield _row(member_uri(uri, f"<after member {n}>"), STATUS_ERROR,
-                       error=f"corrupt tar: {type(exc).__name__}: {exc}")
+            # A truncated or corrupt tar, or a read that failed: the members read so far stand,
+            # the rest is one error row.
+            yield _failed(member_uri(uri, f"<after member {n}>"), "unreadable tar" if reads.is_transient(exc)
+                          else "corrupt tar", exc)
             return
     if n == 0:
         yield _row(uri, STATUS_EMPTY)
 
 
-def _read_zip(uri: str, with_data: bool, limits: Limits) -> Iterator[dict]:
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as raw:
+def _read_zip(uri: str, with_data: bool, limits: Limits, version: str | None = None) -> Iterator[dict]:
+    with reads.open_steady(uri, version, limits.policy) as raw:
         # ZipFile seeks to the central directory and then to each member: ranged reads on S3.
         with zipfile.ZipFile(raw) as zf:
             n, seen = 0, set()
@@ -340,11 +264,10 @@ def _parquet_columns(schema) -> tuple[str, str | None, dict[str, str], bool]:
     return col, path_col, hints, col in structs
 
 
-def _read_parquet(uri: str, with_data: bool, limits: Limits) -> Iterator[dict]:
+def _read_parquet(uri: str, with_data: bool, limits: Limits, version: str | None = None) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as raw:
+    with reads.open_steady(uri, version, limits.policy) as raw:
         pf = pq.ParquetFile(raw)
         col, path_col, hints, in_struct = _parquet_columns(pf.schema_arrow)
         cols = [c for c in (col if with_data else None, path_col, *hints.values()) if c]

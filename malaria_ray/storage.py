@@ -79,6 +79,20 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def read_filesystem(uri: str, timeout_s: float) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``filesystem`` for reading inputs under a time limit: on S3 the client waits at most
+    ``timeout_s`` to connect and for each answer, and neither botocore nor s3fs retries on its own,
+    so the caller's bounded retries (``reads.ReadPolicy``) are the only ones and a stalled GET ends.
+    Elsewhere the plain filesystem (``reads`` bounds local reads itself)."""
+    if not is_s3(uri):
+        return filesystem(uri)
+    config = {"connect_timeout": timeout_s, "read_timeout": timeout_s,
+              "retries": {"mode": "standard", "total_max_attempts": 1}}
+    fs, path = fsspec.core.url_to_fs(canonical(uri), **s3_options(), config_kwargs=config)
+    fs.retries = 1  # s3fs's own loop (a class default of 5): this instance is for bounded reads only
+    return fs, path
+
+
 def protocol_prefix(uri: str) -> str:
     """``s3://`` for object-store URIs, ``""`` for local paths (``file://`` is stripped)."""
     if "://" in uri and not uri.startswith("file://"):

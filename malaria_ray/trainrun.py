@@ -48,6 +48,9 @@ def predictions_table(uris, ids, probs, errors: list[dict], known: corpus.Identi
         schema.COL_SCORED_AT: [now] * n,
         schema.COL_ERROR: [None] * len(uris) + [e[schema.COL_ERROR] for e in errors],
         schema.COL_SOURCE_VERSION: [None] * n,
+        # Training's unreadable images do not yet carry their kind (a training run is not read
+        # again night over night, so nothing skips on it): null unless the row has one.
+        schema.COL_ERROR_KIND: [None] * len(uris) + [e.get(schema.COL_ERROR_KIND) for e in errors],
         **{c: [None] * n for c in schema.FIELD_COLUMNS},  # cut-out cells
     }, schema=schema.PREDICTIONS_SCHEMA)
 

@@ -31,7 +31,7 @@ def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
 def _raw(items: dict[str, bytes]) -> dict[str, np.ndarray]:
     rows = [{schema.COL_URI: uri, schema.COL_STATUS: schema.STATUS_OK, schema.COL_DATA: data, schema.COL_ERROR: None,
              schema.COL_LABEL_HINT: None, schema.COL_SLIDE_HINT: None, schema.COL_PATIENT_HINT: None,
-             schema.COL_SOURCE_VERSION: None} for uri, data in items.items()]
+             schema.COL_SOURCE_VERSION: None, schema.COL_ERROR_KIND: None} for uri, data in items.items()]
     return sources.rows_to_batch(rows)
 
 
@@ -82,6 +82,7 @@ def test_bad_fields_are_one_error_row_each_with_the_reason():
         assert reason in error, (name, error)
     assert out[schema.COL_FIELD_FLAGS][list(cases).index("blank.png")] == detect.FLAG_NO_CELLS
     assert np.isnan(out[schema.COL_BOX_X]).all()
+    assert set(out[schema.COL_ERROR_KIND]) == {schema.ERROR_PERMANENT}, "the bytes are what they are"
 
 
 def test_exif_rotation_is_applied_before_detection():

@@ -106,6 +106,7 @@ def test_slide_rollup_counts_each_input_once_from_its_newest_run(tmp_path):
         t[schema.COL_PRED] = np.where(t[schema.COL_PROB] >= 0.5, "Parasitized", "Uninfected")
         t[schema.COL_MODEL_ID] = np.where(idx % 7 == 0, "other", "m")
         t[schema.COL_ERROR] = np.where(idx % 11 == 0, "bad bytes", None)
+        t[schema.COL_ERROR_KIND] = np.where(idx % 11 == 0, schema.ERROR_PERMANENT, None)
         w = PredictionWriter(root, run)
         w.write(pa.Table.from_pandas(t, schema=schema.PREDICTIONS_SCHEMA, preserve_index=False))
         w.close()

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from malaria_ray import ingest, schema, sources, storage
+from malaria_ray import ingest, listing, schema, sources, storage
 from malaria_ray.ingest import image_id_of, prepare_batch, read_and_prepare, read_raw
 from malaria_ray.schema import STATUS_ALREADY
 
@@ -184,9 +184,9 @@ def test_s3_listing_streams_pages_in_sorted_order(moto_s3, tmp_path):
     fs.pipe("listing/in/a/marker/", b"")  # a console-made "folder"
     fs.pipe("listing/in-2/elsewhere.png", b"x")  # shares the prefix string, not the folder
 
-    paged = [p for p, _version in sources._list_s3(fs, "listing/in", page_size=3)]
+    paged = [p for p, _version in listing._list_s3(fs, "listing/in", page_size=3)]
     assert paged == sorted(p for p in fs.find("listing/in") if not p.endswith("/"))
-    assert all(v.startswith("1:") for _, v in sources._list_s3(fs, "listing/in"))  # size:ETag
+    assert all(v.startswith("1:") for _, v in listing._list_s3(fs, "listing/in"))  # size:ETag
     assert len(paged) == len(names)
     s3 = sources.list_units("s3://listing/in")
     local = sources.list_units(str(tmp_path))

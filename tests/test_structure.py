@@ -10,7 +10,7 @@ import sys
 PKG = pathlib.Path(__file__).resolve().parents[1] / "malaria_ray"
 PURE = ("config", "schema", "storage", "sources", "corpus", "preprocess", "ingest", "metrics", "outputs", "writer",
         "manifests", "lease", "scoringrun", "checkpoint", "logs", "faults", "resources", "trainrun", "train", "score",
-        "cli", "runtime", "model", "detect", "segment", "annotations", "synth_fields", "overlay")
+        "cli", "runtime", "model", "detect", "segment", "annotations", "synth_fields", "overlay", "listing", "reads")
 
 
 def _imports(module: pathlib.Path, top_level_only: bool) -> set[str]:
@@ -74,6 +74,9 @@ def _contracts() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
         "listing columns": (("schema",), (s.COL_KIND, s.COL_VERSION)),
         "raw input rows": (("schema",), (s.COL_LABEL_HINT, s.COL_SLIDE_HINT, s.COL_PATIENT_HINT, s.COL_SOURCE_VERSION)),
         "container suffixes": (("schema",), s.TAR_SUFFIXES + s.ZIP_SUFFIXES),
+        "error kinds": (("schema",), (s.COL_ERROR_KIND, s.ERROR_TRANSIENT, s.ERROR_PERMANENT)),
+        "entries a listing does not open": (("schema",), (s.KIND_DANGLING, s.KIND_LINK_LOOP, s.KIND_SPECIAL,
+                                                           s.KIND_FOLDER_LINK, s.KIND_UNLISTABLE)),
         "validation predictions": (("schema",), (s.COL_VAL_PROB,)),
         "run counts": (("schema",), (s.COUNT_SCORED, s.COUNT_ERRORS)),
         "roll-up columns": (("schema",), (s.COL_FRAC_POS, s.COL_FRAC_LOW, s.COL_FRAC_HIGH, s.COL_CALL, s.COL_N_PRED_POS,
