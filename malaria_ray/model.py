@@ -8,12 +8,14 @@ functions that need it, so importing this module keeps the driver light.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
+from typing import Iterator
 
 from malaria_ray import storage
 from malaria_ray.schema import (
@@ -61,19 +63,17 @@ def build_model(image_size: int = 128, weights: str = "none", seed: int | None =
 def load_base_weights(base, weights: str, sha256: str | None = None) -> None:
     """``imagenet`` (Keras cache or download) or a URI of a ResNet50V2 notop weights .h5 file;
     with ``sha256``, a file whose content hash differs is refused before Keras reads it."""
-    if weights == "imagenet":
-        path = _imagenet_path()
-    else:
-        path = _fetch(weights)
-    if sha256:
-        with open(path, "rb") as f:
-            got = hashlib.file_digest(f, "sha256").hexdigest()
-        if got != sha256.lower():
-            raise ModelError(f"weights {storage.redact(weights)}: sha256 {got} does not match --weights-sha256 {sha256}")
-    try:
-        base.load_weights(path)
-    except Exception as exc:
-        raise ModelError(f"weights {weights} do not fit ResNet50V2(include_top=False): {exc}") from exc
+    with contextlib.nullcontext(_imagenet_path()) if weights == "imagenet" else _fetched(weights) as path:
+        if sha256:
+            with open(path, "rb") as f:
+                got = hashlib.file_digest(f, "sha256").hexdigest()
+            if got != sha256.lower():
+                raise ModelError(f"weights {storage.redact(weights)}: sha256 {got} does not match "
+                                 f"--weights-sha256 {sha256}")
+        try:
+            base.load_weights(path)
+        except Exception as exc:
+            raise ModelError(f"weights {weights} do not fit ResNet50V2(include_top=False): {exc}") from exc
 
 
 def check_init(uri: str, image_size: int) -> None:
@@ -115,27 +115,32 @@ def _imagenet_path() -> str:
         ) from exc
 
 
-def _fetch(uri: str) -> str:
-    """A local path for ``uri`` (local, file://, s3://, http(s)://); remote files land in a temp dir."""
+@contextlib.contextmanager
+def _fetched(uri: str) -> Iterator[str]:
+    """A local path for ``uri`` (local, file://, s3://, http(s)://) while the block runs. A remote
+    file is copied into a temp dir that is removed on the way out: every scoring actor loads the
+    model, and on a long-lived cluster a copy left per actor start fills the disk."""
     if not storage.is_remote(uri):
         path = storage.local_path(uri)
         if not os.path.exists(path):
             raise ModelError(f"weights file {uri} does not exist")
-        return path
+        yield path
+        return
     # Keep the file name: Keras picks the loader from it (.weights.h5 vs legacy .h5 vs .keras).
     name = os.path.basename(uri.split("?")[0]) or "weights.h5"
-    path = os.path.join(tempfile.mkdtemp(prefix="malaria-ray-"), name)
-    try:
-        import fsspec
+    with tempfile.TemporaryDirectory(prefix="malaria-ray-fetch-") as tmp:
+        path = os.path.join(tmp, name)
+        try:
+            import fsspec
 
-        # Plain HTTP servers (mirrors, artifact stores) need not support range requests: stream.
-        opts = storage.s3_options() if uri.startswith("s3") else {"block_size": 0} if uri.startswith("http") else {}
-        with fsspec.open(uri, "rb", **opts) as src, open(path, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    except Exception as exc:
-        raise ModelError(f"cannot download {storage.redact(uri)}: {type(exc).__name__}: "
-                         f"{storage.redact(str(exc))}") from exc
-    return path
+            # Plain HTTP servers (mirrors, artifact stores) need not support range requests: stream.
+            opts = storage.s3_options() if uri.startswith("s3") else {"block_size": 0} if uri.startswith("http") else {}
+            with fsspec.open(uri, "rb", **opts) as src, open(path, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except Exception as exc:
+            raise ModelError(f"cannot download {storage.redact(uri)}: {type(exc).__name__}: "
+                             f"{storage.redact(str(exc))}") from exc
+        yield path
 
 
 def file_id(path: str) -> str:
@@ -343,18 +348,19 @@ def load_model(uri: str):
     import keras
 
     uri = artifact_uri(uri)
-    path = _fetch(uri) if storage.is_remote(uri) else storage.local_path(uri)
-    if not os.path.exists(path):
+    if not storage.is_remote(uri) and not os.path.exists(storage.local_path(uri)):
         raise ModelError(f"model {uri} does not exist")
-    try:
-        model = keras.models.load_model(path, safe_mode=True, compile=False)
-    except Exception as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise ModelError(f"{uri} is not a loadable Keras model: {type(exc).__name__}: {first_line}") from exc
+    with _fetched(uri) as path:  # Keras holds the whole model in memory once loaded: the copy can go
+        try:
+            model = keras.models.load_model(path, safe_mode=True, compile=False)
+        except Exception as exc:
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            raise ModelError(f"{uri} is not a loadable Keras model: {type(exc).__name__}: {first_line}") from exc
+        model_id = file_id(path)
     shape = model.input_shape
     if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or model.output_shape[-1] != 2:
         raise ModelError(f"{uri} is not a malaria-ray classifier (input {shape}, output {model.output_shape})")
     first = model.layers[1] if len(model.layers) > 1 else None
     check_scaling(uri, [(getattr(first, "scale", None), getattr(first, "offset", 0.0))]
                   if type(first).__name__ == "Rescaling" else [])
-    return model, file_id(path)
+    return model, model_id

@@ -10,6 +10,7 @@ Layout (``ROOT`` = ``--output``, local or ``s3://``)::
     ROOT/runs/<run_id>/config.json, manifest.json, metrics.parquet, plots/confusion_matrix.png
     ROOT/runs/<run_id>/plots/fields_overlay.png   sample fields with their boxes (``score --fields``; ``overlay``)
     ROOT/_lease.json                              the running run's lease (``malaria_ray.lease``)
+    ROOT/_lease.lock                              local roots: the lock its compare-and-swap takes
 
 Who writes what: the commit protocol is ``malaria_ray.scoringrun.ScoringRun``; the parts are
 written by ``malaria_ray.writer.PredictionWriter``; the manifests and metrics rows are

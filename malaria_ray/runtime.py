@@ -3,6 +3,10 @@
 
 - Under ``ray job submit`` (the job supervisor sets ``RAY_ADDRESS`` for the entrypoint) or with
   ``RAY_ADDRESS`` set by the user, it joins that cluster and only disconnects at the end.
+- An ``http(s)://`` ``RAY_ADDRESS`` is a dashboard's, the one ``ray job submit`` talks to (the
+  README has users export it): no driver can join a cluster through it, and a run started here
+  in that shell must not quietly run on this machine instead. It stops with exit 2 and one line
+  saying what to unset, before Ray starts.
 - Otherwise it starts a local single-node Ray sized for this machine (every CPU, Ray's default
   memory and object-store shares) and shuts it down at the end, so a finished command leaves no
   Ray behind.
@@ -18,7 +22,8 @@ import contextlib
 import os
 from typing import Iterator
 
-from malaria_ray import logs
+from malaria_ray import logs, storage
+from malaria_ray.config import ConfigError
 
 log = logs.get("ray")
 
@@ -31,6 +36,11 @@ def ray_for(command: str) -> Iterator[None]:
         yield
         return
     address = os.environ.get("RAY_ADDRESS")
+    if address and address.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"RAY_ADDRESS={storage.redact(address)} is a Ray dashboard address (what `ray job submit` "
+                          f"uses), not one a run can join: to run here, unset it (env -u RAY_ADDRESS malaria-ray "
+                          f"{command} ...); to run on that cluster, submit the job: ray job submit -- python "
+                          f"jobs/{command}.py ...")
     if address:
         log.info(f"{command}: joining the Ray cluster at {address}")
         ray.init(address=address, log_to_driver=True, configure_logging=False)

@@ -291,7 +291,7 @@ class _Log:
     def __init__(self, rank: int) -> None:
         self.logger = logs.get("train") if rank == 0 else None
         if self.logger:
-            logs.setup()
+            logs.setup_worker()
 
     def __call__(self, msg: str) -> None:
         if self.logger:

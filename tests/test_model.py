@@ -156,3 +156,32 @@ def test_bf16_copy_computes_in_bfloat16_with_the_same_weights(sample_dir):
         np.testing.assert_array_equal(a, b)
     x = np.stack([decode_image(f.read_bytes(), 32) for f in sorted((sample_dir / "Parasitized").glob("*.png"))[:8]])
     assert np.allclose(predictor(copy)(x), predictor(model)(x), atol=0.02)
+
+
+def test_a_downloaded_model_leaves_no_copy_behind(tmp_path, monkeypatch):
+    """Every scoring actor loads the model from its URI; a remote artifact is copied to a temp dir
+    that must be gone once the model is loaded (or refused), or a long-lived cluster fills its disk."""
+    import tempfile
+
+    model_mod.save_model(model_mod.build_model(32, seed=0), str(tmp_path / "served" / "run"))
+    (tmp_path / "served" / "broken.keras").write_bytes(b"not a zip")
+    model_mod.build_model(32, seed=1).get_layer("resnet50v2").save_weights(str(tmp_path / "served" / "w.weights.h5"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "served"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # this process's temp dir, as TMPDIR sets it
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        model, model_id = model_mod.load_model(f"{base}/run/model.keras")
+        assert model.input_shape == (None, 32, 32, 3)
+        assert model_id == model_mod.file_id(str(tmp_path / "served" / "run" / "model.keras"))
+        with pytest.raises(model_mod.ModelError, match="not a loadable Keras model"):
+            model_mod.load_model(f"{base}/broken.keras")
+        model_mod.build_model(32, weights=f"{base}/w.weights.h5")
+        with pytest.raises(model_mod.ModelError, match="does not match --weights-sha256"):
+            model_mod.build_model(32, weights=f"{base}/w.weights.h5", weights_sha256="0" * 64)
+    finally:
+        server.shutdown()
+    assert list(scratch.iterdir()) == [], "a downloaded copy was left in the temp dir"

@@ -21,14 +21,8 @@ class _Said:
 
 @pytest.fixture
 def logged(caplog):  # log lines, read as the printed lines were before logging
-    logger = logging.getLogger("malaria-ray")
-    detached = not logger.propagate  # once malaria_ray.logs.setup() ran, records stop at this logger
-    if detached:
-        logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="malaria-ray")
-    yield _Said(caplog)
-    if detached:
-        logger.removeHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="malaria-ray")  # records propagate to caplog's root handler
+    return _Said(caplog)
 
 
 def test_reservation_is_kept_when_a_cpu_is_left(logged):
