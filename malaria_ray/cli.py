@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 from malaria_ray.config import (
     AUGMENT_POLICIES,
+    CLASS_WEIGHTS,
     LR_REFERENCE_BATCH,
     LR_SCALINGS,
     LR_SCHEDULES,
@@ -72,6 +73,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _flag(p, T, "lr_schedule", "learning-rate schedule", choices=LR_SCHEDULES)
     _flag(p, T, "warmup_epochs", "epochs of linear warm-up before the cosine decay", type=float)
     _flag(p, T, "label_smoothing", "label smoothing of the training loss", type=float)
+    _flag(p, T, "class_weight", "balanced: weight each training image by n / (2 x its class's count), so either "
+          "class carries half the loss (annotated fields are ~1:75 parasitized; NIH crops ~1:1, where the weights "
+          "are ~1); none: every image 1", choices=CLASS_WEIGHTS)
     _flag(p, T, "precision", "fp32, or bf16: mixed bfloat16 compute with float32 weights and softmax "
           "(GPUs with bf16 units; CPUs with AVX512_BF16/AMX)", choices=PRECISIONS)
     _switch(p, "xla", "XLA-compile the forward and backward pass (try it on GPUs: bench/gpu_check.sh measures it; "

@@ -17,6 +17,7 @@ SPLITS = ("patient", "random")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 AUGMENT_POLICIES = ("notebook", "cells")  # preprocess.augment_tf
+CLASS_WEIGHTS = ("balanced", "none")  # corpus.class_weights
 STREAM_MODES = ("auto", "on", "off")  # train.should_stream
 # --lr-scaling: "none" trains at --learning-rate whatever the batch; "sqrt" (the rule for Adam) and
 # "linear" (the rule for SGD) scale it by the global batch over the notebook's batch of 32.
@@ -64,6 +65,7 @@ class TrainConfig(_Serialized):
     lr_schedule: str = "constant"  # the notebook's; "cosine": decay to 0 over the run
     warmup_epochs: float = 0.0  # linear warm-up from 0 before the cosine decay
     label_smoothing: float = 0.0
+    class_weight: str = "balanced"  # each class weighs half of the training loss (field cells are ~1:75)
     precision: str = "fp32"  # "bf16": mixed bfloat16 compute, float32 variables and softmax
     xla: bool = False  # XLA-compile the forward and backward pass (GPUs; slower than oneDNN on CPUs)
     num_workers: int = 1
@@ -144,6 +146,8 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError("--warmup-epochs needs --lr-schedule cosine")
     if not 0.0 <= cfg.label_smoothing < 0.5:
         raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    if cfg.class_weight not in CLASS_WEIGHTS:
+        raise ConfigError(f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}, got {cfg.class_weight!r}")
     if not 0.5 <= cfg.target_sensitivity < 1.0:
         raise ConfigError(f"--target-sensitivity must be in [0.5, 1), got {cfg.target_sensitivity}")
     if cfg.bn_recal_batches < 0:

@@ -263,3 +263,17 @@ def split_random(listing: Listing, val_fraction: float, seed: int) -> np.ndarray
 
 def make_split(listing: Listing, how: str, val_fraction: float, seed: int) -> np.ndarray:
     return (split_patient if how == "patient" else split_random)(listing, val_fraction, seed)
+
+
+def class_weights(listing: Listing, val_mask: np.ndarray, how: str) -> list[float]:
+    """The training loss's weight per class, in ``CLASS_NAMES`` order, from the training part's counts.
+
+    ``balanced``: n / (2 n_c), so each class carries half the loss and the mean weight over the
+    training images is 1 (scikit-learn's ``class_weight="balanced"``); ``none``: 1 each. A class
+    with no training image keeps weight 1 (training then cannot learn it either way).
+    """
+    if how == "none":
+        return [1.0] * len(CLASS_NAMES)
+    labels = [lab for lab, v in zip(listing.labels, val_mask) if not v]
+    counts = [labels.count(name) for name in CLASS_NAMES]
+    return [len(labels) / (len(CLASS_NAMES) * c) if c else 1.0 for c in counts]

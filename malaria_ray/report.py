@@ -133,9 +133,10 @@ def model_card(cfg: dict, listing, val_mask: np.ndarray, rows: list[dict], group
     def ci(r: dict, k: str) -> str:
         return f"{r[k]:.4f} (95% CI {r[k + '_ci_low']:.4f}-{r[k + '_ci_high']:.4f})"
 
-    recipe = ", ".join(f"{k} {cfg[k]}" for k in ("image_size", "epochs", "batch_size", "learning_rate", "lr_schedule",
-                                                   "warmup_epochs", "label_smoothing", "augment", "augment_policy", "weights",
-                                                   "bn_recal_batches", "num_workers", "seed"))
+    recipe = ", ".join(f"{k} {cfg.get(k)}" for k in ("image_size", "epochs", "batch_size", "learning_rate",
+                                                       "lr_schedule", "warmup_epochs", "label_smoothing",
+                                                       "class_weight", "augment", "augment_policy", "weights",
+                                                       "bn_recal_batches", "num_workers", "seed"))
     patients = [g for g in groups.to_pylist() if g[schema.COL_LEVEL] == "patient"]
     lines = [
         f"# Model card: malaria-ray ResNet50V2, model_id {cfg['model_id']}",

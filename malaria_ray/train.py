@@ -287,6 +287,7 @@ def plan_resume(run_dir: str) -> Plan:
     if not storage.exists(run_file):
         raise CorpusError(f"{run_dir} is not a malaria-ray training run ({checkpoint.RUN_FILE} missing): cannot resume")
     saved = json.loads(storage.read_bytes(run_file))
+    saved["config"].setdefault("class_weight", "none")  # runs from before --class-weight trained unweighted
     cfg = dataclasses.replace(TrainConfig.from_dict(saved["config"]), output=run_dir)
     if "<redacted>" in cfg.weights:  # a signed --weights URL is not kept; the checkpoint holds the weights
         log.info("the run's --weights URL carried credentials that were not saved: resuming from its checkpoint")
@@ -340,12 +341,16 @@ def fit(plan: Plan) -> dict[str, Any]:
     if steps < 1 or n_val < 1:
         raise CorpusError(f"too few readable images: {n_train} train, {n_val} val for batch {cfg.batch_size}")
 
+    weights = corpus.class_weights(listing, val_mask, cfg.class_weight)
+    if cfg.class_weight != "none":
+        log.info("class weights " + ", ".join(f"{c} {w:.3f}" for c, w in zip(CLASS_NAMES, weights)))
     fs, _ = storage.filesystem(cfg.output)
     storage.write_json(storage.join(cfg.output, checkpoint.RUN_FILE),
                        {"run_name": plan.run_name, "config": config.redacted(dataclasses.asdict(cfg))})
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": dataclasses.asdict(cfg), "steps_per_epoch": steps, "fault": faults.armed(),
+                           "class_weights": weights,
                            # streamed shards arrive in file order: a larger local shuffle mixes them
                            "shuffle_buffer": STREAM_SHUFFLE_BATCHES if stream else worker.SHUFFLE_BATCHES},
         scaling_config=ray.train.ScalingConfig(
@@ -369,7 +374,7 @@ def fit(plan: Plan) -> dict[str, Any]:
         history = checkpoint.read_state(d)["history"]
     summary = trainrun.write_run(cfg, listing, val_mask, best, history, val_ds, unreadable,
                                  extra={"cpus_per_worker_effective": cpus_per_worker, "n_train": n_train,
-                                        "n_val": n_val, "steps_per_epoch": steps, "streamed": stream,
+                                        "n_val": n_val, "steps_per_epoch": steps, "streamed": stream, "class_weights": weights,
                                         "ray_version": ray.__version__},
                                  before_finish=(lambda: remove_decoded(cfg)) if stream else None)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)

@@ -46,7 +46,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             implementation=getattr(tf.distribute.experimental.CommunicationImplementation, implementation)))
     log(f"{world} worker(s), {implementation} collectives, global batch {cfg.batch_size} "
         f"({cfg.batch_size // world} per worker), peak learning rate {cfg.peak_learning_rate:g}")
-    compiled = compile_model(cfg, strategy, steps_per_epoch)
+    compiled = compile_model(cfg, strategy, steps_per_epoch, config.get("class_weights"))
     recalibrate = bn_recalibrator(compiled.model, compiled.all_sum, world)
 
     start_epoch, history = 1, []
@@ -112,7 +112,14 @@ def learning_rate(cfg: TrainConfig, steps_per_epoch: int):
                                                   warmup_steps=warmup)
 
 
-def compile_model(cfg: TrainConfig, strategy, steps_per_epoch: int) -> Compiled:
+def weighted(losses, y, per_class):
+    """Each example's loss times its class's weight (``y`` one-hot, ``per_class`` in class order)."""
+    import tensorflow as tf
+
+    return losses * tf.reduce_sum(tf.cast(y, losses.dtype) * tf.cast(per_class, losses.dtype), axis=1)
+
+
+def compile_model(cfg: TrainConfig, strategy, steps_per_epoch: int, class_weights=None) -> Compiled:
     import keras
     import tensorflow as tf
 
@@ -131,6 +138,8 @@ def compile_model(cfg: TrainConfig, strategy, steps_per_epoch: int) -> Compiled:
     # The notebook's loss, per example; label smoothing (a recipe option) only in training.
     bce = keras.losses.BinaryCrossentropy(reduction=None, label_smoothing=cfg.label_smoothing)
     bce_eval = keras.losses.BinaryCrossentropy(reduction=None)
+    # Per-class weights of the training loss (corpus.class_weights; validation stays unweighted).
+    per_class = tf.constant(class_weights or [1.0] * 2, tf.float32)
 
     def hits(y, probs):
         return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, 1), tf.argmax(y, 1)), tf.float32))
@@ -142,7 +151,7 @@ def compile_model(cfg: TrainConfig, strategy, steps_per_epoch: int) -> Compiled:
     def gradients(x, y):
         with tf.GradientTape() as tape:
             probs = model(x, training=True)
-            loss = tf.nn.compute_average_loss(bce(y, probs), global_batch_size=cfg.batch_size)
+            loss = tf.nn.compute_average_loss(weighted(bce(y, probs), y, per_class), global_batch_size=cfg.batch_size)
         return loss, probs, tape.gradient(loss, model.trainable_variables)
 
     @tf.function

@@ -141,3 +141,16 @@ def test_identity_is_what_was_decided_before_decoding_else_the_names():
     assert corpus.identify(nih, known) == ("Parasitized", "S8", None)  # the manifest's slide and (no) patient
     assert corpus.identify(nih, None) == corpus.describe(nih) == ("Parasitized", "C33P1thinF", "P1")
     assert corpus.identify("/d/x.png", known, "Parasitized", "S1", "Q1") == ("Parasitized", "S1", "Q1")
+
+
+def test_class_weights_balance_the_training_part_only():
+    labels = ["Parasitized"] * 2 + ["Uninfected"] * 8 + ["Parasitized"] * 5  # the last five are validation
+    listing = corpus.Listing(uris=[f"u{i}" for i in range(15)], labels=labels, slide_ids=[None] * 15,
+                             patient_ids=[None] * 15, skipped=[])
+    val = np.array([False] * 10 + [True] * 5)
+    w = corpus.class_weights(listing, val, "balanced")
+    assert np.allclose(w, [10 / (2 * 2), 10 / (2 * 8)])  # n / (2 n_c) over the ten training images
+    assert np.isclose(2 * w[0] + 8 * w[1], 10), "the mean weight is 1: the loss keeps its scale"
+    assert corpus.class_weights(listing, val, "none") == [1.0, 1.0]
+    only_one = corpus.class_weights(listing, np.array([True, True] + [False] * 8 + [True] * 5), "balanced")
+    assert only_one == [1.0, 1.0 * 8 / (2 * 8)], only_one

@@ -94,5 +94,11 @@ def test_fine_tune_a_run_on_annotated_fields(annotated_fields, ray_session, tmp_
     assert contract[KEY_VAL_CELLS] == CELLS_FIELDS, "the operating point was chosen on field cells"
     split = pd.read_parquet(tmp_path / "tuned" / "split.parquet")
     assert split["uri"].str.contains("field_crops/crops.parquet#").all()
+    # --class-weight balanced (the default): the rare parasitized crops weigh more, the mean weight is 1
+    w = json.loads((tmp_path / "tuned" / "config.json").read_text())["class_weights"]
+    train_labels = split.loc[split.split == "train", "label"]
+    counts = [int((train_labels == c).sum()) for c in ("Parasitized", "Uninfected")]
+    assert counts[0] < counts[1] and w[0] > 1 > w[1], (counts, w)
+    assert np.isclose(w[0] * counts[0] + w[1] * counts[1], sum(counts)), (counts, w)
     assert set(split["patient_id"]) == {f"slide-{k}" for k in range(4)}
     assert not set(split.loc[split.split == "val", "patient_id"]) & set(split.loc[split.split == "train", "patient_id"])

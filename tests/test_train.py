@@ -233,6 +233,18 @@ def test_bf16_precision_trains_with_float32_weights_and_probabilities(sample_dir
 
 
 @pytest.mark.tf
+def test_weighted_loss_scales_each_example_by_its_class():
+    import tensorflow as tf
+
+    from malaria_ray.worker import weighted
+
+    losses = tf.constant([0.5, 2.0, 1.0])
+    y = tf.one_hot([0, 1, 1], 2)  # parasitized, uninfected, uninfected
+    assert np.allclose(weighted(losses, y, [4.0, 0.5]).numpy(), [2.0, 1.0, 0.5])
+    assert np.allclose(weighted(losses, y, [1.0, 1.0]).numpy(), losses.numpy())
+
+
+@pytest.mark.tf
 @pytest.mark.slow
 def test_xla_step_matches_the_default_step(sample_dir):
     """--xla compiles the forward and backward pass around the (non-XLA) augmentation: from the
