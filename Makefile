@@ -76,8 +76,8 @@ demo: venv
 # machine must never hold two Ray instances at once (Train V2 breaks).
 test: venv-dev
 	$(BIN)/ruff check malaria_ray jobs bench tests
-	$(BIN)/python -m pytest -m "not cluster and not fresh" -ra
-	$(BIN)/python -m pytest -m "fresh or cluster" -ra
+	$(BIN)/python -m pytest -m "not cluster and not fresh" -ra --durations=30
+	$(BIN)/python -m pytest -m "fresh or cluster" -ra --durations=15
 
 test-fast: venv-dev
 	$(BIN)/ruff check malaria_ray jobs bench tests
