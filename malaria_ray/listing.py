@@ -110,7 +110,7 @@ def list_units(input_uri: str, timeout_s: float = reads.ReadPolicy.timeout_s) ->
     skipped, chunks, kinds, uris, versions = [], [], [], [], []
     try:
         if fs.isfile(root):
-            found, base = iter([(root, _version(fs.info(root)), _FILE)]), posixpath.dirname(root)
+            found, base = iter([(root, _file_version(fs, root, input_uri), _FILE)]), posixpath.dirname(root)
         elif fs.isdir(root):
             base = root
             if storage.is_s3(input_uri):
@@ -160,6 +160,15 @@ def _unit_kind(path: str, what: str) -> str | None:
 def _units_table(kinds: list, uris: list, versions: list) -> pa.Table:
     return pa.table({COL_KIND: pa.array(kinds, pa.string()), COL_URI: pa.array(uris, pa.string()),
                      COL_VERSION: pa.array(versions, pa.string())})
+
+
+def _file_version(fs, root: str, input_uri: str) -> str | None:
+    """The version of an input that is one file, spelled as the reader checks it (``reads``): a
+    local file's ``size:mtime_ns`` (fsspec's ``mtime`` is float seconds, which never matches)."""
+    if storage.is_remote(input_uri):
+        return _version(fs.info(root))
+    st = os.stat(root)
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _version(info: dict) -> str | None:

@@ -182,6 +182,23 @@ def test_a_file_that_vanishes_or_changes_after_listing_is_a_transient_error_row(
     assert "no longer a regular file" in by[c.name]["error"]
 
 
+def test_an_input_that_is_one_file_reads_as_listed(tmp_path):
+    """``--input night.tar`` (or one image): the listing's version is spelled as the reader checks it,
+    so an unchanged file is read, not refused as changed since it was listed."""
+    one = cells("Uninfected", 1)[0]
+    with tarfile.open(tmp_path / "night.tar", "w") as tar:
+        tar.add(one, arcname=f"Uninfected/{one.name}")
+    shutil.copy(one, tmp_path / one.name)
+    for path in (tmp_path / "night.tar", tmp_path / one.name):
+        rows = expand_all(sources.list_units(str(path)), sources.Limits(read_timeout_s=5.0, read_attempts=1))
+        assert [r["status"] for r in rows] == ["ok"], rows
+    (tmp_path / one.name).write_bytes(one.read_bytes() + b"x")
+    units = sources.list_units(str(tmp_path / one.name))
+    os.utime(tmp_path / one.name, ns=(0, 0))
+    rows = expand_all(units, sources.Limits(read_timeout_s=5.0, read_attempts=1))
+    assert "changed since it was listed" in rows[0]["error"], rows
+
+
 def test_archives_read_through_the_bounded_reader(tmp_path):
     """tar and zip members read through ``reads.open_steady`` are the same bytes as the files."""
     pngs = cells("Parasitized", 3)
