@@ -25,12 +25,16 @@ def manifest(out) -> dict:
     return json.loads((run / "manifest.json").read_text())
 
 
-def test_a_night_with_odd_entries_finishes_and_counts_each(ray_session, score_model, tmp_path, capsys):
+@pytest.mark.fresh
+def test_a_night_with_odd_entries_finishes_and_counts_each(score_model, tmp_path):
+    """As a user runs it: ``malaria-ray score`` in a subprocess with no Ray running."""
+    from test_commands import run
+
     night = odd_night(tmp_path / "night", tmp_path / "outside")
     out = tmp_path / "out"
-    args = ["score", "--input", str(night), "--model", str(score_model), "--output", str(out), "--batch-size", "8",
-            "--max-error-fraction", "0.9"]
-    assert within_test_time(lambda: cli.main(args), 300) == 0
+    r = run("malaria-ray", "score", "--input", str(night), "--model", str(score_model), "--output", str(out),
+            "--batch-size", "8", "--max-error-fraction", "0.9", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     df = pd.read_parquet(out / "predictions")
     ok, errors = df[df[schema.COL_ERROR].isna()], df[df[schema.COL_ERROR].notna()]
     assert len(ok) == 7 and len(errors) == 5
@@ -39,7 +43,7 @@ def test_a_night_with_odd_entries_finishes_and_counts_each(ray_session, score_mo
     assert m["counts"][schema.STATUS_FOLDER_LINK] == 2 and m["counts"][schema.STATUS_NON_IMAGE] == 1
     assert m["entries"] == 7 + 5 + 2 + 1 == sum(m["counts"].values())
     assert m["error_kinds"] == {schema.ERROR_TRANSIENT: 0, schema.ERROR_PERMANENT: 5}
-    assert re.search(r"^  folder links +2  \(links to folders: not followed", capsys.readouterr().out, re.M)
+    assert re.search(r"^  folder links +2  \(links to folders: not followed", r.stdout, re.M)
 
 
 def test_next_night_reads_a_transient_failure_again_not_a_permanent_one(ray_session, moto_s3, score_model, tmp_path,
