@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import posixpath
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from PIL import Image
 
-from malaria_ray import listing, reads, storage
+from malaria_ray import listing, reads, resources, storage
 from malaria_ray.annotations import FieldBoxes, match_boxes
 from malaria_ray.detect import FieldError, detect_cells
 from malaria_ray.fieldeval import field_name, load_truth
@@ -111,7 +110,7 @@ def write_corpus(data_uri: str, annotations_uri: str, out_uri: str, size: int = 
     group = identity_groups(paths, group_fields)
     totals: dict[str, int] = {}
     errors, rows = [], []
-    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+    with ProcessPoolExecutor(workers or resources.usable_cpus()) as pool:
         for path, found, counts in pool.map(_one_field, [(q, versions[q], truth[field_name(q)], size, p) for q in paths]):
             if isinstance(counts, str):
                 errors.append(f"{path}: {counts}")

@@ -8,9 +8,37 @@ TensorFlow inside a worker still uses every core of the machine whatever it rese
 
 from __future__ import annotations
 
+import math
+import os
+import pathlib
 from dataclasses import dataclass
 
 from malaria_ray import logs
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its CPU affinity, capped by a container's CPU quota.
+
+    ``os.cpu_count()`` is the host's count: in a pod limited to 4 CPUs on a 64-core node it is 64,
+    and a local Ray sized by it runs 64 tasks on 4 CPUs' time. The quota is read from cgroup v2
+    (``cpu.max``: "QUOTA PERIOD" or "max ...") or v1 (``cpu/cpu.cfs_quota_us``, -1 = none) and
+    rounded up (a 1.5-CPU limit gives 2).
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    root = pathlib.Path(cgroup_root)
+    try:
+        if (root / "cpu.max").is_file():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            limit = None if quota == "max" else int(quota) / int(period)
+        elif (root / "cpu" / "cpu.cfs_quota_us").is_file():
+            quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+            limit = None if quota <= 0 else quota / period
+        else:
+            limit = None
+    except (OSError, ValueError):  # unreadable or odd: the affinity stands
+        limit = None
+    return max(1, min(cpus, math.ceil(limit))) if limit else max(1, cpus)
 
 
 def leave_a_cpu(count: int, per: float, cluster_cpus: float, what: str, tag: str) -> float:

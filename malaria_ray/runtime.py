@@ -22,7 +22,7 @@ import contextlib
 import os
 from typing import Iterator
 
-from malaria_ray import logs, storage
+from malaria_ray import logs, resources, storage
 from malaria_ray.config import ConfigError
 
 log = logs.get("ray")
@@ -45,8 +45,9 @@ def ray_for(command: str) -> Iterator[None]:
         log.info(f"{command}: joining the Ray cluster at {address}")
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     else:
-        log.info(f"{command}: no RAY_ADDRESS: starting a local Ray on this machine ({os.cpu_count()} CPUs)")
-        ray.init(num_cpus=os.cpu_count(), log_to_driver=True, configure_logging=False)
+        cpus = resources.usable_cpus()  # a container's CPU limit, not the host's count
+        log.info(f"{command}: no RAY_ADDRESS: starting a local Ray on this machine ({cpus} CPUs)")
+        ray.init(num_cpus=cpus, log_to_driver=True, configure_logging=False)
     try:
         yield
     finally:

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from malaria_ray.resources import fit_memory, leave_a_cpu, note_missing_gpus
+from malaria_ray.resources import fit_memory, leave_a_cpu, note_missing_gpus, usable_cpus
 
 
 class _Said:
@@ -77,3 +77,27 @@ def test_actor_pool_fixed_on_cpu_autoscaling_on_gpus():
         ScoreConfig(input="i", model="m", output="o", actors=2, max_actors=4)
     with pytest.raises(ConfigError, match="--max-actors"):
         ScoreConfig(input="i", model="m", output="o", max_actors=0)
+
+
+def test_usable_cpus_follow_a_containers_quota_not_the_hosts_count(tmp_path):
+    """cgroup v2 and v1 quota files as a container runtime writes them; rounded up, never above
+    this process's CPU affinity, and the affinity where there is no quota (this machine: v1, -1)."""
+    import os
+
+    host = len(os.sched_getaffinity(0))
+    v2, v1, none = tmp_path / "v2", tmp_path / "v1" / "cpu", tmp_path / "none"
+    for d in (v2, v1, none):
+        d.mkdir(parents=True)
+    (v2 / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs
+    assert usable_cpus(str(v2)) == min(host, 2)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(str(v2)) == host
+    (v1 / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(str(v1.parent)) == 1
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert usable_cpus(str(v1.parent)) == host
+    assert usable_cpus(str(none)) == host
+    (v2 / "cpu.max").write_text("garbage")
+    assert usable_cpus(str(v2)) == host
+    assert 1 <= usable_cpus() <= host
