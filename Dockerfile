@@ -44,6 +44,13 @@ RUN pip install --no-cache-dir \
       "matplotlib>=3.8,<4" \
       "scikit-image>=0.22,<0.27"
 
+# The ImageNet weights `--weights imagenet` loads (malaria_ray.model.IMAGENET_URL; a test keeps them
+# equal), put into the Keras cache (/home/ray/.keras/models) at build time: the build has egress, GPU
+# pods often have none, and without this every Train worker downloads 94 MB when it starts.
+RUN python -c "import keras; keras.utils.get_file('resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5', \
+      'https://storage.googleapis.com/tensorflow/keras-applications/resnet/resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5', \
+      cache_subdir='models')"
+
 # The project itself, without dev extras: the package and its `malaria-ray` command in
 # site-packages, and jobs/ at a fixed path that the RayJobs' entrypoints name. Its dependencies are
 # all satisfied above, so this installs only the project. The import is a smoke test: a wheel set

@@ -252,6 +252,17 @@ def test_dockerfile_installs_exactly_pyprojects_pins_and_the_project():
     assert not any(a.startswith("-r") or a.startswith("--requirement") for args in installs for a in args)
 
 
+def test_dockerfile_bakes_the_imagenet_weights_the_model_loads():
+    """`--weights imagenet` on a cluster without egress: the file is in the image's Keras cache,
+    under the name and from the URL `malaria_ray.model` uses, before the project layer."""
+    from malaria_ray.model import IMAGENET_FILE, IMAGENET_URL
+
+    runs = [" ".join(argv) for argv in _docker_args("RUN")]
+    (bake,) = [r for r in runs if "get_file" in r]
+    assert f"'{IMAGENET_FILE}'" in bake and f"'{IMAGENET_URL}'" in bake and "cache_subdir='models'" in bake, bake
+    assert runs.index(bake) < next(i for i, r in enumerate(runs) if _project_dir_in_image() in r)
+
+
 def test_dockerfile_sets_runtime_envs_variables_and_runs_as_non_root():
     env = {}
     for argv in _docker_args("ENV"):
