@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from malaria_ray import corpus, faults, fieldeval, fields, ingest, logs, manifests, metrics, outputs, resources, sources
+from malaria_ray import backends, corpus, faults, fieldeval, fields, ingest, logs, manifests, metrics, outputs, resources, sources
 from malaria_ray import storage
 from malaria_ray import schema
 from malaria_ray.config import DEFAULT_THRESHOLD, ConfigError, CorpusError, ScoreConfig
@@ -45,15 +45,14 @@ class Scorer:
     """Ray Data callable class: the model is loaded once per actor; ``__call__`` scores a batch."""
 
     def __init__(self, model_uri: str, model_id: str, threshold: float, run_id: str, fault: str | None = None,
-                 pad_to: int | None = None, precision: str = "fp32") -> None:
+                 pad_to: int | None = None, precision: str = "fp32", backend: str = "tensorflow",
+                 batch_size: int = 1) -> None:
         """``pad_to``: GPU actors pad every batch to this many images, so the device sees one shape
-        (cuDNN picks its kernels once; a short last batch does not pick again)."""
-        import tensorflow as tf
-
-        # Without memory growth TF grabs the whole GPU and a second actor on it cannot start.
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
-        from malaria_ray.model import bf16_copy, load_model, predictor
+        (cuDNN picks its kernels once; a short last batch does not pick again). ``backend``: the
+        Keras backend this actor's process was started on (``backends.with_backend``);
+        ``batch_size``: the batches to expect (the predictor is compiled for them here)."""
+        from malaria_ray.backends import predictor, start
+        from malaria_ray.model import bf16_copy, load_model
 
         # A model that fails to load is reported in every row this actor returns, not raised: an
         # exception from an actor reaches the driver wrapped in Ray's worker header, and a failed
@@ -61,10 +60,11 @@ class Scorer:
         # driver stops the run at the first such row with the one-line reason.
         self.error: ModelError | None = None
         try:
+            start(backend)
             model, loaded_id = load_model(model_uri)
             if loaded_id != model_id:
                 raise ModelError(f"model {model_uri} changed during the run ({model_id} -> {loaded_id})")
-            self.predict = predictor(bf16_copy(model) if precision == "bf16" else model)
+            self.predict = predictor(bf16_copy(model) if precision == "bf16" else model, pad_to or batch_size)
         except ModelError as exc:
             self.error = exc
         self.model_id, self.threshold, self.run_id, self.fault = model_id, float(threshold), run_id, fault
@@ -161,7 +161,8 @@ def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Units, che
     model_info = checked.model_info
     if model_info is None:  # a legacy .h5 only Keras can read: inspect it in a throwaway worker
         try:
-            model_info = ray.get(ray.remote(max_calls=1)(inspect_model).options(**remote_env).remote(cfg.model))
+            model_info = ray.get(ray.remote(max_calls=1)(inspect_model).options(
+                **backends.with_backend(remote_env, cfg.backend)).remote(cfg.model))
         except ray.exceptions.RayTaskError as exc:
             raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
     model_id, size = model_info[schema.KEY_MODEL_ID], model_info[schema.KEY_IMAGE_SIZE]
@@ -179,7 +180,8 @@ def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Units, che
 
     ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run.run_id, remote_env, known, checked.resize)
     if cfg.gpus_per_actor:
-        resources.require_visible_gpu("--gpus-per-actor", remote_env.get("runtime_env"))
+        resources.require_visible_gpu("--gpus-per-actor", backends.with_backend(remote_env, cfg.backend)["runtime_env"],
+                                      cfg.backend)
     run.begin(cfg, model_id, size, listing, len(known) if known is not None else 0, unfinished, unchanged,
               detector=None if detector is None else {"key": key, "params": detector})
     started = time.perf_counter()
@@ -270,14 +272,15 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Units, size: int, skip_ids
         compute=pool.strategy(),
         fn_constructor_kwargs={"model_uri": cfg.model, "model_id": model_id, "threshold": cfg.threshold,
                                "run_id": run_id, "fault": faults.armed(),
-                               "pad_to": cfg.batch_size if cfg.gpus_per_actor else None, "precision": cfg.precision},
+                               "pad_to": cfg.batch_size if cfg.gpus_per_actor else None, "precision": cfg.precision,
+                               "backend": cfg.backend, "batch_size": cfg.batch_size},
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a killed
         # actor restarts and its in-flight batch is retried (tests/test_score.py kills one).
         # The memory reservation keeps Ray from packing more actors on a node than fit. It also
         # keeps decode a stage of its own: with equal resources Ray Data fuses the decode tasks
         # into the actor, which then decodes and predicts in turn instead of side by side.
         num_cpus=cpus_per_actor, num_gpus=cfg.gpus_per_actor or None, memory=memory_per_actor,
-        **remote_args,
+        **backends.with_backend(remote_args, cfg.backend),
     )
 
 

@@ -126,6 +126,7 @@ class ScoringRun:
             "identity_manifest_rows": identity_rows, "threshold": cfg.threshold, "finished": False, "parts": [],
             "rows_committed": 0, "completes": unfinished, "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             "units": {k: listing.count(k) for k in sources.UNIT_KINDS}, "fields": cfg.fields, "detector": detector,
+            "backend": cfg.backend, "precision": cfg.precision,
             "commit": "rows are committed part by part: every file listed in `parts` is whole and final"}
         self._write_manifest()
         self.counts = {SCORED: 0, ERRORS: 0, schema.STATUS_NON_IMAGE: len(listing.skipped), schema.STATUS_EMPTY: 0,
