@@ -57,7 +57,8 @@ def baseline(archive: pathlib.Path, model_dir: str, batch_size: int) -> dict:
     import numpy as np
 
     from malaria_ray import fields, schema, sources
-    from malaria_ray.model import load_model, predictor
+    from malaria_ray.backends import predictor
+    from malaria_ray.model import load_model
 
     model, _ = load_model(model_dir)
     size = int(model.input_shape[1])

@@ -145,7 +145,8 @@ def _start_moto():
 def bare_model_rate(model_dir: str, archive: pathlib.Path, batch_size: int, n: int) -> dict:
     """The baseline (images/s of the bare model on pre-decoded arrays) and the CPU costs that
     bound any pipeline on a CPU-only machine: decoding is work the baseline never does."""
-    from malaria_ray.model import load_model, predictor
+    from malaria_ray.backends import predictor
+    from malaria_ray.model import load_model
     from malaria_ray.preprocess import decode_image
     import numpy as np
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 from malaria_ray.config import (
     AUGMENT_POLICIES,
+    BACKENDS,
     CLASS_WEIGHTS,
     LR_REFERENCE_BATCH,
     LR_SCALINGS,
@@ -122,6 +123,8 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
           "an autoscaling pool from 1 to --max-actors)", type=int)
     _flag(p, S, "precision", "fp32, or bf16: the model actors compute in mixed bfloat16 with a float32 softmax "
           "(GPUs with bf16 units)", choices=PRECISIONS)
+    _flag(p, S, "backend", "the model actors' Keras backend: tensorflow, or jax (the actors compute with JAX "
+          "and need no TensorFlow installed; the same predictions from the same model.keras)", choices=BACKENDS)
     _flag(p, S, "max_actors", "the autoscaling GPU pool's largest size (default: the GPUs in the cluster at the "
           "start / --gpus-per-actor)", type=int)
     _flag(p, S, "gpus_per_actor", "GPUs per model actor (0 on CPU-only clusters)", type=float)

@@ -16,6 +16,7 @@ DEFAULT_THRESHOLD = 0.5  # P(Parasitized) at or above which a cell is called Par
 SPLITS = ("patient", "random")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
+BACKENDS = ("tensorflow", "jax")  # Keras 3 backends a scoring actor runs on (malaria_ray.backends)
 AUGMENT_POLICIES = ("notebook", "cells")  # preprocess.augment_tf
 CLASS_WEIGHTS = ("balanced", "none")  # corpus.class_weights
 STREAM_MODES = ("auto", "on", "off")  # train.should_stream
@@ -189,6 +190,7 @@ class ScoreConfig(_Serialized):
     actors: int | None = None  # a fixed pool; default: 1 on CPU, an autoscaling pool of GPU actors
     max_actors: int | None = None  # GPU pool's upper bound; default: the GPUs in the cluster / --gpus-per-actor
     precision: str = "fp32"  # "bf16": the model actors compute in mixed bfloat16 (GPUs)
+    backend: str = "tensorflow"  # the model actors' Keras backend; "jax": scoring nodes need not import TensorFlow
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     memory_per_actor_gb: float = 2.0  # 128 px, batch 256 on CPU: ~1.5 GiB anonymous measured
@@ -224,6 +226,8 @@ class ScoreConfig(_Serialized):
             raise ConfigError("give --actors (a fixed pool) or --max-actors (an autoscaling pool), not both")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.gpus_per_actor < 0:
             raise ConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
         if self.max_member_mb <= 0 or self.max_compression_ratio < 1:

@@ -290,27 +290,6 @@ def _find_class(node, name: str) -> bool:
     return False
 
 
-def predictor(model):
-    """``f(uint8 images [n, s, s, 3]) -> P(Parasitized) [n]`` for inference, traced once.
-
-    The batch dimension is left open, so a short last batch or a batch thinned by error rows
-    reuses the same graph; ``predict_on_batch`` traces again for every new batch size, ~2 s of
-    CPU each on ResNet50V2. The trace is made here, on one blank image, so the first real batch
-    runs at full speed.
-    """
-    import numpy as np
-    import tensorflow as tf
-
-    size = int(model.input_shape[1])
-
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
-    def probs(images):
-        return model(tf.cast(images, tf.float32), training=False)[:, 0]
-
-    probs(np.zeros((1, size, size, 3), np.uint8))
-    return lambda images: probs(images).numpy()
-
-
 def bf16_copy(model):
     """``model`` computing in mixed bfloat16 (GPU scoring, ``--precision bf16``): every layer but
     the output layers (the float32 softmax) gets the ``mixed_bfloat16`` policy; the weights are the

@@ -109,36 +109,39 @@ def note_missing_gpus(needed: float, cluster_gpus: float, flag: str, tag: str) -
                            f"the autoscaler to add GPU nodes; on a machine without GPUs, stop and drop {flag}.")
 
 
-def _gpu_probe() -> dict:
+def _gpu_probe(backend: str) -> dict:
     """Runs in a Ray task that holds one GPU: what that process can see."""
     import os
 
-    import tensorflow as tf
+    from malaria_ray.backends import visible_gpus
 
-    return {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "tensorflow_gpus": len(tf.config.list_physical_devices("GPU")),
+    return {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpus": visible_gpus(backend),
             "node": os.uname().nodename}
 
 
-def require_visible_gpu(flag: str, runtime_env: dict | None = None) -> dict:
-    """Fail at once, with the reason, when a process Ray gives a GPU cannot use one in TensorFlow.
+def require_visible_gpu(flag: str, runtime_env: dict | None = None, backend: str = "tensorflow") -> dict:
+    """Fail at once, with the reason, when a process Ray gives a GPU cannot use one in ``backend``
+    (TensorFlow, or JAX for ``score --backend jax``).
 
     Ray assigns GPUs by bookkeeping (a node started with ``--num-gpus`` advertises them) and sets
-    ``CUDA_VISIBLE_DEVICES``; a CPU-only TensorFlow build, missing CUDA libraries or a node that
-    advertises GPUs it lacks would then train or score on CPU, slowly, while holding the GPUs. One
-    task with ``num_gpus=1`` imports TensorFlow where the run's GPU workers would run and reports.
-    Raises ``ConfigError`` (exit 2) when TensorFlow sees no GPU; returns the probe's report.
+    ``CUDA_VISIBLE_DEVICES``; a CPU-only TensorFlow or jaxlib build, missing CUDA libraries or a node
+    that advertises GPUs it lacks would then train or score on CPU, slowly, while holding the GPUs.
+    One task with ``num_gpus=1`` imports the backend where the run's GPU workers would run (with
+    their ``runtime_env``) and reports. Raises ``ConfigError`` (exit 2) when it sees no GPU;
+    returns the probe's report.
     """
     import ray
 
+    from malaria_ray.backends import NAMES
     from malaria_ray.config import ConfigError
 
     probe = ray.remote(num_gpus=1, num_cpus=0, max_calls=1)(_gpu_probe)
-    report = ray.get(probe.options(**({"runtime_env": runtime_env} if runtime_env else {})).remote())
-    if not report["tensorflow_gpus"]:
+    report = ray.get(probe.options(**({"runtime_env": runtime_env} if runtime_env else {})).remote(backend))
+    name = NAMES[backend]
+    if not report["gpus"]:
         raise ConfigError(f"{flag}: a Ray worker given a GPU (CUDA_VISIBLE_DEVICES={report['cuda_visible_devices']} on "
-                          f"{report['node']}) sees no GPU in TensorFlow (CPU-only build, missing CUDA libraries, or a "
+                          f"{report['node']}) sees no GPU in {name} (CPU-only build, missing CUDA libraries, or a "
                           f"node that advertises GPUs it lacks); refusing to run on CPU while holding GPUs")
-    logs.get("ray").info(f"{flag}: TensorFlow sees {report['tensorflow_gpus']} GPU(s) in a GPU worker "
+    logs.get("ray").info(f"{flag}: {name} sees {report['gpus']} GPU(s) in a GPU worker "
                          f"(CUDA_VISIBLE_DEVICES={report['cuda_visible_devices']})")
     return report

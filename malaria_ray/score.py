@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from malaria_ray import corpus, faults, fieldeval, fields, ingest, logs, manifests, metrics, outputs, resources, sources
+from malaria_ray import backends, corpus, faults, fieldeval, fields, ingest, logs, manifests, metrics, outputs, resources, sources
 from malaria_ray import storage
 from malaria_ray import schema
 from malaria_ray.config import DEFAULT_THRESHOLD, ConfigError, CorpusError, ScoreConfig
 from malaria_ray.model import ModelError, check_contract, inspect_artifact, read_contract, resize_of
-from malaria_ray.scoringrun import ERRORS, SCORED, RunResult, ScoringRun, entries
+from malaria_ray.scoringrun import ERRORS, RunResult, ScoringRun, summary
 from malaria_ray.segment import DetectParams
 
 log = logs.get("score")
@@ -45,15 +45,14 @@ class Scorer:
     """Ray Data callable class: the model is loaded once per actor; ``__call__`` scores a batch."""
 
     def __init__(self, model_uri: str, model_id: str, threshold: float, run_id: str, fault: str | None = None,
-                 pad_to: int | None = None, precision: str = "fp32") -> None:
+                 pad_to: int | None = None, precision: str = "fp32", backend: str = "tensorflow",
+                 batch_size: int = 1) -> None:
         """``pad_to``: GPU actors pad every batch to this many images, so the device sees one shape
-        (cuDNN picks its kernels once; a short last batch does not pick again)."""
-        import tensorflow as tf
-
-        # Without memory growth TF grabs the whole GPU and a second actor on it cannot start.
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
-        from malaria_ray.model import bf16_copy, load_model, predictor
+        (cuDNN picks its kernels once; a short last batch does not pick again). ``backend``: the
+        Keras backend this actor's process was started on (``backends.with_backend``);
+        ``batch_size``: the batches to expect (the predictor is compiled for them here)."""
+        from malaria_ray.backends import predictor, start
+        from malaria_ray.model import bf16_copy, load_model
 
         # A model that fails to load is reported in every row this actor returns, not raised: an
         # exception from an actor reaches the driver wrapped in Ray's worker header, and a failed
@@ -61,10 +60,11 @@ class Scorer:
         # driver stops the run at the first such row with the one-line reason.
         self.error: ModelError | None = None
         try:
+            start(backend)
             model, loaded_id = load_model(model_uri)
             if loaded_id != model_id:
                 raise ModelError(f"model {model_uri} changed during the run ({model_id} -> {loaded_id})")
-            self.predict = predictor(bf16_copy(model) if precision == "bf16" else model)
+            self.predict = predictor(bf16_copy(model) if precision == "bf16" else model, pad_to or batch_size)
         except ModelError as exc:
             self.error = exc
         self.model_id, self.threshold, self.run_id, self.fault = model_id, float(threshold), run_id, fault
@@ -161,7 +161,8 @@ def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Units, che
     model_info = checked.model_info
     if model_info is None:  # a legacy .h5 only Keras can read: inspect it in a throwaway worker
         try:
-            model_info = ray.get(ray.remote(max_calls=1)(inspect_model).options(**remote_env).remote(cfg.model))
+            model_info = ray.get(ray.remote(max_calls=1)(inspect_model).options(
+                **backends.with_backend(remote_env, cfg.backend)).remote(cfg.model))
         except ray.exceptions.RayTaskError as exc:
             raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
     model_id, size = model_info[schema.KEY_MODEL_ID], model_info[schema.KEY_IMAGE_SIZE]
@@ -179,7 +180,8 @@ def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Units, che
 
     ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run.run_id, remote_env, known, checked.resize)
     if cfg.gpus_per_actor:
-        resources.require_visible_gpu("--gpus-per-actor", remote_env.get("runtime_env"))
+        resources.require_visible_gpu("--gpus-per-actor", backends.with_backend(remote_env, cfg.backend)["runtime_env"],
+                                      cfg.backend)
     run.begin(cfg, model_id, size, listing, len(known) if known is not None else 0, unfinished, unchanged,
               detector=None if detector is None else {"key": key, "params": detector})
     started = time.perf_counter()
@@ -270,14 +272,15 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Units, size: int, skip_ids
         compute=pool.strategy(),
         fn_constructor_kwargs={"model_uri": cfg.model, "model_id": model_id, "threshold": cfg.threshold,
                                "run_id": run_id, "fault": faults.armed(),
-                               "pad_to": cfg.batch_size if cfg.gpus_per_actor else None, "precision": cfg.precision},
+                               "pad_to": cfg.batch_size if cfg.gpus_per_actor else None, "precision": cfg.precision,
+                               "backend": cfg.backend, "batch_size": cfg.batch_size},
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a killed
         # actor restarts and its in-flight batch is retried (tests/test_score.py kills one).
         # The memory reservation keeps Ray from packing more actors on a node than fit. It also
         # keeps decode a stage of its own: with equal resources Ray Data fuses the decode tasks
         # into the actor, which then decodes and predicts in turn instead of side by side.
         num_cpus=cpus_per_actor, num_gpus=cfg.gpus_per_actor or None, memory=memory_per_actor,
-        **remote_args,
+        **backends.with_backend(remote_args, cfg.backend),
     )
 
 
@@ -302,58 +305,6 @@ def skip_unchanged(listing: sources.Units, scored: np.ndarray) -> tuple[sources.
                                            t.column(schema.COL_VERSION).to_pylist())), dtype=np.uint64, count=t.num_rows)
     same = np.isin(keys, scored) & (keys != 0)
     return sources.Units(t.filter(pa.array(~same)), listing.skipped), int(same.sum())
-
-
-def summary(result: RunResult) -> str:
-    """The one-screen end-of-run summary."""
-    c, m = result.counts, result.metrics
-    rate = result.rows / result.seconds if result.seconds > 0 else float("nan")
-    scored = [f"  images scored     {c.get(SCORED, 0):>10,}"]
-    if result.fields:
-        fields_rate = result.inputs / result.seconds if result.seconds > 0 else float("nan")
-        scored = [f"  fields scored     {c.get(schema.COUNT_FIELDS, 0):>10,}  ({fields_rate:,.2f} fields/s; fields.parquet "
-                  "has one row per field)", f"  cells scored      {c.get(SCORED, 0):>10,}  (red cells found in them)"]
-    lines = [
-        f"malaria-ray score: run {result.run_id} committed (model {result.model_id})",
-        *scored,
-        f"  error rows        {c.get(ERRORS, 0):>10,}  ({result.transient:,} transient: read again next night)",
-        f"  already scored    {c.get(schema.STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored; "
-        f"{result.unchanged:,} unchanged in the listing, not read)",
-        f"  non-images        {c.get(schema.STATUS_NON_IMAGE, 0):>10,}  (skipped and counted)",
-        f"  empty archives    {c.get(schema.STATUS_EMPTY, 0):>10,}",
-        f"  hidden members    {c.get(schema.STATUS_HIDDEN, 0):>10,}  (under '.'/'_' folders in archives; counted)",
-        f"  duplicate names   {c.get(schema.STATUS_DUPLICATE, 0):>10,}  (a second archive member of one name; counted)",
-        f"  folder links      {c.get(schema.STATUS_FOLDER_LINK, 0):>10,}  (links to folders: not followed; counted)",
-        f"  entries           {entries(c, result.fields):>10,}  (every file and archive member: the sum of the above"
-        f"{', each field once' if result.fields else ''})",
-        f"  throughput        {rate:>10,.1f} images/s over {result.seconds:.1f} s",
-    ]
-    lines += [f"    error: {e}" for e in result.error_examples]
-    lines += fieldeval.summary_lines(result.evaluation) if result.evaluation else []
-    if result.confusion is not None:
-        cm = result.confusion
-        lines += [
-            f"  labelled images   {m['n_labelled']:>10,}   (threshold {m['threshold']})",
-            "                      pred Parasitized  pred Uninfected",
-            f"    true Parasitized  {cm[0, 0]:>16,}  {cm[0, 1]:>15,}",
-            f"    true Uninfected   {cm[1, 0]:>16,}  {cm[1, 1]:>15,}",
-            f"  accuracy {m['accuracy']:.4f}  sensitivity {m['sensitivity']:.4f}  specificity {m['specificity']:.4f}"
-            f"  precision {m['precision']:.4f}  f1 {m['f1']:.4f}  roc_auc {m['roc_auc']:.4f}",
-        ]
-    else:
-        lines.append("  labels            none: an unlabelled archive (the normal night); no confusion matrix, "
-                     "and metrics.parquet holds nulls for the rates")
-    if result.completes:
-        lines.append(f"  completes         unfinished run(s) {', '.join(result.completes)}: their committed rows "
-                     "were kept and skipped here")
-    lines += [
-        f"  predictions       {result.predictions_uri}/ ({len(result.parts)} file(s) of this run)",
-        f"  metrics, slides   {storage.join(result.output, outputs.METRICS_FILE)}, "
-        f"{storage.join(result.output, outputs.SLIDES_FILE)}"
-        f"{', ' + storage.join(result.output, outputs.FIELDS_FILE) if result.fields else ''}",
-        f"  run files         {outputs.run_uri(result.output, result.run_id)}/",
-    ]
-    return "\n".join(lines)
 
 
 @dataclass(frozen=True)

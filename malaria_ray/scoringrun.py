@@ -15,7 +15,8 @@ rebuilt at the end of a run from published files only and replaced in one write 
 locally; a single PUT on S3), so a crash before the rebuild heals on the next run.
 
 ``score`` drives it: ``with ScoringRun(...) as run``, ``begin``, ``tally`` + ``write`` per batch,
-``close``, then ``finish`` (or ``fail``). Pure: imports neither Ray nor TF.
+``close``, then ``finish`` (or ``fail``); ``summary`` is the finished run's one screen (the
+command's stdout). Pure: imports neither Ray nor TF.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from malaria_ray import logs, manifests, metrics, outputs, sources, storage
+from malaria_ray import fieldeval, logs, manifests, metrics, outputs, sources, storage
 from malaria_ray import schema
 from malaria_ray.config import CorpusError, ScoreConfig
 from malaria_ray.lease import Lease
@@ -125,6 +126,7 @@ class ScoringRun:
             "identity_manifest_rows": identity_rows, "threshold": cfg.threshold, "finished": False, "parts": [],
             "rows_committed": 0, "completes": unfinished, "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             "units": {k: listing.count(k) for k in sources.UNIT_KINDS}, "fields": cfg.fields, "detector": detector,
+            "backend": cfg.backend, "precision": cfg.precision,
             "commit": "rows are committed part by part: every file listed in `parts` is whole and final"}
         self._write_manifest()
         self.counts = {SCORED: 0, ERRORS: 0, schema.STATUS_NON_IMAGE: len(listing.skipped), schema.STATUS_EMPTY: 0,
@@ -235,3 +237,55 @@ def entries(counts: dict[str, int], fields: bool) -> int:
     photograph whose cells were scored counts once (as ``fields_scored``), not once per cell."""
     total = sum(counts.values())
     return total - counts.get(SCORED, 0) if fields else total
+
+
+def summary(result: RunResult) -> str:
+    """The one-screen end-of-run summary."""
+    c, m = result.counts, result.metrics
+    rate = result.rows / result.seconds if result.seconds > 0 else float("nan")
+    scored = [f"  images scored     {c.get(SCORED, 0):>10,}"]
+    if result.fields:
+        fields_rate = result.inputs / result.seconds if result.seconds > 0 else float("nan")
+        scored = [f"  fields scored     {c.get(schema.COUNT_FIELDS, 0):>10,}  ({fields_rate:,.2f} fields/s; fields.parquet "
+                  "has one row per field)", f"  cells scored      {c.get(SCORED, 0):>10,}  (red cells found in them)"]
+    lines = [
+        f"malaria-ray score: run {result.run_id} committed (model {result.model_id})",
+        *scored,
+        f"  error rows        {c.get(ERRORS, 0):>10,}  ({result.transient:,} transient: read again next night)",
+        f"  already scored    {c.get(schema.STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored; "
+        f"{result.unchanged:,} unchanged in the listing, not read)",
+        f"  non-images        {c.get(schema.STATUS_NON_IMAGE, 0):>10,}  (skipped and counted)",
+        f"  empty archives    {c.get(schema.STATUS_EMPTY, 0):>10,}",
+        f"  hidden members    {c.get(schema.STATUS_HIDDEN, 0):>10,}  (under '.'/'_' folders in archives; counted)",
+        f"  duplicate names   {c.get(schema.STATUS_DUPLICATE, 0):>10,}  (a second archive member of one name; counted)",
+        f"  folder links      {c.get(schema.STATUS_FOLDER_LINK, 0):>10,}  (links to folders: not followed; counted)",
+        f"  entries           {entries(c, result.fields):>10,}  (every file and archive member: the sum of the above"
+        f"{', each field once' if result.fields else ''})",
+        f"  throughput        {rate:>10,.1f} images/s over {result.seconds:.1f} s",
+    ]
+    lines += [f"    error: {e}" for e in result.error_examples]
+    lines += fieldeval.summary_lines(result.evaluation) if result.evaluation else []
+    if result.confusion is not None:
+        cm = result.confusion
+        lines += [
+            f"  labelled images   {m['n_labelled']:>10,}   (threshold {m['threshold']})",
+            "                      pred Parasitized  pred Uninfected",
+            f"    true Parasitized  {cm[0, 0]:>16,}  {cm[0, 1]:>15,}",
+            f"    true Uninfected   {cm[1, 0]:>16,}  {cm[1, 1]:>15,}",
+            f"  accuracy {m['accuracy']:.4f}  sensitivity {m['sensitivity']:.4f}  specificity {m['specificity']:.4f}"
+            f"  precision {m['precision']:.4f}  f1 {m['f1']:.4f}  roc_auc {m['roc_auc']:.4f}",
+        ]
+    else:
+        lines.append("  labels            none: an unlabelled archive (the normal night); no confusion matrix, "
+                     "and metrics.parquet holds nulls for the rates")
+    if result.completes:
+        lines.append(f"  completes         unfinished run(s) {', '.join(result.completes)}: their committed rows "
+                     "were kept and skipped here")
+    lines += [
+        f"  predictions       {result.predictions_uri}/ ({len(result.parts)} file(s) of this run)",
+        f"  metrics, slides   {storage.join(result.output, outputs.METRICS_FILE)}, "
+        f"{storage.join(result.output, outputs.SLIDES_FILE)}"
+        f"{', ' + storage.join(result.output, outputs.FIELDS_FILE) if result.fields else ''}",
+        f"  run files         {outputs.run_uri(result.output, result.run_id)}/",
+    ]
+    return "\n".join(lines)

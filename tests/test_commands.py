@@ -95,6 +95,31 @@ def test_jobs_entrypoints_train_then_score_real_cells(small_corpus, tmp_path):
     assert len(pd.read_parquet(tmp_path / "scores" / "predictions")) == len(split)
 
 
+def test_score_on_either_keras_backend_gives_the_same_predictions(sample_dir, score_model, tmp_path):
+    """``score --backend jax`` runs the model actors on Keras' JAX backend: the same model.keras
+    (saved by TensorFlow) gives every image the probability TensorFlow gives it, within float32
+    round-off (1e-4). Each run's manifest names its backend. (JAX's bf16 predictor is checked
+    against its fp32 one in tests/test_model.py, without Ray.)"""
+    import json
+
+    from malaria_ray import schema
+
+    probs = {}
+    for backend in ("tensorflow", "jax"):
+        out = tmp_path / backend
+        r = run("malaria-ray", "score", "--input", str(sample_dir), "--model", str(score_model), "--output", str(out),
+                "--backend", backend, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        (run_id,) = os.listdir(out / "runs")
+        manifest = json.loads((out / "runs" / run_id / "manifest.json").read_text())
+        assert (manifest["backend"], manifest["finished"]) == (backend, True)
+        preds = pd.read_parquet(out / "predictions").set_index(schema.COL_URI)
+        assert len(preds) == 288 and preds[schema.COL_ERROR].isna().all()
+        probs[backend] = preds[schema.COL_PROB]
+    tf, jax = probs["tensorflow"], probs["jax"].reindex(probs["tensorflow"].index)
+    assert tf.max() - tf.min() > 10 * 1e-4, "the images' probabilities must differ by more than the tolerance"
+    assert (tf - jax).abs().max() < 1e-4  # measured 3e-8 (the untrained 32 px model: spread 0.011)
+
 def test_make_demo_trains_then_scores_a_held_out_synthetic_night(tmp_path):
     """`make demo` as the README has it (its venv already built by `make test`): trains on one
     synthetic corpus, scores a second one of other patients, and says both are synthetic. The

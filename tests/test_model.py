@@ -143,7 +143,8 @@ def test_a_model_whose_input_scaling_cannot_be_verified_is_refused(tmp_path):
 def test_bf16_copy_computes_in_bfloat16_with_the_same_weights(sample_dir):
     import keras
 
-    from malaria_ray.model import bf16_copy, build_model, predictor
+    from malaria_ray.backends import predictor
+    from malaria_ray.model import bf16_copy, build_model
     from malaria_ray.preprocess import decode_image
 
     model = build_model(32, seed=1)
@@ -185,3 +186,43 @@ def test_a_downloaded_model_leaves_no_copy_behind(tmp_path, monkeypatch):
     finally:
         server.shutdown()
     assert list(scratch.iterdir()) == [], "a downloaded copy was left in the temp dir"
+
+
+def test_a_jax_actor_scores_without_tensorflow(score_model):
+    """``score --backend jax``: a process started with the actor's environment (``actor_env``)
+    loads the TensorFlow-saved model, compiles its predictor (a batch of 5 images, padded to 8,
+    gives each image the probability it has in a batch of 8) and asks for GPUs without importing
+    TensorFlow. Its bf16 copy, called through ``stateless_call``, is within bfloat16's round-off of
+    fp32 (0.02, the bound test_bf16_copy_computes_in_bfloat16_with_the_same_weights puts on
+    TensorFlow's). An actor whose Keras runs on another backend than the one asked is refused."""
+    import os
+    import subprocess
+    import sys
+
+    from malaria_ray.backends import actor_env
+
+    code = f"""
+import sys
+import numpy as np
+from malaria_ray import backends, model
+backends.start("jax")
+m, _ = model.load_model({str(score_model)!r})
+predict = backends.predictor(m, 8)
+x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+full = predict(x)
+assert np.allclose(predict(x[:5]), full[:5], atol=1e-6)
+assert backends.visible_gpus("jax") == 0  # this machine has none: the probe's answer, not an exception
+print(sorted(name for name in ("tensorflow", "jax") if name in sys.modules))
+bf16 = backends.predictor(model.bf16_copy(m), 8)(x)  # get_config imports TensorFlow where it is installed
+assert np.all(np.isfinite(bf16)) and np.allclose(bf16, full, atol=0.02)
+try:
+    backends.start("tensorflow")
+except model.ModelError as exc:
+    assert "this actor's Keras runs on jax" in str(exc), exc
+else:
+    raise AssertionError("a jax actor accepted --backend tensorflow")
+"""
+    env = {**os.environ, **actor_env("jax")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[0] == "['jax']", out.stdout

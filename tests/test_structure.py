@@ -10,7 +10,8 @@ import sys
 PKG = pathlib.Path(__file__).resolve().parents[1] / "malaria_ray"
 PURE = ("config", "schema", "storage", "sources", "corpus", "preprocess", "ingest", "metrics", "outputs", "writer",
         "manifests", "lease", "scoringrun", "checkpoint", "logs", "faults", "resources", "trainrun", "train", "score",
-        "cli", "runtime", "model", "detect", "segment", "annotations", "synth_fields", "overlay", "listing", "reads")
+        "cli", "runtime", "model", "detect", "segment", "annotations", "synth_fields", "overlay", "listing", "reads",
+        "backends")
 
 
 def _imports(module: pathlib.Path, top_level_only: bool) -> set[str]:
