@@ -65,7 +65,10 @@ def data_job() -> None:
 
 
 def _loop(config: dict) -> None:
-    """One Train V2 worker: a few JAX steps of a least-squares fit, each reported."""
+    """One Train V2 worker: a few JAX steps of a least-squares fit, each reported, the last with a
+    checkpoint (Train V2 keeps the metrics of checkpointed reports only)."""
+    import tempfile
+
     import jax
     import jax.numpy as jnp
     import ray.train
@@ -76,7 +79,14 @@ def _loop(config: dict) -> None:
     grad = jax.jit(jax.grad(lambda w: jnp.mean((w[0] * x + w[1] - y) ** 2)))
     for step in range(config["steps"]):
         w = w - 0.5 * grad(w)
-        ray.train.report({"step": step, "w0": float(w[0]), "world_size": ray.train.get_context().get_world_size()})
+        metrics = {"step": step, "w0": float(w[0]), "world_size": ray.train.get_context().get_world_size()}
+        if step < config["steps"] - 1:
+            ray.train.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "w.txt"), "w") as f:
+                f.write(repr(w.tolist()))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def train_job(storage: Path) -> None:
@@ -86,10 +96,12 @@ def train_job(storage: Path) -> None:
     t0 = time.perf_counter()
     trainer = JaxTrainer(_loop, train_loop_config={"steps": 20}, scaling_config=ScalingConfig(num_workers=1),
                          run_config=RunConfig(name="carry-check", storage_path=str(storage)))
-    metrics = trainer.fit().metrics
-    if metrics.get("step") != 19:
-        sys.exit(f"carry_check: the Train V2 run ended with metrics {metrics}")
-    emit("ray-train-v2-jax", t0, trainer=type(trainer).__module__, metrics=metrics)
+    result = trainer.fit()
+    metrics = result.metrics or {}
+    if result.error or metrics.get("step") != 19 or result.checkpoint is None:
+        sys.exit(f"carry_check: the Train V2 run ended with error {result.error!r}, metrics {metrics}, "
+                 f"checkpoint {result.checkpoint}")
+    emit("ray-train-v2-jax", t0, trainer=type(trainer).__module__, metrics=metrics, checkpoint=result.checkpoint.path)
 
 
 def cells_subset(cells: Path, dest: Path, n: int) -> Path:

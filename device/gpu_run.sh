@@ -41,7 +41,13 @@ phase() {  # phase NAME CMD...: one line per start and end in phases.txt (epoch 
 }
 
 SITE="$(mktemp -d -t malaria-carry-XXXXXX)"
-trap 'rm -rf "$SITE"' EXIT
+WORK="$(mktemp -d -t malaria-gpu-work-XXXXXX)"  # the linked cells and the model: not brought back
+SMI=""
+cleanup() {
+  [[ -n "$SMI" ]] && kill "$SMI" 2>/dev/null
+  rm -rf "$SITE" "$WORK"
+}
+trap cleanup EXIT
 phase unpack "$PY" device/build_carry.py unpack "$SITE"
 export PYTHONPATH="$SITE:$PWD" KERAS_BACKEND=jax PYTHONNOUSERSITE=1 TF_CPP_MIN_LOG_LEVEL=2
 unset RAY_ADDRESS
@@ -51,14 +57,12 @@ if (( ! DRY )); then
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -lms 250 \
     > "$OUT/nvidia-smi.csv" &
   SMI=$!
-  trap 'kill $SMI 2>/dev/null || true; rm -rf "$SITE"' EXIT
 fi
-if (( CHECK_IMAGES )); then
-  phase carry-check "$PY" device/carry_check.py --cells device/carry/cells --images "$CHECK_IMAGES" --out "$OUT/check"
+if (( CHECK_IMAGES )); then  # its driver and Train worker both use JAX on the GPU: neither may take 75% up front
+  XLA_PYTHON_CLIENT_PREALLOCATE=false phase carry-check "$PY" device/carry_check.py --cells device/carry/cells \
+    --images "$CHECK_IMAGES" --out "$OUT/check"
 fi
 
-WORK="$(mktemp -d -t malaria-gpu-work-XXXXXX)"  # the linked cells and the model: not brought back
-trap 'kill ${SMI:-} 2>/dev/null || true; rm -rf "$SITE" "$WORK"' EXIT
 phase link "$PY" - "$IMAGES" "$WORK/cells" <<'PYEOF'
 import os, pathlib, sys
 n, dest = int(sys.argv[1]), pathlib.Path(sys.argv[2])
@@ -79,8 +83,6 @@ for precision in fp32 bf16; do
 done
 phase bare "$PY" bench/gpu_ceiling.py --skip train,decode --precisions fp32,bf16 --image-size "$IMAGE_SIZE" \
   --infer-batch "$BATCH" --seconds "$SECONDS_PER_PHASE" --json "$OUT/bare.json"
-if (( ! DRY )); then
-  kill "$SMI" 2>/dev/null || true
-fi
+[[ -n "$SMI" ]] && kill "$SMI" 2>/dev/null && SMI=""
 
 "$PY" device/gpu_report.py "$OUT" --batch "$BATCH" | tee "$OUT/report.txt"

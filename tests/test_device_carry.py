@@ -122,6 +122,7 @@ def test_the_carry_builds_under_the_limit_and_runs_under_python_312():
     if not (carry.CARRY / carry.TAR_NAME).exists():
         subprocess.run([sys.executable, script, "build", "--xz-preset", "6"], check=True, timeout=1800)
     out = subprocess.run([sys.executable, script, "dry"], check=True, stdout=subprocess.PIPE, text=True, timeout=3600)
+    print(out.stdout)  # carry_check's steps, gpu_run.sh's report, the dry run's figures: shown with -s
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["python"].startswith("3.12.")
     assert sum(result["carried"].values()) <= carry.LIMIT_MIB * carry.MIB
