@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The product's scoring path on a lent GPU machine, in one `run` call with carry=["device/carry"]
-# (build the carry first: python device/build_carry.py build; docs/device.md). About 5 minutes:
+# (build the carry first: python device/build_carry.py build; docs/device.md). About 5 minutes
+# (an estimate: it has not yet run on a GPU):
 #
 #   bash device/gpu_run.sh                  # on the GPU machine; results under $OUT (the run's folder)
 #   GPU_RUN_DRY=1 bash device/gpu_run.sh    # CPU variant at tiny sizes (device/build_carry.py dry runs it)
