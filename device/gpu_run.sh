@@ -67,7 +67,8 @@ fi
 phase link "$PY" - "$IMAGES" "$WORK/cells" <<'PYEOF'
 import os, pathlib, sys
 n, dest = int(sys.argv[1]), pathlib.Path(sys.argv[2])
-cells = sorted(p for cls in ("Parasitized", "Uninfected") for p in pathlib.Path("device/carry/cells", cls).glob("*.png"))
+par, uninf = (sorted(pathlib.Path("device/carry/cells", cls).glob("*.png")) for cls in ("Parasitized", "Uninfected"))
+cells = [p for pair in zip(par, uninf) for p in pair]  # alternating: any n holds both classes
 for i in range(n):  # bench/score_throughput.py's layout: copyNNN/<class>/<NIH name>
     src = cells[i % len(cells)]
     folder = dest / f"copy{i // len(cells):03d}" / src.parent.name
