@@ -23,7 +23,7 @@ DOCKER ?= docker
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .DEFAULT_GOAL := venv
-.PHONY: python venv venv-dev demo test test-fast bench image clean
+.PHONY: python venv venv-dev demo test test-fast bench image carry carry-dry clean
 
 # One line, exit 2, when no usable interpreter is there (none in range, or Debian's python3 without
 # its -venv package, which has no ensurepip); make adds its own "*** Error 2" line after it.
@@ -75,17 +75,26 @@ demo: venv
 # job-submission tests (their own Ray head) run after the in-process suite's Ray is gone: one
 # machine must never hold two Ray instances at once (Train V2 breaks).
 test: venv-dev
-	$(BIN)/ruff check malaria_ray jobs bench tests
-	$(BIN)/python -m pytest -m "not cluster and not fresh" -ra --durations=30
-	$(BIN)/python -m pytest -m "fresh or cluster" -ra --durations=15
+	$(BIN)/ruff check malaria_ray jobs bench tests device
+	$(BIN)/python -m pytest -m "not cluster and not fresh and not device" -ra --durations=30
+	$(BIN)/python -m pytest -m "(fresh or cluster) and not device" -ra --durations=15
 
 test-fast: venv-dev
-	$(BIN)/ruff check malaria_ray jobs bench tests
-	$(BIN)/python -m pytest -m "not ray and not tf and not cluster and not fresh and not slow" -ra
+	$(BIN)/ruff check malaria_ray jobs bench tests device
+	$(BIN)/python -m pytest -m "not ray and not tf and not cluster and not fresh and not slow and not device" -ra
 
 bench: venv-dev
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/score_throughput.py
+
+# The carry for a lent GPU machine without Ray or Keras (docs/device.md): slimmed Ray, Keras and NIH
+# cells under device/carry/ (ignored), then the dry run here under Python 3.12 (it starts Ray: one at a time).
+carry:
+	@$(CHECK_PYTHON)
+	$(PYTHON) device/build_carry.py build
+
+carry-dry:  # after make carry
+	flock /tmp/malaria-ray-ray.lock $(PYTHON) device/build_carry.py dry
 
 image:
 	@command -v $(DOCKER) >/dev/null 2>&1 || { \
