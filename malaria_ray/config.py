@@ -105,6 +105,19 @@ class TrainConfig(_Serialized):
         ratio = self.batch_size / LR_REFERENCE_BATCH
         return self.learning_rate * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[self.lr_scaling]
 
+    def with_absolute_inputs(self) -> "TrainConfig":
+        """Local ``--init-from`` and ``--weights`` files as absolute paths: Ray Train runs each worker
+        in a working directory of its own, where a path relative to the user's shell names nothing."""
+        import os
+
+        from malaria_ray.storage import is_remote, local_path
+
+        def absolute(uri: str | None) -> str | None:
+            return uri if uri is None or is_remote(uri) else os.path.abspath(local_path(uri))
+
+        weights = self.weights if self.weights in ("none", "imagenet") else absolute(self.weights)
+        return dataclasses.replace(self, init_from=absolute(self.init_from), weights=weights)
+
 
 def validate_train(cfg: TrainConfig) -> None:
     if not cfg.data:

@@ -248,6 +248,7 @@ def plan_run(cfg: TrainConfig, resume: bool = False) -> Plan:
 
     if resume:
         return plan_resume(cfg.output)
+    cfg = cfg.with_absolute_inputs()
     if cfg.init_from:  # a missing run or another image size: one line now, not a failed worker later
         from malaria_ray.model import check_init
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -72,21 +73,27 @@ def test_init_from_copies_every_weight_and_refuses_another_size(tmp_path):
         check_init(str(tmp_path / "run"), 64)
     with pytest.raises(ModelError, match="does not exist"):
         check_init(str(tmp_path / "nope"), 32)
+    local = TrainConfig(data="d", output="o", init_from="run", weights="file://w.h5").with_absolute_inputs()
+    assert (local.init_from, local.weights) == (os.path.abspath("run"), os.path.abspath("w.h5"))
+    remote = TrainConfig(data="d", output="o", init_from="s3://b/run", weights="imagenet").with_absolute_inputs()
+    assert (remote.init_from, remote.weights) == ("s3://b/run", "imagenet")
 
 
 @pytest.mark.ray
 @pytest.mark.tf
 @pytest.mark.slow
-def test_fine_tune_a_run_on_annotated_fields(annotated_fields, ray_session, tmp_path):
+def test_fine_tune_a_run_on_annotated_fields(annotated_fields, ray_session, tmp_path, monkeypatch):
     """One real Ray Train run through both new paths: the crop corpus of annotated fields, and
-    --init-from (a saved 32 px model standing in for a trained run; copy_weights is checked above)."""
+    --init-from (a saved 32 px model standing in for a trained run; copy_weights is checked above),
+    named as a user in its folder names it: relative (Ray Train's workers run in other folders)."""
     from malaria_ray import train
     from malaria_ray.model import build_model, save_model
     from malaria_ray.schema import CELLS_FIELDS, KEY_VAL_CELLS
 
     save_model(build_model(image_size=32, seed=1), str(tmp_path / "base"))
+    monkeypatch.chdir(tmp_path)
     cfg = TrainConfig(data=str(annotated_fields), annotations=str(annotated_fields / "annotations.json"),
-                      output=str(tmp_path / "tuned"), init_from=str(tmp_path / "base"), image_size=32, epochs=1,
+                      output=str(tmp_path / "tuned"), init_from="base", image_size=32, epochs=1,
                       batch_size=16, bn_recal_batches=2, val_fraction=0.5)
     summary = train.fit(train.plan_run(cfg))
     assert summary["epochs"] == 1
