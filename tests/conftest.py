@@ -119,25 +119,18 @@ def score_model(tmp_path_factory) -> pathlib.Path:
     return dest
 
 
-@pytest.fixture(scope="session")
-def moto_s3():
-    """A real S3-protocol server (moto standalone) on 127.0.0.1 for this session; yields its URL.
-
-    Sets the standard AWS environment (endpoint override, dummy credentials) for the session's
-    processes so fsspec/s3fs, Ray workers and pyarrow reach it the way users' tools reach S3.
-    """
+def serve_on_free_port(argv, what: str):
+    """Start the server ``argv(port)`` on a free port of 127.0.0.1 and wait (10 s at most) until
+    it answers HTTP; returns (its process, its URL)."""
     import socket
     import subprocess
-    import sys
     import time
     import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    exe = pathlib.Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -145,8 +138,22 @@ def moto_s3():
             break
         except Exception:
             if proc.poll() is not None:
-                pytest.fail("moto_server exited at start")
+                pytest.fail(f"{what} exited at start")
             time.sleep(0.1)
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A real S3-protocol server (moto standalone) on 127.0.0.1 for this session; yields its URL.
+
+    Sets the standard AWS environment (endpoint override, dummy credentials) for the session's
+    processes so fsspec/s3fs, Ray workers and pyarrow reach it the way users' tools reach S3.
+    """
+    import sys
+
+    exe = pathlib.Path(sys.executable).with_name("moto_server")
+    proc, url = serve_on_free_port(lambda port: [str(exe), "-H", "127.0.0.1", "-p", str(port)], "moto_server")
     env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}

@@ -215,15 +215,15 @@ def test_archives_read_through_the_bounded_reader(tmp_path):
 
 
 # ---------------------------------------------------------------- S3: a stalled server, a flaky proxy
-class StalledServer:
-    """Accepts connections and never answers: a stalled object store."""
+class _Listener:
+    """A TCP listener on 127.0.0.1 (``url``); a thread hands each accepted connection to
+    ``_on_connection`` until ``close``."""
 
     def __init__(self) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.held: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -232,15 +232,32 @@ class StalledServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            self.held.append(conn)
+            self._on_connection(conn)
+
+    def _on_connection(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self.sock.close()
+
+
+class StalledServer(_Listener):
+    """Accepts connections and never answers: a stalled object store."""
+
+    def __init__(self) -> None:
+        self.held: list[socket.socket] = []
+        super().__init__()
+
+    def _on_connection(self, conn: socket.socket) -> None:
+        self.held.append(conn)
+
+    def close(self) -> None:
+        super().close()
         for c in self.held:
             c.close()
 
 
-class FlakyProxy:
+class FlakyProxy(_Listener):
     """An HTTP proxy in front of the S3 server: one request per connection, forwarded as is,
     except GETs of a key holding ``fail_key`` while ``fail_left`` > 0, answered 503 SlowDown.
     ``gets``: the target of every GET it saw (reads, and listings)."""
@@ -248,19 +265,10 @@ class FlakyProxy:
     def __init__(self, upstream: str, fail_key: str = "", fail_left: int = 0) -> None:
         self.upstream = upstream.split("//", 1)[1].split(":")
         self.fail_key, self.fail_left, self.failed, self.gets = fail_key, fail_left, 0, []
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+    def _on_connection(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -293,9 +301,6 @@ class FlakyProxy:
                 up.sendall(request)
                 while chunk := up.recv(65536):
                     conn.sendall(chunk)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

@@ -58,22 +58,9 @@ run_simple("127.0.0.1", int(sys.argv[1]), serialized, threaded=True, request_han
 @pytest.fixture(scope="module")
 def atomic_s3():
     """moto on 127.0.0.1 with its requests serialized (module docstring); yields its URL."""
-    import socket
-    import urllib.request
+    from conftest import serve_on_free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-c", ATOMIC_MOTO, str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except Exception:
-            assert proc.poll() is None, "moto exited at start"
-            time.sleep(0.05)
+    proc, url = serve_on_free_port(lambda port: [sys.executable, "-c", ATOMIC_MOTO, str(port)], "moto")
     yield url
     proc.terminate()
     proc.wait(timeout=10)
