@@ -167,8 +167,7 @@ def _file_version(fs, root: str, input_uri: str) -> str | None:
     local file's ``size:mtime_ns`` (fsspec's ``mtime`` is float seconds, which never matches)."""
     if storage.is_remote(input_uri):
         return _version(fs.info(root))
-    st = os.stat(root)
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return reads.local_version(os.stat(root))
 
 
 def _version(info: dict) -> str | None:
@@ -199,7 +198,7 @@ def _classify(entry: os.DirEntry) -> tuple[str, str, str, str | None, tuple | No
     if stat.S_ISDIR(st.st_mode):  # a folder sorts as its name plus "/", where sorted() puts its files
         return name + "/", path, _FOLDER, None, (st.st_dev, st.st_ino)
     if stat.S_ISREG(st.st_mode):
-        return name, path, _FILE, f"{st.st_size}:{st.st_mtime_ns}", None
+        return name, path, _FILE, reads.local_version(st), None
     return name, path, KIND_SPECIAL, None, None
 
 

@@ -125,13 +125,19 @@ class ReadPolicy:
                 time.sleep(min(10.0, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random()))
 
 
+def local_version(st: os.stat_result) -> str:
+    """A local file's version as the listing records it and every read checks it: ``size:mtime_ns``
+    (one spelling: a float mtime beside an integer one never matches)."""
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def _local_open(path: str, version: str | None):
     """A local file opened without blocking (a pipe put there since the listing would block an
     ``open`` forever) and checked against its listing version; (file object, version now)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
-        now = f"{st.st_size}:{st.st_mtime_ns}"
+        now = local_version(st)
         if not stat.S_ISREG(st.st_mode):
             raise ChangedSinceListed(f"{path} is no longer a regular file: not opened")
         if version is not None and now != version:
@@ -164,7 +170,7 @@ def _local_read(path: str, version: str | None) -> bytes:
     with f:
         data = f.read()
         st = os.fstat(f.fileno())
-    if f"{st.st_size}:{st.st_mtime_ns}" != before or len(data) != st.st_size:
+    if local_version(st) != before or len(data) != st.st_size:
         raise ChangedSinceListed(f"{path} changed while it was read")
     return data
 
