@@ -38,6 +38,17 @@ class ChangedSinceListed(OSError):
 _IDLE: queue.SimpleQueue = queue.SimpleQueue()  # inboxes of reader threads waiting for work
 
 
+def _forget_parents_readers() -> None:
+    """A forked child (the field-crop pool's workers) inherits ``_IDLE`` but not the threads that
+    serve its inboxes: a call handed to one would wait out the whole time limit (60 s per worker,
+    then a needless retry). The child starts with no idle readers of its own."""
+    global _IDLE
+    _IDLE = queue.SimpleQueue()
+
+
+os.register_at_fork(after_in_child=_forget_parents_readers)
+
+
 def _reader(inbox: queue.SimpleQueue) -> None:
     while True:
         fn, args, box, done = inbox.get()

@@ -409,3 +409,22 @@ def test_the_time_limit_stops_waiting_and_names_the_flag():
     assert reads.is_transient(reads.ReadTimedOut()) and not reads.is_transient(ValueError("bad bytes"))
     with pytest.raises(CorpusError, match="does not exist"):
         listing.list_units("/nonexistent/night")
+
+
+def _read_in_a_forked_child(path: str) -> float:
+    started = time.monotonic()
+    reads.within(5.0, pathlib.Path(path).read_bytes)
+    return time.monotonic() - started
+
+
+def test_a_forked_child_reads_at_once_after_its_parent_has_read(tmp_path):
+    """The field-crop pool forks its workers from a driver that has read files already: the idle
+    reader threads it inherits in name only must not take its reads (each waited out the whole
+    60 s limit before the fix, and cutting a training corpus took a minute more per worker)."""
+    import multiprocessing
+
+    (tmp_path / "f").write_bytes(b"x")
+    reads.within(5.0, (tmp_path / "f").read_bytes)  # leaves an idle reader thread in this process
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        took = pool.submit(_read_in_a_forked_child, str(tmp_path / "f")).result(timeout=30)
+    assert took < 1.0, f"the child's first read waited {took:.1f} s for a thread its parent owns"
