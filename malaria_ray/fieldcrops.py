@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import posixpath
 from concurrent.futures import ProcessPoolExecutor
 
@@ -110,7 +111,9 @@ def write_corpus(data_uri: str, annotations_uri: str, out_uri: str, size: int = 
     group = identity_groups(paths, group_fields)
     totals: dict[str, int] = {}
     errors, rows = [], []
-    with ProcessPoolExecutor(workers or resources.usable_cpus()) as pool:
+    # forkserver, not fork: the driver is multi-threaded (TensorFlow, Ray, the bounded reader), and a
+    # forked child can inherit a lock some other thread held (Python 3.12+ warns; 3.14's default).
+    with ProcessPoolExecutor(workers or resources.usable_cpus(), mp_context=multiprocessing.get_context("forkserver")) as pool:
         for path, found, counts in pool.map(_one_field, [(q, versions[q], truth[field_name(q)], size, p) for q in paths]):
             if isinstance(counts, str):
                 errors.append(f"{path}: {counts}")
