@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from malaria_ray import storage
 from malaria_ray.schema import COL_IMAGE_ID, COL_TRAIN_LABEL, COL_URI, COL_VAL_PROB, MODEL_FILE
 
 OPTIMIZER_FILE, STATE_FILE = "optimizer.npz", "state.json"
@@ -58,13 +59,16 @@ def read_state(directory: str) -> dict[str, Any]:
         return json.load(f)
 
 
+VAL_PREDICTION_COLUMNS = (COL_URI, COL_IMAGE_ID, COL_TRAIN_LABEL, COL_VAL_PROB)
+
+
 def save_val_predictions(directory: str, rank: int, uris, image_ids, labels, probs) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     table = pa.table({COL_URI: pa.array(uris, pa.string()), COL_IMAGE_ID: pa.array(image_ids, pa.string()),
                       COL_TRAIN_LABEL: pa.array(labels, pa.int8()), COL_VAL_PROB: pa.array(probs, pa.float32())})
-    pq.write_table(table, os.path.join(directory, f"{VAL_PREDICTIONS_PREFIX}{rank:03d}.parquet"))
+    with open(os.path.join(directory, f"{VAL_PREDICTIONS_PREFIX}{rank:03d}.parquet"), "wb") as f:
+        f.write(storage.table_bytes(table))
 
 
 def read_val_predictions(directory: str):
@@ -76,7 +80,13 @@ def read_val_predictions(directory: str):
     if not files:
         raise FileNotFoundError(f"checkpoint {directory} holds no {VAL_PREDICTIONS_PREFIX}*.parquet: "
                                 "not a checkpoint of this version")
-    return pa.concat_tables([pq.read_table(os.path.join(directory, f)) for f in files])
+    tables = []
+    for name in files:
+        pf = pq.ParquetFile(os.path.join(directory, name))
+        storage.require_columns(pf.schema_arrow, VAL_PREDICTION_COLUMNS, os.path.join(directory, name),
+                                "checkpoint's validation predictions")
+        tables.append(pf.read(columns=list(VAL_PREDICTION_COLUMNS)))
+    return pa.concat_tables(tables)
 
 
 def model_path(directory: str) -> str:

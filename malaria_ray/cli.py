@@ -1,4 +1,4 @@
-"""``malaria-ray train|score|overlay|synth``: flags map one-to-one onto the config dataclasses.
+"""``malaria-ray train|score|overlay|synth|migrate``: flags map one-to-one onto the config dataclasses.
 
 Defaults live only in ``malaria_ray.config``; flags left unset are not passed, so the dataclass
 default applies (and ``--help`` shows it). Errors a user can fix print one line and exit 2.
@@ -205,13 +205,15 @@ def run_guarded(fn: Callable[[], int]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": _train, "score": _score, "overlay": _overlay, "synth": _synth}
+    commands = {"train": _train, "score": _score, "overlay": _overlay, "synth": _synth, "migrate": _migrate}
     if not argv or argv[0] not in commands:
-        print("usage: malaria-ray {train,score,overlay,synth} [--help]\n\n"
+        print("usage: malaria-ray {train,score,overlay,synth,migrate} [--help]\n\n"
               "  train    train the classifier with Ray Train (writes a run directory)\n"
               "  score    bulk-score images with Ray Data (writes Parquet predictions, metrics, slides)\n"
               "  overlay  draw one scored field photograph with its cells' boxes coloured by their calls (PNG)\n"
-              "  synth    write a small synthetic corpus (offline demos)", file=sys.stderr)
+              "  synth    write a small synthetic corpus (offline demos)\n"
+              "  migrate  move an output root's predictions written by earlier versions into scored_date= partitions",
+              file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else EXIT_USAGE
     return commands[argv[0]](argv[1:])
 
@@ -286,6 +288,23 @@ def _synth(argv: list[str]) -> int:
 
         n = synth.write_corpus(args.dest, 200 if args.n is None else args.n, size=args.size, seed=args.seed)
         print(f"wrote {n} SYNTHETIC cell images to {args.dest} (not NIH data)")
+        return 0
+
+    return run_guarded(go)
+
+
+def _migrate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="malaria-ray migrate", description="Move the predictions parts of a scoring "
+                                "output root written by earlier versions (predictions/<run_id>.partNNNNN.parquet) into "
+                                "predictions/scored_date=YYYY-MM-DD/, each part whole, in one step; run it once, while "
+                                "no scoring run writes there (it takes the root's lease). Needs no Ray.")
+    p.add_argument("root", help="the scoring output root (local or s3://)")
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        from malaria_ray import migrate
+
+        print(migrate.migrate(args.root).summary())
         return 0
 
     return run_guarded(go)

@@ -98,7 +98,6 @@ def write_corpus(data_uri: str, annotations_uri: str, out_uri: str, size: int = 
     (``crops.parquet`` and ``crops.json``, the counts); returns the counts. Raises
     ``AnnotationError`` for an unreadable annotation file, ``CorpusError`` when no field matches."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from malaria_ray.config import CorpusError
 
@@ -131,7 +130,7 @@ def write_corpus(data_uri: str, annotations_uri: str, out_uri: str, size: int = 
     fs, out = storage.filesystem(out_uri)
     fs.makedirs(out, exist_ok=True)
     with fs.open(posixpath.join(out, "crops.parquet"), "wb") as f:
-        pq.write_table(table, f, compression="zstd")
+        f.write(storage.table_bytes(table))
     storage.write_text(storage.join(out_uri, SUMMARY_FILE), json.dumps(summary, indent=1))
     return summary
 

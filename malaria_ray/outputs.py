@@ -2,8 +2,11 @@
 
 Layout (``ROOT`` = ``--output``, local or ``s3://``)::
 
-    ROOT/predictions/<run_id>.partNNNNN.parquet   the run's rows, one file per published part
-    ROOT/predictions/_staging/...                 the part being written; ``_`` makes every reader skip it
+    ROOT/predictions/scored_date=YYYY-MM-DD/<run_id>.partNNNNN.parquet
+                                                  the run's rows, one file per published part, in the
+                                                  partition of the run's start date (UTC)
+    ROOT/_staging/<run_id>.partNNNNN.parquet      the part being written: outside predictions/, so no
+                                                  reader's glob (DuckDB's ``**`` included) meets it
     ROOT/metrics.parquet                          one row per finished run
     ROOT/slides.parquet                           per slide and per patient, current model
     ROOT/fields.parquet                           per field photograph, current model (``score --fields``)
@@ -18,12 +21,26 @@ written by ``malaria_ray.writer.PredictionWriter``; the manifests and metrics ro
 published, the ids and loose-file keys a model already scored (``--skip-scored``), and the
 ``slides.parquet`` view rebuilt from them (``metrics.evidence``).
 
-Readers: ``pandas.read_parquet(ROOT/predictions)``, ``pyarrow.dataset.dataset(ROOT/predictions)``
-and DuckDB ``read_parquet('ROOT/predictions/*.parquet')``. Pure: imports neither Ray nor TF.
+Partitions: Hive-style ``scored_date=YYYY-MM-DD``, the run's start date in UTC, so one run's parts
+share one partition and reading one night opens that night's files only:
+``pandas.read_parquet(ROOT/predictions, filters=[("scored_date", "==", "2026-12-05")])``,
+``pyarrow.dataset.dataset(ROOT/predictions, partitioning="hive")``, DuckDB
+``read_parquet('ROOT/predictions/*/*.parquet', hive_partitioning=true)`` and Spark
+``spark.read.parquet("ROOT/predictions")`` (each adds a ``scored_date`` column: pandas as a category,
+pyarrow as a string, DuckDB and Spark as a date). No second level by model: a part holds one model's
+rows and ``model_id`` is also a column of the file (a partition key of the same name clashes in
+every reader); a model's rows are found by the row-group statistics of ``model_id`` instead, which
+``_model_batches`` reads from the footers, so the other models' rows are never read.
+
+Roots written before the partitions (``predictions/<run_id>.partNNNNN.parquet``) are refused by
+``committed_files`` with one line naming ``malaria-ray migrate ROOT`` (``malaria_ray.migrate``),
+which moves them into their partitions: a flat part beside partitions trips DuckDB's and Spark's
+partition discovery. Pure: imports neither Ray nor TF.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import posixpath
 import re
@@ -49,6 +66,7 @@ METRICS_FILE, SLIDES_FILE, FIELDS_FILE = "metrics.parquet", "slides.parquet", "f
 # Rows the writer holds before it writes a row group: bounds the driver's memory (the rows of a
 # run are never all held) while keeping row groups large enough for readers to scan quickly.
 ROW_GROUP_ROWS = 8_192
+PART_KIND = "predictions part"  # what ``storage.require_columns`` calls a file it refuses
 ANY_DETECTOR = "*"  # ``_model_batches``: rows of cut-out cells and of every detector's field cells
 
 
@@ -61,10 +79,30 @@ def run_uri(root: str, run_id: str) -> str:
 
 
 PART_SUFFIX = re.compile(r"^(?P<run>.+)\.part(?P<part>\d{5})$")
+PARTITION_KEY = "scored_date"  # not a column of the files: a partition key of a column's name clashes in readers
+PARTITION = re.compile(rf"^{PARTITION_KEY}=(?P<date>\d{{4}}-\d{{2}}-\d{{2}})$")
 
 
 def part_name(run_id: str, part: int) -> str:
     return f"{run_id}.part{part:05d}.parquet"
+
+
+def scored_date(when: dt.datetime | None = None) -> str:
+    """The partition date of a run started at ``when`` (now when None): its UTC date."""
+    return (when or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def partition_name(date: str) -> str:
+    """``scored_date=YYYY-MM-DD``: the folder under predictions/ of the runs started that UTC day."""
+    name = f"{PARTITION_KEY}={date}"
+    if PARTITION.match(name) is None:
+        raise ValueError(f"a scored date is YYYY-MM-DD, not {date!r}")
+    return name
+
+
+def staging_uri(root: str) -> str:
+    """Where parts are written before they are published: outside predictions/."""
+    return storage.join(root, STAGING_DIR)
 
 
 STALE_STAGING_SECONDS = 24 * 3600  # older staging files belong to crashed runs, not running ones
@@ -72,44 +110,64 @@ STALE_STAGING_SECONDS = 24 * 3600  # older staging files belong to crashed runs,
 
 def remove_stale_staging(root: str, max_age_s: float = STALE_STAGING_SECONDS) -> list[str]:
     """Delete staging files that crashed runs left behind (older than ``max_age_s``); their names.
+    Both ``ROOT/_staging`` and ``predictions/_staging`` (where earlier versions staged parts).
 
     Readers never see staging files; this only returns their space. A staging file younger than
     the limit may belong to a run still writing under the same root, so it is left alone.
     """
-    import datetime as dt
-
-    fs, path = storage.filesystem(storage.join(predictions_uri(root), STAGING_DIR))
-    fs.invalidate_cache(path)  # other processes write here: never trust a cached listing
-    if not fs.exists(path):
-        return []
     now, removed = dt.datetime.now(dt.timezone.utc), []
-    for info in fs.ls(path, detail=True):
-        modified = fs.modified(info["name"])
-        if modified.tzinfo is None:  # local filesystems report naive UTC
-            modified = modified.replace(tzinfo=dt.timezone.utc)
-        if (now - modified).total_seconds() > max_age_s:
-            fs.rm(info["name"])
-            removed.append(posixpath.basename(info["name"]))
+    for where in (staging_uri(root), storage.join(predictions_uri(root), STAGING_DIR)):
+        fs, path = storage.filesystem(where)
+        fs.invalidate_cache(path)  # other processes write here: never trust a cached listing
+        if not fs.exists(path):
+            continue
+        for info in fs.ls(path, detail=True):
+            modified = fs.modified(info["name"])
+            if modified.tzinfo is None:  # local filesystems report naive UTC
+                modified = modified.replace(tzinfo=dt.timezone.utc)
+            if (now - modified).total_seconds() > max_age_s:
+                fs.rm(info["name"])
+                removed.append(posixpath.basename(info["name"]))
     return removed
 
 
-def committed_files(root: str) -> list[tuple[str, str]]:
-    """(run id, file name) of every published predictions file, oldest run and first part first."""
+def list_parts(root: str) -> tuple[list[tuple[str, int, str]], list[tuple[str, int, str]]]:
+    """(run id, part number, path under predictions/) of the published parts, and of the parts in
+    the flat layout of earlier versions (the path is then the file name), each sorted by run and
+    part. One recursive listing (on S3, one paginated LIST for a year of nights). Files under
+    ``_``/``.`` folders are skipped, as every reader skips them; other files are named and left out."""
     fs, path = storage.filesystem(predictions_uri(root))
     fs.invalidate_cache(path)  # other runs write here: never trust a cached listing
     if not fs.exists(path):
-        return []
-    found = []
-    for name in (posixpath.basename(p) for p in fs.ls(path, detail=False)):
-        if not name.endswith(".parquet") or name.startswith(("_", ".")):
+        return [], []
+    base, parts, flat = path.rstrip("/") + "/", [], []
+    for full in sorted(fs.find(path)):
+        rel = full[len(base):] if full.startswith(base) else posixpath.basename(full)
+        segments = rel.split("/")
+        if any(s.startswith(("_", ".")) for s in segments) or not rel.endswith(".parquet"):
             continue
-        m = PART_SUFFIX.match(name[: -len(".parquet")])
-        if m is None:
-            log.warning(f"{predictions_uri(root)}/{name} is not a published part (<run_id>.partNNNNN.parquet): "
-                        "left out of --skip-scored and the roll-ups")
-            continue
-        found.append((m.group("run"), int(m.group("part")), name))
-    return [(run, name) for run, _, name in sorted(found)]
+        m = PART_SUFFIX.match(segments[-1][: -len(".parquet")])
+        if m is not None and len(segments) == 2 and PARTITION.match(segments[0]):
+            parts.append((m.group("run"), int(m.group("part")), rel))
+        elif m is not None and len(segments) == 1:
+            flat.append((m.group("run"), int(m.group("part")), rel))
+        else:
+            log.warning(f"{predictions_uri(root)}/{rel} is not a published part "
+                        f"({PARTITION_KEY}=YYYY-MM-DD/<run_id>.partNNNNN.parquet): left out of --skip-scored and "
+                        "the roll-ups")
+    return sorted(parts), sorted(flat)
+
+
+def committed_files(root: str) -> list[tuple[str, str]]:
+    """(run id, path under predictions/) of every published predictions file, oldest run and first
+    part first. Raises ``StorageError`` on a root that still holds parts in the flat layout."""
+    parts, flat = list_parts(root)
+    if flat:
+        raise storage.StorageError(
+            f"{predictions_uri(root)} holds {len(flat)} part(s) in the flat layout of earlier versions "
+            f"(e.g. {flat[0][2]}): run `malaria-ray migrate {root}` once to move them into "
+            f"{PARTITION_KEY}=YYYY-MM-DD/ partitions")
+    return [(run, rel) for run, _, rel in parts]
 
 
 def committed_runs(root: str) -> list[str]:
@@ -125,7 +183,9 @@ def run_table(root: str, run_id: str, columns: list[str]) -> pa.Table:
     for run, name in committed_files(root):
         if run == run_id:
             with fs.open(posixpath.join(pred_path, name), "rb") as f:
-                tables.append(pq.read_table(f, columns=columns))
+                pf = pq.ParquetFile(f)
+                storage.require_columns(pf.schema_arrow, columns, f"{predictions_uri(root)}/{name}", PART_KIND)
+                tables.append(pf.read(columns=columns, use_threads=False))
     return pa.concat_tables(tables) if tables else PREDICTIONS_SCHEMA.empty_table().select(columns)
 
 
@@ -137,6 +197,9 @@ def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool =
     run first, one file and one row group at a time on this thread. Parts written before field
     photographs were scored lack the field columns: read as nulls (cut-out cells). Parts written
     before error rows had a kind have no ``error_kind`` column: their error rows count as permanent.
+    A part lacking another column stops the reader with its name (``storage.require_columns``).
+    Row groups whose ``model_id`` statistics exclude ``model_id`` are not read: the other models'
+    parts cost their footers only.
 
     Not ``pyarrow.dataset``: its scanner reads ahead on Arrow's thread pools, and the driver's
     memory then grew with the store (docs/benchmarks.md, driver memory).
@@ -146,14 +209,15 @@ def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool =
     for _run_id, name in reversed(committed_files(root)):
         with fs.open(posixpath.join(pred_path, name), "rb") as f:
             pf = pq.ParquetFile(f)
-            missing = sorted(set(read) - set(pf.schema_arrow.names) - set(FIELD_COLUMNS))
-            if missing:
-                raise storage.StorageError(f"{predictions_uri(root)}/{name} lacks column(s) {', '.join(missing)}: "
-                                           "not a predictions part of this version; move it out of the output root")
+            storage.require_columns(pf.schema_arrow, [c for c in read if c not in FIELD_COLUMNS],
+                                    f"{predictions_uri(root)}/{name}", PART_KIND)
+            groups = model_row_groups(pf, model_id)
+            if not groups:
+                continue
             present = [c for c in read if c in pf.schema_arrow.names]
             kinds = settled and COL_ERROR_KIND in pf.schema_arrow.names
-            for batch in pf.iter_batches(batch_size=ROW_GROUP_ROWS, columns=present + [COL_ERROR_KIND] * kinds,
-                                         use_threads=False):
+            for batch in pf.iter_batches(batch_size=ROW_GROUP_ROWS, row_groups=groups,
+                                         columns=present + [COL_ERROR_KIND] * kinds, use_threads=False):
                 for c in read:
                     if c not in present:  # an older part: cut-out cells only
                         batch = batch.append_column(PREDICTIONS_SCHEMA.field(c), pa.nulls(batch.num_rows,
@@ -170,6 +234,23 @@ def _model_batches(root: str, model_id: str, columns: list[str], ok_only: bool =
                 batch = batch.filter(keep).select(columns)
                 if batch.num_rows:
                     yield batch
+
+
+def model_row_groups(pf: pq.ParquetFile, model_id: str) -> list[int]:
+    """The row groups of ``pf`` that may hold rows of ``model_id``, by the ``model_id`` column's
+    min/max statistics in the footer (a row group without them is kept)."""
+    meta = pf.metadata
+    col = next((i for i in range(meta.num_columns) if meta.schema.column(i).path == COL_MODEL_ID), None)
+    keep = []
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(col).statistics if col is not None else None
+        if stats is None or not stats.has_min_max:
+            keep.append(g)
+            continue
+        low, high = (v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in (stats.min, stats.max))
+        if low <= model_id <= high:
+            keep.append(g)
+    return keep
 
 
 def scored_ids(root: str, model_id: str) -> np.ndarray:

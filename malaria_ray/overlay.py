@@ -204,7 +204,10 @@ def _rows_of(root: str, uris: set[str], files: list[tuple[str, str]]) -> dict[tu
     wanted, found = pa.array(sorted(uris)), {}
     for _run, name in files:
         with fs.open(posixpath.join(pred_path, name), "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(columns=_READ, use_threads=False):
+            pf = pq.ParquetFile(f)
+            storage.require_columns(pf.schema_arrow, _READ, f"{outputs.predictions_uri(root)}/{name}",
+                                    outputs.PART_KIND)
+            for batch in pf.iter_batches(columns=_READ, use_threads=False):
                 batch = batch.filter(pc.is_in(batch.column(COL_URI), wanted))
                 for uri, run in {(u, r) for u, r in zip(batch.column(COL_URI).to_pylist(),
                                                         batch.column(COL_RUN_ID).to_pylist())}:
@@ -255,7 +258,9 @@ def write_sheet(root: str, run_id: str, fields_table: pa.Table, parts: list[str]
     uris = choose_fields(fields_table, run_id, n)
     if not uris:
         return []
-    found = _rows_of(root, set(uris), [(run_id, p) for p in parts])
+    names = set(parts)  # the manifest's file names; the files lie in the run's partition
+    found = _rows_of(root, set(uris), [(r, rel) for r, rel in outputs.committed_files(root)
+                                       if r == run_id and posixpath.basename(rel) in names])
     tiles = []
     for uri in uris:
         cells = _cells(pa.concat_tables(found[(uri, run_id)]), uri, run_id)

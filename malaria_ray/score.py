@@ -327,6 +327,12 @@ def preflight(cfg: ScoreConfig) -> Preflight:
     Entrypoints run this before Ray starts, so a mistyped path costs a second, not a cluster start.
     """
     check_paths(cfg)
+    try:
+        outputs.committed_files(cfg.output)  # a root in the flat layout of earlier versions: refused before Ray
+    except storage.StorageError:
+        raise
+    except Exception:  # noqa: BLE001 - an output it cannot list yet: check_writable says why, later
+        pass
     fs, path = storage.filesystem(cfg.input)
     try:
         found = fs.exists(path)

@@ -3,7 +3,7 @@
 Commit protocol (layout in ``malaria_ray.outputs``): a run holds the root's lease
 (``malaria_ray.lease``) from start to end. It writes ``runs/<run_id>/config.json`` and a manifest
 that says ``"finished": false`` (``begin``), then streams its rows into a part in
-``predictions/_staging/`` (``write``). When a part is full (``--commit-every-rows`` rows or
+``_staging/`` (``write``). When a part is full (``--commit-every-rows`` rows or
 ``--commit-every-minutes``), it is published in one atomic step (a POSIX rename locally; on S3 one
 server-side copy, which creates the object whole or not at all) and the manifest lists it. At the
 end (``finish``) the last part is published and the manifest says ``"finished": true`` with the
@@ -118,13 +118,15 @@ class ScoringRun:
         left out because this model already scored them as they are; ``detector``: a ``--fields``
         run's cell detector (its key and parameters, recorded in the manifest)."""
         self.cfg, self.model_id, self.unfinished, self.unchanged = cfg, model_id, unfinished, unchanged
+        started = dt.datetime.now(dt.timezone.utc)  # its UTC date is the partition of all the run's parts
         storage.write_text(storage.join(outputs.run_uri(self.root, self.run_id), "config.json"),
                            dataclasses.replace(cfg, run_id=self.run_id).to_json())
         self.manifest = {
             "run_id": self.run_id, "model_id": model_id, "model": storage.redact(cfg.model),
             "input": storage.redact(cfg.input), "image_size": image_size, "identity_manifest": cfg.manifest,
             "identity_manifest_rows": identity_rows, "threshold": cfg.threshold, "finished": False, "parts": [],
-            "rows_committed": 0, "completes": unfinished, "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "rows_committed": 0, "completes": unfinished, "started_at": started.isoformat(),
+            "partition": outputs.partition_name(outputs.scored_date(started)),
             "units": {k: listing.count(k) for k in sources.UNIT_KINDS}, "fields": cfg.fields, "detector": detector,
             "backend": cfg.backend, "precision": cfg.precision,
             "commit": "rows are committed part by part: every file listed in `parts` is whole and final"}
@@ -134,7 +136,8 @@ class ScoringRun:
                        schema.STATUS_FOLDER_LINK: 0, **({schema.COUNT_FIELDS: 0} if cfg.fields else {})}
         self.accumulator = metrics.MetricsAccumulator(cfg.threshold)
         self.writer = PredictionWriter(self.root, self.run_id, part_rows=cfg.commit_every_rows,
-                                       part_seconds=60 * cfg.commit_every_minutes, on_part=self._on_part)
+                                       part_seconds=60 * cfg.commit_every_minutes, on_part=self._on_part,
+                                       scored_date=outputs.scored_date(started))
 
     def _write_manifest(self, **update) -> None:
         self.manifest.update(update)

@@ -174,7 +174,8 @@ def stream_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainCon
             rows = rows.random_shuffle(seed=cfg.seed)
         (rows.select_columns([*TRAIN_COLUMNS, COL_SUBSET, COL_ERROR])
          .map_batches(_string_errors, batch_size=None, batch_format="pyarrow")
-         .write_parquet(path, filesystem=arrow_fs, partition_cols=[COL_SUBSET], max_rows_per_file=SHARD_ROWS))
+         .write_parquet(path, filesystem=arrow_fs, partition_cols=[COL_SUBSET], max_rows_per_file=SHARD_ROWS,
+                        compression=storage.PARQUET_CODEC))
         with fs.open(storage.join(path, DECODED_DONE), "w") as f:
             f.write(json.dumps({"fingerprint": fingerprint, "images": len(listing), "image_size": cfg.image_size}))
         log.info(f"decoded shards written in {time.perf_counter() - t0:.0f}s")
@@ -197,9 +198,11 @@ def stream_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainCon
 
 def _string_errors(table: pa.Table) -> pa.Table:
     """The error column typed as strings, also in a block without errors (all-null would be
-    written as another type, and the shards' schemas would not merge)."""
+    written as another type, and the shards' schemas would not merge); the project's schema
+    version in the metadata, which Ray's writer keeps (``storage.versioned``)."""
     i = table.schema.get_field_index(COL_ERROR)
-    return table.set_column(i, COL_ERROR, table.column(i).cast(pa.string()))
+    table = table.set_column(i, COL_ERROR, table.column(i).cast(pa.string()))
+    return table.replace_schema_metadata(storage.versioned(table.schema).metadata)
 
 
 def remove_decoded(cfg: TrainConfig) -> None:

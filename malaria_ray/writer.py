@@ -1,5 +1,6 @@
-"""The part writer of a scoring run: prediction rows into ``predictions/<run_id>.partNNNNN.parquet``,
-each part written in ``predictions/_staging/`` and published whole, in one step.
+"""The part writer of a scoring run: prediction rows into
+``predictions/scored_date=YYYY-MM-DD/<run_id>.partNNNNN.parquet``, each part written in ``_staging/``
+(beside predictions/, never inside it) and published whole, in one step.
 
 Layout of the output root: ``malaria_ray.outputs``; the commit protocol the writer serves:
 ``malaria_ray.scoringrun``. Pure: imports neither Ray nor TF.
@@ -13,7 +14,6 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from malaria_ray import outputs, storage
 from malaria_ray.schema import PREDICTIONS_SCHEMA
@@ -30,11 +30,14 @@ class PredictionWriter:
     A run killed at any point keeps every published part: readers see whole files only, and the
     next ``--skip-scored`` run skips what they hold. ``on_part(writer)`` runs after each publish
     (the run's manifest records the parts). Without ``commit``, the open part stays in staging.
+    ``scored_date``: the partition of every part of the run (``outputs.scored_date``; today, UTC,
+    when None), so that one run's parts share one.
     """
 
     def __init__(self, root: str, run_id: str, part_rows: int = 100_000, part_seconds: float = 600.0,
-                 on_part=None) -> None:
+                 on_part=None, scored_date: str | None = None) -> None:
         self.root, self.run_id = root, run_id
+        self.partition = outputs.partition_name(scored_date or outputs.scored_date())
         self.part_rows, self.part_seconds, self.on_part = part_rows, part_seconds, on_part
         self.parts: list[str] = []  # URIs of the published parts, in order
         self.rows = 0  # rows written, published or not
@@ -50,12 +53,12 @@ class PredictionWriter:
 
     def _start(self) -> None:
         name = outputs.part_name(self.run_id, len(self.parts) + 1)
-        self.staging_uri = storage.join(outputs.predictions_uri(self.root), outputs.STAGING_DIR, name)
-        self.final_uri = storage.join(outputs.predictions_uri(self.root), name)
+        self.staging_uri = storage.join(outputs.staging_uri(self.root), name)
+        self.final_uri = storage.join(outputs.predictions_uri(self.root), self.partition, name)
         self._fs, self._path = storage.filesystem(self.staging_uri)
         self._fs.makedirs(posixpath.dirname(self._path), exist_ok=True)
         self._file = self._fs.open(self._path, "wb")
-        self._writer = pq.ParquetWriter(self._file, PREDICTIONS_SCHEMA, compression="zstd")
+        self._writer = storage.parquet_writer(self._file, PREDICTIONS_SCHEMA)
         self._pending = []
         self._pending_rows = self._part_rows = 0
         self._started = time.monotonic()
@@ -104,7 +107,8 @@ class PredictionWriter:
             pass
 
     def commit(self) -> None:
-        """Publish the closed part: ``predictions/<run_id>.partNNNNN.parquet`` appears whole, in one step."""
+        """Publish the closed part: ``predictions/scored_date=.../<run_id>.partNNNNN.parquet``
+        appears whole, in one step."""
         if not self._closed_part:
             return
         fs, final = storage.filesystem(self.final_uri)
@@ -112,6 +116,7 @@ class PredictionWriter:
             fs.copy(self._path, final)  # server-side CopyObject: the object appears whole
             fs.rm(self._path)
         else:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
             os.replace(self._path, final)
         self._closed_part = False
         self.parts.append(self.final_uri)

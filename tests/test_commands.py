@@ -151,6 +151,27 @@ def test_bad_input_exits_2_with_one_line_and_no_ray_left(tmp_path):
         assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, (cmd, r.stderr[-2000:])
 
 
+def test_migrate_moves_an_old_root_into_partitions_that_score_then_reads(tmp_path):
+    """A root in the flat layout of earlier versions: ``score`` refuses it with one line naming
+    ``malaria-ray migrate`` (before any Ray starts), ``migrate`` moves it, and says so once."""
+    from test_layout import old_root
+
+    old_root(tmp_path / "old")
+    (tmp_path / "night").mkdir()
+    r = run("malaria-ray", "score", "--input", "night", "--model", "m.keras", "--output", "old", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "malaria-ray: error: old/predictions holds 6 part(s) in the flat layout of earlier versions (e.g. "
+        "20250101T230000Z-aaaaaa.part00001.parquet): run `malaria-ray migrate old` once to move them into "
+        "scored_date=YYYY-MM-DD/ partitions"), r.stderr[-2000:]
+    r = run("malaria-ray", "migrate", "old", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("malaria-ray migrate: moved 6 part(s) of 3 run(s)"), r.stderr
+    assert len(pd.read_parquet(tmp_path / "old" / "predictions")) == 18
+    r = run("malaria-ray", "migrate", "old", cwd=tmp_path)
+    assert r.returncode == 0 and "nothing to move" in r.stdout
+    r = run("malaria-ray", "migrate", "missing", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "malaria-ray: error: missing does not exist: nothing to migrate"
+
+
 def test_train_resumes_after_its_driver_is_killed(small_corpus, tmp_path):
     """SIGKILL the training driver after its second checkpoint; its local Ray goes with it; the
     same command refuses to start over the unfinished run; --resume finishes it from the last
@@ -235,7 +256,7 @@ def test_a_killed_scoring_night_keeps_what_it_scored(night, score_model, tmp_pat
                                 start_new_session=True)
     preds = tmp_path / "out" / "predictions"
     deadline = time.monotonic() + 300
-    while len(list(preds.glob("*.part*.parquet"))) < 2:
+    while len(list(preds.glob("scored_date=*/*.part*.parquet"))) < 2:
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no two committed parts in time"
         time.sleep(0.05)
@@ -253,9 +274,10 @@ def test_a_killed_scoring_night_keeps_what_it_scored(night, score_model, tmp_pat
     assert first["finished"] is False, "the run finished before the kill"
     kept = pd.read_parquet(preds)
     assert 200 <= len(kept) < 2000 and kept["uri"].is_unique
-    assert pads.dataset(str(preds), format="parquet").count_rows() == len(kept)
-    assert duckdb.connect().execute(f"select count(*) from read_parquet('{preds}/*.parquet')").fetchall() == [(len(kept),)]
-    assert len(first["parts"]) <= len(list(preds.glob("*.parquet")))
+    assert pads.dataset(str(preds), format="parquet", partitioning="hive").count_rows() == len(kept)
+    assert duckdb.connect().execute(f"select count(*) from read_parquet('{preds}/**/*.parquet', hive_partitioning=true)"
+                                    ).fetchall() == [(len(kept),)]
+    assert len(first["parts"]) <= len(list(preds.glob("scored_date=*/*.parquet")))
 
     r = run(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

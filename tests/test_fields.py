@@ -166,7 +166,7 @@ def test_score_fields_cells_fields_table_roll_ups_and_rescore_on_detector_change
     assert "entries                    7" in score.summary(first).replace(",", "")
 
     preds = pd.read_parquet(out / "predictions")
-    assert list(preds.columns) == schema.PREDICTIONS_SCHEMA.names
+    assert list(preds.columns) == [*schema.PREDICTIONS_SCHEMA.names, outputs.PARTITION_KEY]  # the partition's column
     cells = preds[preds[schema.COL_ERROR].isna()]
     assert cells[schema.COL_IMAGE_ID].is_unique and cells[schema.COL_PROB].between(0, 1).all()
     for rel, n in expected.items():

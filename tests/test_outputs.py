@@ -28,9 +28,12 @@ def prediction_table(run_id: str, n: int) -> pa.Table:
 
 
 def test_parts_written_before_field_columns_read_as_cut_out_cells(tmp_path):
-    """An output root of an earlier version (parts without the field columns) keeps working:
+    """An output root of an earlier version (flat parts without the field columns, as that
+    version's writer left them) is refused until ``migrate`` moves it into its partition; then
     --skip-scored and the roll-ups read its rows as cut-out cells, and a field run skips none."""
     import pyarrow.parquet as pq
+
+    from malaria_ray import migrate, storage
 
     root = str(tmp_path)
     old = prediction_table("20250101T000000Z-aaaaaa", 4).drop_columns(list(schema.FIELD_COLUMNS))
@@ -38,6 +41,9 @@ def test_parts_written_before_field_columns_read_as_cut_out_cells(tmp_path):
                          pa.array(["1:1"] * 4))
     os.makedirs(os.path.join(root, "predictions"))
     pq.write_table(old, os.path.join(root, "predictions", outputs.part_name("20250101T000000Z-aaaaaa", 0)))
+    with pytest.raises(storage.StorageError, match=r"flat layout.*malaria-ray migrate"):
+        outputs.scored_ids(root, "m")
+    assert migrate.migrate(root).runs == {"20250101T000000Z-aaaaaa": "scored_date=2025-01-01"}
     assert len(outputs.scored_ids(root, "m")) == 4
     assert len(outputs.scored_sources(root, "m")) == 4, "cut-out cells' rows: detector None"
     assert len(outputs.scored_sources(root, "m", "abc")) == 0 and len(outputs.scored_fields(root, "m", "abc")) == 0
@@ -59,10 +65,12 @@ def test_uncommitted_run_is_invisible_to_every_reader(tmp_path):
     crashed.write(prediction_table("20250102T000000Z-bbbbbb", 7))
     crashed.close()
     pred = os.path.join(root, "predictions")
-    assert os.path.exists(crashed.staging_uri)
+    assert os.path.exists(crashed.staging_uri) and not crashed.staging_uri.startswith(pred)
     assert len(pd.read_parquet(pred)) == 5
-    assert pads.dataset(pred, format="parquet").count_rows() == 5
-    assert duckdb.connect().execute(f"select count(*) from read_parquet('{pred}/*.parquet')").fetchall() == [(5,)]
+    assert pads.dataset(pred, format="parquet", partitioning="hive").count_rows() == 5
+    for glob in ("*/*.parquet", "**/*.parquet"):
+        assert duckdb.connect().execute(f"select count(*) from read_parquet('{pred}/{glob}', hive_partitioning=true)"
+                                        ).fetchall() == [(5,)]
     assert outputs.committed_runs(root) == ["20250101T000000Z-aaaaaa"]
     assert outputs.scored_ids(root, "m").tolist() == [f"id{i}".encode() for i in range(5)]
     assert pd.read_parquet(pred).dtypes[schema.COL_PROB] == np.float32
@@ -73,14 +81,17 @@ def test_uncommitted_run_is_invisible_to_every_reader(tmp_path):
 def test_stale_staging_files_of_crashed_runs_are_removed(tmp_path):
     import time
 
-    staging = tmp_path / "root" / outputs.PREDICTIONS_DIR / outputs.STAGING_DIR
-    staging.mkdir(parents=True)
-    for name in ("old.parquet", "fresh.parquet"):
-        (staging / name).write_bytes(b"partial")
+    staging = tmp_path / "root" / outputs.STAGING_DIR
+    earlier = tmp_path / "root" / outputs.PREDICTIONS_DIR / outputs.STAGING_DIR  # where earlier versions staged
     old = time.time() - outputs.STALE_STAGING_SECONDS - 60
-    os.utime(staging / "old.parquet", (old, old))
-    assert outputs.remove_stale_staging(str(tmp_path / "root")) == ["old.parquet"]
-    assert sorted(p.name for p in staging.iterdir()) == ["fresh.parquet"]
+    for where, tag in ((staging, ""), (earlier, "earlier-")):
+        where.mkdir(parents=True)
+        for name in ("old.parquet", "fresh.parquet"):
+            (where / f"{tag}{name}").write_bytes(b"partial")
+        os.utime(where / f"{tag}old.parquet", (old, old))
+    assert outputs.remove_stale_staging(str(tmp_path / "root")) == ["old.parquet", "earlier-old.parquet"]
+    assert [p.name for p in staging.iterdir()] == ["fresh.parquet"]
+    assert [p.name for p in earlier.iterdir()] == ["earlier-fresh.parquet"]
     assert outputs.remove_stale_staging(str(tmp_path / "empty-root")) == []
 
 
@@ -214,7 +225,7 @@ def test_a_failed_scoring_run_says_why_and_publishes_nothing_more(tmp_path):
         run.fail(RuntimeError("the model did not load"))
     m = manifests.read_manifest(root, run_id)
     assert m["failed"] == "RuntimeError: the model did not load" and not m["finished"]
-    assert outputs.committed_runs(root) == [] and not os.listdir(tmp_path / outputs.PREDICTIONS_DIR / outputs.STAGING_DIR)
+    assert outputs.committed_runs(root) == [] and not os.listdir(outputs.staging_uri(root))
     with ScoringRun(root, "20250101T000000Z-cccccc") as run:  # nothing to score at all: a user error
         run.begin(cfg, "m", 32, listing, identity_rows=0, unfinished=[], unchanged=0)
         run.close()
@@ -242,8 +253,8 @@ def test_files_that_are_not_parts_of_this_version_are_named_not_read(tmp_path, c
     assert "compacted.parquet is not a published part" in caplog.text
     assert len(outputs.scored_ids(root, "m")) == 3
     pq.write_table(prediction_table("20250102T000000Z-bbbbbb", 2).drop_columns([schema.COL_SOURCE_VERSION]),
-                   pred / outputs.part_name("20250102T000000Z-bbbbbb", 1))
-    with pytest.raises(storage.StorageError, match="lacks column.*source_version"):
+                   pred / w.partition / outputs.part_name("20250102T000000Z-bbbbbb", 1))
+    with pytest.raises(storage.StorageError, match=r"lacks column\(s\) source_version \(schema version 0"):
         outputs.scored_sources(root, "m")
     manifests.write_manifest(root, "20250101T000000Z-aaaaaa", {"run_id": "20250101T000000Z-aaaaaa"})
     assert manifests.finished_runs(root) == []

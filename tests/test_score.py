@@ -125,7 +125,7 @@ def test_score_folder_outputs_and_incremental_rerun(ray_session, sample_dir, sco
     assert "committed" in text and "true Parasitized" in text and str(out) in text
 
     df = read_predictions(out)
-    assert list(df.columns) == schema.PREDICTIONS_SCHEMA.names
+    assert list(df.columns) == [*schema.PREDICTIONS_SCHEMA.names, outputs.PARTITION_KEY]  # the partition's column
     assert len(df) == n_inputs and df[schema.COL_URI].is_unique
     assert df[schema.COL_ERROR].notna().sum() == n_errors
     assert df.loc[df[schema.COL_ERROR].isna(), schema.COL_PROB].between(0, 1).all()
@@ -135,7 +135,8 @@ def test_score_folder_outputs_and_incremental_rerun(ray_session, sample_dir, sco
     assert df[schema.COL_PATIENT].notna().sum() >= n  # NIH names carry the patient
 
     con = duckdb.connect()
-    assert con.execute(f"select count(*) from read_parquet('{out}/predictions/*.parquet')").fetchall() == [(n_inputs,)]
+    assert con.execute(f"select count(*) from read_parquet('{out}/predictions/**/*.parquet', hive_partitioning=true)"
+                       ).fetchall() == [(n_inputs,)]
     m = con.execute(f"select tp+fp+fn+tn, n_images, n_errors, accuracy from read_parquet('{out}/metrics.parquet')").fetchall()
     labelled = n_inputs - n_errors
     assert m[0][:3] == (labelled, n_inputs, n_errors) and 0 <= m[0][3] <= 1
@@ -268,7 +269,7 @@ def test_exit_codes_and_one_line_reasons(ray_session, sample_dir, score_model, l
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("malaria-ray: error:")]
         assert len(err) == 1 and needle.lower() in err[0].lower(), (needle, err)
         assert not (pathlib.Path(out) / "predictions").exists() or not list(
-            (pathlib.Path(out) / "predictions").glob("*.parquet")), needle
+            (pathlib.Path(out) / "predictions").rglob("*.parquet")), needle
         # A failed run gives its actors' CPUs back (else the next run in this process would wait).
         deadline = time.monotonic() + 30
         while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]:
@@ -319,7 +320,9 @@ def test_s3_input_and_output_through_a_real_s3_server(ray_session, moto_s3, samp
     table = pads.dataset(f"{path}", filesystem=fs, format="parquet").to_table()
     assert table.num_rows == n
     assert fs.exists("scores/nightly/metrics.parquet") and fs.exists("scores/nightly/slides.parquet")
-    assert not fs.exists("scores/nightly/predictions/_staging") or not fs.ls("scores/nightly/predictions/_staging")
+    assert not fs.exists("scores/nightly/_staging") or not fs.ls("scores/nightly/_staging")
+    assert all(re.match(r"scores/nightly/predictions/scored_date=\d{4}-\d\d-\d\d/[^/]+\.part\d{5}\.parquet$", k)
+               for k in fs.find("scores/nightly/predictions")), fs.find("scores/nightly/predictions")
     assert run_cli(*args) == 0  # nightly rerun: nothing new
     fs.invalidate_cache()
     assert pads.dataset(f"{path}", filesystem=fs, format="parquet").count_rows() == n

@@ -15,6 +15,7 @@ from PIL import Image
 
 from malaria_ray import checkpoint, corpus, faults, train
 from malaria_ray.config import TrainConfig
+from test_layout import assert_project_parquet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -349,6 +350,8 @@ def test_streamed_archive_corpus_is_shuffled_row_by_row_into_mixed_shards(small_
     shards = sorted((tmp_path / "run" / train.DECODED_DIR / "subset=train").glob("*.parquet"))
     mixed = [pd.read_parquet(f, columns=["label"])["label"].nunique() == 2 for f in shards]
     assert len(shards) >= 3 and all(mixed), mixed
+    for f in shards:  # Ray Data's writer too: the project's codec and schema version
+        assert_project_parquet(f)
     assert train_ds.count() == int((~corpus.make_split(listing, "random", 0.3, 0)).sum())
 
 
@@ -377,6 +380,8 @@ def test_streamed_training_runs_from_decoded_shards_and_removes_them(small_corpu
     slides = patients.filter(pc.equal(patients.column(schema.COL_LEVEL), "slide")).to_pandas()
     assert slides[schema.COL_N_CELLS].sum() == preds["error"].isna().sum()
     assert "Evidence by patient" in (out / "model_card.md").read_text()
+    for name in ("history", "predictions", "split", "patients", "metrics"):
+        assert_project_parquet(out / f"{name}.parquet")
 
 
 @pytest.mark.ray
