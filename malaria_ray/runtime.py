@@ -34,8 +34,8 @@ log = logs.get("ray")
 
 
 def check_metrics_port(port: int | None) -> None:
-    """Before Ray starts: the port is one, and free on this machine. (Ray's metrics agent on a
-    taken port does not fail ``ray.init``; the endpoint would just never answer.)"""
+    """Before Ray starts: the port is one, and free on this machine. (On a taken port Ray 2.60's
+    ``ray.init`` waits 30 s and fails with "The current node timed out during startup".)"""
     if port is None:
         return
     if not 1024 <= port <= 65535:
