@@ -185,10 +185,21 @@ def parse_train(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
     return config_from_args(TrainConfig, args, preset), False
 
 
-def score_config(argv: Sequence[str] | None = None) -> ScoreConfig:
+def parse_score(argv: Sequence[str] | None = None) -> tuple[ScoreConfig, int | None]:
+    """(config, metrics export port): the port is how this command's Ray runs, not part of the
+    run, so it is not in the config (``runtime.ray_for``)."""
     p = argparse.ArgumentParser(prog="malaria-ray score", description="Bulk-score cell images with Ray Data.")
     add_score_args(p)
-    return config_from_args(ScoreConfig, p.parse_args(argv))
+    p.add_argument("--metrics-export-port", type=int, metavar="PORT",
+                   help="the local Ray this command starts serves Prometheus metrics (Ray's and the run's "
+                   "ray_malaria_*, docs/operations.md) on http://127.0.0.1:PORT/metrics while it runs; not with "
+                   "RAY_ADDRESS (a cluster's nodes export on their `ray start --metrics-export-port`)")
+    args = p.parse_args(argv)
+    return config_from_args(ScoreConfig, args), args.metrics_export_port
+
+
+def score_config(argv: Sequence[str] | None = None) -> ScoreConfig:
+    return parse_score(argv)[0]
 
 
 def run_guarded(fn: Callable[[], int]) -> int:
@@ -233,11 +244,11 @@ def _train(argv: list[str]) -> int:
 
 def _score(argv: list[str]) -> int:
     def go() -> int:
-        cfg = score_config(argv)
+        cfg, metrics_port = parse_score(argv)
         from malaria_ray import runtime, score
 
         checked = score.preflight(cfg)
-        with runtime.ray_for("score"):
+        with runtime.ray_for("score", metrics_port):
             return score.main(cfg, checked)
 
     return run_guarded(go)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from malaria_ray import backends, corpus, faults, fieldeval, fields, ingest, logs, manifests, metrics, outputs, resources, sources
-from malaria_ray import storage
+from malaria_ray import storage, telemetry
 from malaria_ray import schema
 from malaria_ray.config import DEFAULT_THRESHOLD, ConfigError, CorpusError, ScoreConfig
 from malaria_ray.model import ModelError, check_contract, inspect_artifact, read_contract, resize_of
@@ -46,11 +46,12 @@ class Scorer:
 
     def __init__(self, model_uri: str, model_id: str, threshold: float, run_id: str, fault: str | None = None,
                  pad_to: int | None = None, precision: str = "fp32", backend: str = "tensorflow",
-                 batch_size: int = 1) -> None:
+                 batch_size: int = 1, input_: str = telemetry.INPUT_CELLS) -> None:
         """``pad_to``: GPU actors pad every batch to this many images, so the device sees one shape
         (cuDNN picks its kernels once; a short last batch does not pick again). ``backend``: the
         Keras backend this actor's process was started on (``backends.with_backend``);
-        ``batch_size``: the batches to expect (the predictor is compiled for them here)."""
+        ``batch_size``: the batches to expect (the predictor is compiled for them here); ``input_``:
+        what the rows are, for the metrics (``telemetry``: cut-out cells, or cells of fields)."""
         from malaria_ray.backends import predictor, start
         from malaria_ray.model import bf16_copy, load_model
 
@@ -68,7 +69,7 @@ class Scorer:
         except ModelError as exc:
             self.error = exc
         self.model_id, self.threshold, self.run_id, self.fault = model_id, float(threshold), run_id, fault
-        self.calls, self.pad_to = 0, pad_to
+        self.calls, self.pad_to, self.input = 0, pad_to, input_
 
     def __call__(self, batch):
         """A pyarrow batch in, a pyarrow batch out: the text columns pass through as Arrow columns,
@@ -90,7 +91,11 @@ class Scorer:
             x = pixels(batch.column(schema.COL_PIXELS))[ok]
             if self.pad_to and len(x) % self.pad_to:
                 x = np.concatenate([x, np.zeros((self.pad_to - len(x) % self.pad_to, *x.shape[1:]), x.dtype)])
+            started = time.perf_counter()
             prob[ok] = self.predict(x)[:int(ok.sum())]
+            telemetry.observe_predict(time.perf_counter() - started, self.run_id, self.model_id)
+        telemetry.count_rows(status, batch.column(schema.COL_ERROR_KIND) if schema.COL_ERROR_KIND in batch.column_names
+                             else None, self.run_id, self.model_id, self.input, model_failed=self.error is not None)
         pred = np.where(prob >= self.threshold, schema.POSITIVE_CLASS, schema.NEGATIVE_CLASS).astype(object)
         pred[~ok] = None
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
@@ -259,7 +264,8 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Units, size: int, skip_ids
     # --batch-size rows, or one archive would be one block and so one decode task.
     ds = ds.repartition(target_num_rows_per_block=raw_rows)
     if cfg.fields:
-        ds = ds.map_batches(fields.prepare_fields, batch_size=None, batch_format="numpy", num_cpus=1,
+        ds = ds.map_batches(telemetry.counting_fields(fields.prepare_fields, run_id), batch_size=None,
+                            batch_format="numpy", num_cpus=1,
                             fn_kwargs={"image_size": size, "params": detector_params(cfg), "skip_fields": skip_ids,
                                        "known": known, "max_pixels": int(cfg.max_field_megapixels * 1e6)},
                             **remote_args)
@@ -273,7 +279,8 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Units, size: int, skip_ids
         fn_constructor_kwargs={"model_uri": cfg.model, "model_id": model_id, "threshold": cfg.threshold,
                                "run_id": run_id, "fault": faults.armed(),
                                "pad_to": cfg.batch_size if cfg.gpus_per_actor else None, "precision": cfg.precision,
-                               "backend": cfg.backend, "batch_size": cfg.batch_size},
+                               "backend": cfg.backend, "batch_size": cfg.batch_size,
+                               "input_": telemetry.INPUT_FIELDS if cfg.fields else telemetry.INPUT_CELLS},
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a killed
         # actor restarts and its in-flight batch is retried (tests/test_score.py kills one).
         # The memory reservation keeps Ray from packing more actors on a node than fit. It also
