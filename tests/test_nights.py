@@ -51,10 +51,8 @@ def test_drift_compares_the_positive_rate_only_with_nights_of_the_same_model_and
     assert [b.flagged for b in nights.drift_at(rows, 10).values()] == [True, False]  # the first night at 0.3
 
 
-def test_older_metrics_rows_without_the_night_columns_still_read_and_render(tmp_path):
-    """A row written before the night columns existed is concatenated with new ones (nulls), filled
-    from its manifest where the manifest knows, and the page renders both."""
-    root = str(tmp_path / "root")
+def _old_and_new_night(root: str) -> None:
+    """Two finished nights under ``root``: one whose metrics row predates the night columns, one new."""
     old_row = {schema.COL_RUN_ID: "20250101T000000Z-old", schema.COL_MODEL_ID: "m1", schema.COL_THRESHOLD: 0.5,
                schema.COL_N_IMAGES: 100, schema.COL_N_ERRORS: 4, schema.COL_N_LABELLED: 0,
                **dict.fromkeys(schema.METRIC_COUNTS, 0), **dict.fromkeys(schema.METRIC_RATES, None)}
@@ -71,6 +69,13 @@ def test_older_metrics_rows_without_the_night_columns_still_read_and_render(tmp_
                schema.COL_N_SCORED: 100, schema.COL_N_ERRORS: 0, schema.COL_POS_RATE: 0.25, schema.COL_N_PRED_POS: 25}
     manifests.write_run_metrics(root, new_row[schema.COL_RUN_ID], new_row)
     manifests.write_manifest(root, new_row[schema.COL_RUN_ID], {"finished": True})
+
+
+def test_older_metrics_rows_without_the_night_columns_still_read_and_render(tmp_path):
+    """A row written before the night columns existed is concatenated with new ones (nulls), filled
+    from its manifest where the manifest knows, and the page renders both."""
+    root = str(tmp_path / "root")
+    _old_and_new_night(root)
     table = manifests.rebuild_metrics(root)
     assert table.num_rows == 2 and set(schema.METRICS_COLUMNS) <= set(table.column_names)
     first, second = nights.load(root)
@@ -92,3 +97,36 @@ def test_a_cell_that_cannot_be_read_is_a_note_not_a_crash(sample_dir, tmp_path):
     figures, notes = nightpage._cells_html(rows, {})
     assert figures.count("<img") == 1 and "P=0.970" in figures
     assert len(notes) == 2 and "gone.png: not shown" in notes[0] and "not shown (UnidentifiedImageError" in notes[1]
+
+
+def test_report_of_an_s3_root_lands_in_the_root_and_reads_cells_from_s3(moto_s3, sample_dir):
+    import fsspec
+
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": moto_s3})
+    fs.mkdir("nights-report")
+    root = "s3://nights-report/nightly"
+    _old_and_new_night(root)
+    manifests.rebuild_metrics(root)
+    out, bands = nightpage.write(root)
+    assert out == "s3://nights-report/nightly/report.html" and set(bands) == set(nights.DRIFT_METRICS)
+    assert "20250102T000000Z-new" in storage.read_bytes(out).decode()
+    cell = sorted((sample_dir / schema.NEGATIVE_CLASS).glob("*.png"))[0]
+    storage.write_bytes("s3://nights-report/cells/c.png", cell.read_bytes())
+    figures, notes = nightpage._cells_html([{schema.COL_URI: "s3://nights-report/cells/c.png", schema.COL_PROB: 0.01}], {})
+    assert figures.count("<img") == 1 and not notes
+
+
+def test_bad_alarm_and_report_flags_are_one_line_and_exit_2(tmp_path, capsys):
+    from malaria_ray import cli
+    from malaria_ray.config import ConfigError, ScoreConfig
+
+    for bad in ({"alarm_drift": 0.0}, {"alarm_nights": 0}):
+        with pytest.raises(ConfigError, match="--alarm-"):
+            ScoreConfig(input="in", model="m", output="out", **bad)
+    root = str(tmp_path / "root")
+    _old_and_new_night(root)
+    manifests.rebuild_metrics(root)
+    assert cli.main(["report", root, "--nights", "0"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    assert cli.main(["report", root, "--nights", "1"]) == 0 and (tmp_path / "root" / "report.html").is_file()
+    assert "no band yet" in capsys.readouterr().out
