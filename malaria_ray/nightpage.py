@@ -59,7 +59,7 @@ def _plot(rows: list[dict], key: str, title: str, ylabel: str, latest: nt.Band |
           flags: list[bool] | None = None, percent: bool = False) -> bytes:
     """One series over the nights shown; the latest night's band shaded; flagged nights in red."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 2.2))
+    fig, ax = plt.subplots(figsize=(5.6, 2.3))
     x = np.arange(len(rows))
     y = np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows]) * (100 if percent else 1)
     ax.plot(x, y, marker="o", ms=3, color="#1f5fa8")
@@ -172,7 +172,7 @@ def _summary(r: dict) -> str:
 
 
 def _table(rows: list[dict], flags: list[dict[str, nt.Band]]) -> str:
-    head = ("started", "run", "images", "error rate", "called Parasitized", "images/s", "slides called", "drift")
+    head = ("started", "run", "images", "error rate", "Parasitized rate", "images/s", "slides called", "drift")
     body = []
     for r, f in zip(reversed(rows), reversed(flags)):
         drift = ", ".join(nt.DRIFT_METRICS[m] for m, b in f.items() if b.flagged)
@@ -191,7 +191,8 @@ h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em;border-bottom:1px solid #
 .drift.ok{background:#e5f4e8;border:1px solid #3a9a4f}table{border-collapse:collapse;font-size:.85em}
 td,th{border:1px solid #ddd;padding:3px 6px;text-align:left}tr.flag td{background:#fde2e2}
 figure{display:inline-block;margin:4px;width:140px;vertical-align:top;font-size:.7em}
-.uri{color:#666;word-break:break-all}.note{color:#a05000;font-size:.8em}img{max-width:100%}"""
+.uri{color:#666;word-break:break-all}.note{color:#a05000;font-size:.8em}img{max-width:100%}
+.plots{display:grid;grid-template-columns:1fr 1fr;gap:8px;margin-bottom:1em}"""
 
 
 def render(root: str, nights_shown: int = NIGHTS_SHOWN, k: float = nt.DRIFT_K,
@@ -231,7 +232,7 @@ nights ({nt.DRIFT_MIN_NIGHTS} at least); the positive rate only against nights o
 of cell. <code>score --alarm-drift</code> decides with the same function.</p>
 <h2>Latest night: summary</h2>{_summary(latest)}
 <h2>Night over night</h2>
-{"".join(f'<p><img src="{data_uri(p)}" alt="plot"></p>' for p in plots)}
+<div class="plots">{"".join(f'<img src="{data_uri(p)}" alt="plot">' for p in plots)}</div>
 {_table(shown, flags)}
 <h2>Latest night: disputed cells</h2>
 <p>The most confident calls each way: look at these first.</p>
