@@ -156,4 +156,4 @@ def test_the_page_in_a_real_headless_browser(nights, tmp_path):
     from PIL import Image
 
     shot = Image.open(tmp_path / "report.png")
-    assert png.startswith(b"\x89PNG") and shot.width == 1100 and shot.height > 1400
+    assert png.startswith(b"\x89PNG") and 1000 <= shot.width <= 1100 and shot.height > 1400  # the whole page
