@@ -10,7 +10,9 @@ model.json is given an operating point at the median probability of the fixture'
 scoring pass measures it), so each night's predicted-Parasitized rate is what its mix of cells
 makes it. Nights 1-6 hold about half cells above the threshold (labelled and unlabelled nights;
 night 2 with two undecodable files: error rows); night 7 holds only cells above it: its rate
-(100%) is far outside the band of nights 1-6 (~50%), and --alarm-drift exits 4 on it.
+(100%) is far outside the band of nights 1-6 (~50%), and --alarm-drift exits 4 on it. Night 8 is
+a normal mix again with two undecodable files: its error rate (3.2%) leaves the band of nights
+that had none but one, and it exits 5.
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ pytestmark = [pytest.mark.fresh, pytest.mark.timeout(900)]
 TESTS = pathlib.Path(__file__).resolve().parent
 # (cells above the threshold, below it, labelled (class folders), undecodable files) per night
 NIGHTS = [(30, 30, True, 0), (29, 31, False, 2), (28, 32, False, 0), (31, 29, True, 0), (32, 28, False, 0),
-          (30, 30, False, 0), (60, 0, False, 0)]
+          (30, 30, False, 0), (60, 0, False, 0), (30, 30, False, 2)]
 
 
 def build(work: str, cells: str, model: str) -> None:
     """Run in a subprocess (the fixture): one Ray, the first pass, then every night via ``cli.main``;
-    each night's exit code and stderr go to ``work/codes.json``; a copy of the root after night 6."""
+    each night's exit code and stderr go to ``work/codes.json``; copies of the root after nights 6 and 7."""
     import contextlib
     import io
     import statistics
@@ -72,10 +74,10 @@ def build(work: str, cells: str, model: str) -> None:
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
                 code = cli.main(["score", "--input", str(night), "--model", str(tuned), "--output", str(work / "root"),
-                                 "--run-id", f"night-{i}", "--alarm-drift", "4"])
+                                 "--run-id", f"night-{i}", "--alarm-drift", "4", "--max-error-fraction", "0.5"])
             codes.append({"code": code, "stderr": err.getvalue()})
-            if i == 6:
-                shutil.copytree(work / "root", work / "root6")
+            if i in (6, 7):
+                shutil.copytree(work / "root", work / f"root{i}")
         (work / "codes.json").write_text(json.dumps({"threshold": threshold, "nights": codes}))
     finally:
         ray.shutdown()
@@ -93,13 +95,15 @@ def nights(sample_dir, score_model, tmp_path_factory) -> pathlib.Path:
     return work
 
 
-def test_nights_carry_their_metrics_and_the_drifting_night_exits_4(nights):
+def test_nights_carry_their_metrics_and_the_drifting_nights_exit_4_and_5(nights):
     done = json.loads((nights / "codes.json").read_text())["nights"]
-    assert [n["code"] for n in done] == [0, 0, 0, 0, 0, 0, 4], [n["stderr"][-500:] for n in done]
-    alarm = [line for line in done[-1]["stderr"].splitlines() if line.startswith("malaria-ray: error:")]
-    assert len(alarm) == 1 and "predicted-Parasitized rate 100.00% is OUTSIDE the band" in alarm[0], alarm
+    assert [n["code"] for n in done] == [0, 0, 0, 0, 0, 0, 4, 5], [n["stderr"][-500:] for n in done]
+    for night, what in ((done[6], "predicted-Parasitized rate 100.00% is OUTSIDE the band"),
+                        (done[7], "error rate 3.23% is OUTSIDE the band")):
+        alarm = [line for line in night["stderr"].splitlines() if line.startswith("malaria-ray: error:")]
+        assert len(alarm) == 1 and what in alarm[0] and "--alarm-drift 4" in alarm[0], alarm
     m = pd.read_parquet(nights / "root" / "metrics.parquet").set_index(schema.COL_RUN_ID)
-    assert list(m.index) == [f"night-{i}" for i in range(1, 8)]
+    assert list(m.index) == [f"night-{i}" for i in range(1, 9)]
     assert set(schema.METRICS_COLUMNS) <= set(m.columns)
     for i, (n_pos, n_neg, labelled, bad) in enumerate(NIGHTS, 1):
         row = m.loc[f"night-{i}"]
@@ -122,7 +126,7 @@ def test_report_command_shows_the_drift_only_on_the_night_that_drifted(nights):
     assert before.returncode == 0, before.stderr[-3000:]
     page6 = (nights / "root6" / "report.html").read_text()
     assert "DRIFT" not in before.stdout and "DRIFT:" not in page6 and "inside the band" in page6
-    after = run("malaria-ray", "report", str(nights / "root"), "--out", "night.html", "--nights", "5", cwd=nights)
+    after = run("malaria-ray", "report", str(nights / "root7"), "--out", "night.html", "--nights", "5", cwd=nights)
     assert after.returncode == 0, after.stderr[-3000:]
     assert "DRIFT: predicted-Parasitized rate 100.00% is OUTSIDE the band" in after.stdout
     page = (nights / "night.html").read_text()
@@ -144,7 +148,7 @@ def test_the_page_in_a_real_headless_browser(nights, tmp_path):
     page_file = nights / "browser.html"
     from test_commands import run
 
-    assert run("malaria-ray", "report", str(nights / "root"), "--out", str(page_file), cwd=nights).returncode == 0
+    assert run("malaria-ray", "report", str(nights / "root7"), "--out", str(page_file), cwd=nights).returncode == 0
     with cdp.Page() as page:
         page.load(page_file)
         images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
