@@ -104,7 +104,7 @@ def test_nights_carry_their_metrics_and_the_drifting_nights_exit_4_and_5(nights)
         assert len(alarm) == 1 and what in alarm[0] and "--alarm-drift 4" in alarm[0], alarm
     m = pd.read_parquet(nights / "root" / "metrics.parquet").set_index(schema.COL_RUN_ID)
     assert list(m.index) == [f"night-{i}" for i in range(1, 9)]
-    assert set(schema.METRICS_COLUMNS) <= set(m.columns)
+    assert set(schema.METRICS_COLUMNS) <= {schema.COL_RUN_ID, *m.columns}
     for i, (n_pos, n_neg, labelled, bad) in enumerate(NIGHTS, 1):
         row = m.loc[f"night-{i}"]
         assert row[schema.COL_N_SCORED] == n_pos + n_neg and row[schema.COL_N_ERRORS] == bad
