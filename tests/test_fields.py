@@ -174,9 +174,9 @@ def test_score_fields_cells_fields_table_roll_ups_and_rescore_on_detector_change
     cell = (pos + neg)[0]
     cut = Image.open(io.BytesIO(nightpage.cell_png(cell, {})))
     x, y, w, h, pad = (*(cell[c] for c in fields.BOX_COLUMNS), nightpage.CELL_PAD)
-    expected = Image.new("RGB", (min(x + w + pad, W) - max(x - pad, 0), min(y + h + pad, H) - max(y - pad, 0)))
-    expected.thumbnail((nightpage.THUMB, nightpage.THUMB))
-    assert cut.size == expected.size and np.asarray(cut).std() > 5  # the cell, not a blank
+    want = Image.new("RGB", (min(x + w + pad, W) - max(x - pad, 0), min(y + h + pad, H) - max(y - pad, 0)))
+    want.thumbnail((nightpage.THUMB, nightpage.THUMB))
+    assert cut.size == want.size and np.asarray(cut).std() > 5  # the cell, not a blank
 
     preds = pd.read_parquet(out / "predictions")
     assert list(preds.columns) == schema.PREDICTIONS_SCHEMA.names
