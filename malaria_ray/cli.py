@@ -144,6 +144,11 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
           "throttling, 5xx), with backoff", type=int)
     _flag(p, S, "max_error_fraction", "error rows (unreadable images) above this share of the run's images: "
           "the run commits, then exits 3 with one line, so schedulers report a failed night", type=float)
+    _flag(p, S, "alarm_drift", "drift alarm: after the run commits, exit 4 (predicted-Parasitized rate) or 5 (error "
+          "rate) with one line when tonight's rate leaves the median +- this many robust standard deviations of the "
+          "earlier nights (docs/operations.md, \"Drift band\"; unset: no alarm; 4 is a usual choice)", type=float)
+    _flag(p, S, "alarm_nights", "finished nights before tonight that --alarm-drift's band is drawn from (5 at least "
+          "before it can fire)", type=int)
     _flag(p, S, "commit_every_rows", "publish scored rows in a part of this many rows (a killed run keeps them)",
           type=int)
     _flag(p, S, "commit_every_minutes", "... or every this many minutes, whichever comes first", type=float)
@@ -216,11 +221,13 @@ def run_guarded(fn: Callable[[], int]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": _train, "score": _score, "overlay": _overlay, "synth": _synth, "migrate": _migrate}
+    commands = {"train": _train, "score": _score, "report": _report, "overlay": _overlay, "synth": _synth,
+                "migrate": _migrate}
     if not argv or argv[0] not in commands:
-        print("usage: malaria-ray {train,score,overlay,synth,migrate} [--help]\n\n"
+        print("usage: malaria-ray {train,score,report,overlay,synth,migrate} [--help]\n\n"
               "  train    train the classifier with Ray Train (writes a run directory)\n"
               "  score    bulk-score images with Ray Data (writes Parquet predictions, metrics, slides)\n"
+              "  report   one HTML page of an output root's nights: trends, drift, the latest night's disputed cells\n"
               "  overlay  draw one scored field photograph with its cells' boxes coloured by their calls (PNG)\n"
               "  synth    write a small synthetic corpus (offline demos)\n"
               "  migrate  move an output root's predictions written by earlier versions into scored_date= partitions",
@@ -250,6 +257,37 @@ def _score(argv: list[str]) -> int:
         checked = score.preflight(cfg)
         with runtime.ray_for("score", metrics_port):
             return score.main(cfg, checked)
+
+    return run_guarded(go)
+
+
+def _report(argv: list[str]) -> int:
+    from malaria_ray import nights
+
+    p = argparse.ArgumentParser(prog="malaria-ray report", description="Write one self-contained HTML page of the "
+                                "finished scoring runs (nights) under an output root: images, predicted-Parasitized "
+                                "rate, error rate, throughput and slides called per night, the latest night's summary, "
+                                "drift flag and disputed cells (docs/operations.md). Needs no Ray.")
+    p.add_argument("output_root", metavar="OUTPUT_ROOT", help="the scoring output root (local or s3://)")
+    p.add_argument("--out", help="HTML file to write, local or s3:// (default: OUTPUT_ROOT/report.html)")
+    p.add_argument("--nights", type=int, default=30, help="nights plotted and listed, the latest last (default: 30)")
+    p.add_argument("--drift-k", type=float, default=nights.DRIFT_K, help="the drift band's half-width in robust "
+                   f"standard deviations, as score --alarm-drift takes it (default: {nights.DRIFT_K:g})")
+    p.add_argument("--drift-nights", type=int, default=nights.DRIFT_NIGHTS, help="earlier nights the band is drawn "
+                   f"from, as score --alarm-nights (default: {nights.DRIFT_NIGHTS})")
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        from malaria_ray import nightpage
+
+        if args.nights < 1 or args.drift_k <= 0 or args.drift_nights < 1:
+            raise ConfigError("--nights and --drift-nights must be >= 1 and --drift-k > 0")
+        out, bands = nightpage.write(args.output_root, args.out, nights_shown=args.nights, k=args.drift_k,
+                                     drift_nights=args.drift_nights)
+        print(f"wrote {out}")
+        for band in bands.values():
+            print(("  DRIFT: " if band.flagged else "  ") + band.line())
+        return 0
 
     return run_guarded(go)
 

@@ -216,6 +216,10 @@ class ScoreConfig(_Serialized):
     read_timeout_s: float = 60.0
     read_attempts: int = 3  # tries of a read that failed for a passing reason (timeout, 5xx), with backoff
     max_error_fraction: float = 0.05  # above it the run still commits, and exits 3 to page someone
+    # Drift alarms (``malaria_ray.nights``): after the run commits, tonight's predicted-Parasitized rate or
+    # error rate outside median +- this many robust SDs of the last ``alarm_nights`` nights exits 4 or 5.
+    alarm_drift: float | None = None  # None: no drift alarm
+    alarm_nights: int = 14
     commit_every_rows: int = 100_000  # a part of the predictions is published at this many rows ...
     commit_every_minutes: float = 10.0  # ... or after this long, whichever comes first
     run_id: str | None = None  # default: UTC timestamp + short random suffix
@@ -249,6 +253,10 @@ class ScoreConfig(_Serialized):
             raise ConfigError("--read-timeout-s must be > 0 and --read-attempts >= 1")
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ConfigError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
+        if self.alarm_drift is not None and self.alarm_drift <= 0:
+            raise ConfigError(f"--alarm-drift must be > 0 (robust standard deviations), got {self.alarm_drift}")
+        if self.alarm_nights < 1:
+            raise ConfigError(f"--alarm-nights must be >= 1, got {self.alarm_nights}")
         if self.commit_every_rows < 1 or self.commit_every_minutes <= 0:
             raise ConfigError("--commit-every-rows must be >= 1 and --commit-every-minutes > 0")
         if self.memory_per_actor_gb <= 0:

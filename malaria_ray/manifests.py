@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from malaria_ray import storage
 from malaria_ray.outputs import METRICS_FILE, RUNS_DIR, committed_runs, run_uri
-from malaria_ray.schema import METRIC_RATES, METRICS_COLUMNS
+from malaria_ray.schema import METRIC_RATES, METRICS_COLUMNS, NIGHT_COLUMNS
 
 MANIFEST_FILE = "manifest.json"
 
@@ -51,10 +51,12 @@ def mark_completed(root: str, run_id: str, by: str) -> None:
 
 
 def write_run_metrics(root: str, run_id: str, row: dict) -> None:
-    """The run's metrics row; a rate it cannot compute (an unlabelled archive) is null, not NaN."""
+    """The run's metrics row; a rate it cannot compute (an unlabelled archive) is null, not NaN, and
+    a night column the row lacks is a typed null (so rows of every run concatenate)."""
     row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-    table = pa.Table.from_pylist([row]).select(list(METRICS_COLUMNS))
-    table = table.cast(pa.schema([pa.field(f.name, pa.float64()) if f.name in METRIC_RATES else f for f in table.schema]))
+    table = pa.Table.from_pylist([{k: row.get(k) for k in METRICS_COLUMNS}]).select(list(METRICS_COLUMNS))
+    typed = {**{k: pa.float64() for k in METRIC_RATES}, **dict(NIGHT_COLUMNS)}  # a null stays typed
+    table = table.cast(pa.schema([pa.field(f.name, typed.get(f.name, f.type)) for f in table.schema]))
     storage.write_bytes(storage.join(run_uri(root, run_id), METRICS_FILE), storage.table_bytes(table))
 
 

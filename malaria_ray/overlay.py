@@ -173,18 +173,22 @@ def png_bytes(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def read_field(uri: str) -> np.ndarray:
-    """The field's pixels as detection saw them (``fields.decode_field``: EXIF applied), from a
-    loose file or an archive member (read by ``sources``, as scoring read it)."""
+def image_bytes(uri: str) -> bytes:
+    """The encoded bytes of a scored image, a loose file or an archive member (read by ``sources``,
+    as scoring read it)."""
     container, member = split_member_uri(uri)
     if member is None:
-        data = storage.read_bytes(uri)
-    else:
-        unit = {COL_KIND: sources.kind_of(container), COL_URI: container}
-        data = next((r[COL_DATA] for r in sources.expand_unit(unit) if r[COL_URI] == uri), None)
-        if data is None:
-            raise OverlayError(f"{uri}: no such member in {container}")
-    return decode_field(bytes(data), max_pixels=10 ** 9)
+        return storage.read_bytes(uri)
+    unit = {COL_KIND: sources.kind_of(container), COL_URI: container}
+    data = next((r[COL_DATA] for r in sources.expand_unit(unit) if r[COL_URI] == uri), None)
+    if data is None:
+        raise OverlayError(f"{uri}: no such member in {container}")
+    return bytes(data)
+
+
+def read_field(uri: str) -> np.ndarray:
+    """The field's pixels as detection saw them (``fields.decode_field``: EXIF applied)."""
+    return decode_field(image_bytes(uri), max_pixels=10 ** 9)
 
 
 def _cells(rows: pa.Table, uri: str, run_id: str) -> FieldCells:

@@ -104,8 +104,8 @@ PREDICTIONS_SCHEMA = pa.schema([
 METRIC_COUNTS = ("tp", "fp", "fn", "tn")
 METRIC_RATES = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc")
 COL_N_IMAGES, COL_N_ERRORS, COL_N_LABELLED = "n_images", "n_errors", "n_labelled"
-METRICS_COLUMNS = (COL_RUN_ID, COL_MODEL_ID, COL_THRESHOLD, COL_N_IMAGES, COL_N_ERRORS, COL_N_LABELLED,
-                   *METRIC_COUNTS, *METRIC_RATES)
+METRIC_BASE_COLUMNS = (COL_RUN_ID, COL_MODEL_ID, COL_THRESHOLD, COL_N_IMAGES, COL_N_ERRORS, COL_N_LABELLED,
+                       *METRIC_COUNTS, *METRIC_RATES)  # then NIGHT_COLUMNS (below): METRICS_COLUMNS
 
 # ---------------------------------------------------------------- roll-ups: slides.parquet, patients.parquet
 # One row per slide (level "slide") and per patient (level "patient"), the same columns in a
@@ -129,6 +129,27 @@ SLIDES_SCHEMA = pa.schema([(COL_LEVEL, pa.string()), (COL_SLIDE, pa.string()), (
                            (COL_MEAN_PROB, pa.float64()), (COL_N_LABEL_POS, pa.int64()),
                            (COL_N_LABEL_NEG, pa.int64()), (COL_MODEL_ID, pa.string()), (COL_FRAC_LOW, pa.float64()),
                            (COL_FRAC_HIGH, pa.float64()), (COL_CALL, pa.bool_()), *CORRECTION_COLUMNS])
+
+# ---------------------------------------------------------------- metrics.parquet: the night columns
+# A night, for ``malaria-ray report`` and the drift alarms (``malaria_ray.nights``): when it ran, how
+# fast, its error rows by kind, what it called. ``n_images`` counts rows (scored + error); in a
+# ``--fields`` run those are cells, and ``n_fields`` counts the photographs (null otherwise);
+# ``cells`` says which kind of cell the rows are (``CELLS_CROPS`` or ``CELLS_FIELDS``). The error
+# rate is over the images read (a field photograph that failed is one); the positive rate is over
+# the cells scored; the slide calls are the night's own cells per slide by ``metrics.CALL_RULE``
+# (null where the model has no false-positive rate to call with). Older rows lack these: null.
+COL_STARTED_AT, COL_FINISHED_AT, COL_SECONDS = "started_at", "finished_at", "seconds"
+COL_IMAGES_PER_S, COL_N_SCORED, COL_N_FIELDS, COL_CELLS = "images_per_s", "n_scored", "n_fields", "cells"
+COL_N_TRANSIENT, COL_N_PERMANENT, COL_ERROR_RATE = "n_errors_transient", "n_errors_permanent", "error_rate"
+COL_POS_RATE = "pred_parasitized_rate"
+COL_N_SLIDES, COL_N_SLIDES_POS = "n_slides", "n_slides_called_parasitized"
+NIGHT_COLUMNS = ((COL_STARTED_AT, pa.timestamp("us", tz="UTC")), (COL_FINISHED_AT, pa.timestamp("us", tz="UTC")),
+                 (COL_SECONDS, pa.float64()), (COL_IMAGES_PER_S, pa.float64()), (COL_N_SCORED, pa.int64()),
+                 (COL_N_FIELDS, pa.int64()), (COL_CELLS, pa.string()), (COL_N_TRANSIENT, pa.int64()),
+                 (COL_N_PERMANENT, pa.int64()), (COL_ERROR_RATE, pa.float64()), (COL_N_PRED_POS, pa.int64()),
+                 (COL_POS_RATE, pa.float64()), (COL_N_SLIDES, pa.int64()), (COL_N_SLIDES_POS, pa.int64()))
+METRICS_COLUMNS = (*METRIC_BASE_COLUMNS, *(name for name, _ in NIGHT_COLUMNS))
+
 
 # ---------------------------------------------------------------- fields.parquet (``score --fields``)
 # One row per field photograph of the current model: the cells found and called, the fraction called

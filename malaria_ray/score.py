@@ -356,20 +356,33 @@ def preflight(cfg: ScoreConfig) -> Preflight:
 
 
 EXIT_TOO_MANY_ERRORS = 3
+EXIT_DRIFT_POSITIVE, EXIT_DRIFT_ERRORS = 4, 5  # --alarm-drift: the positive rate, the error rate left its band
 
 
 def main(cfg: ScoreConfig, checked: Preflight | None = None) -> int:
     """Run, print the summary; 0 when the run committed with error rows within
-    ``--max-error-fraction``, 3 (one line on stderr) when it committed with more. ``checked``:
-    what ``preflight`` returned, when the caller ran it."""
+    ``--max-error-fraction`` and no drift alarm; 3 when it committed with more error rows; 4 or 5
+    when ``--alarm-drift`` found tonight's predicted-Parasitized rate or error rate outside its band
+    (``nights.drift``). Each alarm is one line on stderr; the first code of 3, 4, 5 that applies is
+    the exit code. ``checked``: what ``preflight`` returned, when the caller ran it."""
     result = score_archive(cfg, checked)
     print(summary(result), file=sys.stdout, flush=True)
+    codes = []
     if result.error_fraction > cfg.max_error_fraction:
         print(f"malaria-ray: error: run {result.run_id} committed, but {result.counts.get(ERRORS, 0)} of "
               f"{result.inputs} images ({result.error_fraction:.1%}) are error rows, above --max-error-fraction "
               f"{cfg.max_error_fraction:g}", file=sys.stderr, flush=True)
-        return EXIT_TOO_MANY_ERRORS
-    return 0
+        codes.append(EXIT_TOO_MANY_ERRORS)
+    if cfg.alarm_drift is not None:
+        from malaria_ray import nights
+
+        bands = nights.drift(nights.load(cfg.output), cfg.alarm_drift, cfg.alarm_nights)
+        for metric, code in ((schema.COL_POS_RATE, EXIT_DRIFT_POSITIVE), (schema.COL_ERROR_RATE, EXIT_DRIFT_ERRORS)):
+            if bands[metric].flagged:
+                print(f"malaria-ray: error: run {result.run_id} committed, but its {bands[metric].line()} "
+                      f"(--alarm-drift {cfg.alarm_drift:g})", file=sys.stderr, flush=True)
+                codes.append(code)
+    return min(codes, default=0)
 
 
 def check_paths(cfg: ScoreConfig) -> None:

@@ -99,6 +99,8 @@ class ScoringRun:
         self.unfinished: list[str] = []
         self.unchanged = 0
         self.error_kinds = {schema.ERROR_TRANSIENT: 0, schema.ERROR_PERMANENT: 0}  # error rows by kind
+        self.n_pred_pos = 0  # cells called Parasitized
+        self.slide_sums: pa.Table | None = None  # the night's own cells per slide (``metrics.evidence_sums``)
 
     def __enter__(self) -> "ScoringRun":
         self.lease.acquire()
@@ -169,6 +171,10 @@ class ScoringRun:
             errs = rows.filter(pc.is_valid(rows.column(schema.COL_ERROR)))
             self.examples += [f"{u}: {e}" for u, e in zip(errs.column(schema.COL_URI).to_pylist()[:ERROR_EXAMPLES],
                                                          errs.column(schema.COL_ERROR).to_pylist()[:ERROR_EXAMPLES])]
+        self.n_pred_pos += int(pc.sum(pc.cast(pc.fill_null(pc.equal(rows.column(schema.COL_PRED), schema.POSITIVE_CLASS),
+                                                          False), pa.int64())).as_py() or 0)
+        sums = metrics.evidence_sums(rows)
+        self.slide_sums = sums if self.slide_sums is None else metrics.merge_evidence_sums([self.slide_sums, sums])
         kinds = rows.column(schema.COL_ERROR_KIND).to_pylist()
         for kind in self.error_kinds:
             self.error_kinds[kind] += kinds.count(kind)
@@ -200,6 +206,7 @@ class ScoringRun:
                            acc.confusion() if acc.metrics_known else None, self.examples[:ERROR_EXAMPLES],
                            completes=self.unfinished, unchanged=self.unchanged,
                            transient=self.error_kinds[schema.ERROR_TRANSIENT], fields=self.cfg.fields)
+        result.metrics.update(self._night(result, fp_rate))
         manifests.write_run_metrics(self.root, self.run_id, result.metrics)
         if result.confusion is not None:
             from malaria_ray.report import confusion_png
@@ -221,6 +228,30 @@ class ScoringRun:
             result.overlay = self._field_sheet(outputs.rebuild_fields(self.root, self.model_id, correction),
                                                result.parts, truth)
         return result
+
+    def _night(self, result: RunResult, fp_rate: float | None) -> dict:
+        """The metrics row's night columns (``schema.NIGHT_COLUMNS``): times, throughput, error rows
+        by kind, cells called Parasitized, and slides called by ``metrics.CALL_RULE`` on the night's
+        own cells (null without ``fp_rate``)."""
+        scored, seconds = self.counts.get(SCORED, 0), result.seconds
+        called = None
+        if fp_rate is not None and self.slide_sums is not None and self.slide_sums.num_rows:
+            slides = metrics.evidence(self.slide_sums, fp_rate, self.model_id)
+            slides = slides.filter(pc.and_(pc.equal(slides.column(schema.COL_LEVEL), "slide"),
+                                           pc.is_valid(slides.column(schema.COL_SLIDE))))
+            called = (slides.num_rows, sum(bool(c) for c in slides.column(schema.COL_CALL).to_pylist()))
+        return {
+            schema.COL_STARTED_AT: dt.datetime.fromisoformat(self.manifest["started_at"]),
+            schema.COL_FINISHED_AT: dt.datetime.now(dt.timezone.utc), schema.COL_SECONDS: float(seconds),
+            schema.COL_IMAGES_PER_S: result.rows / seconds if seconds > 0 else None, schema.COL_N_SCORED: scored,
+            schema.COL_N_FIELDS: self.counts.get(schema.COUNT_FIELDS) if self.cfg.fields else None,
+            schema.COL_CELLS: schema.CELLS_FIELDS if self.cfg.fields else schema.CELLS_CROPS,
+            schema.COL_N_TRANSIENT: self.error_kinds[schema.ERROR_TRANSIENT],
+            schema.COL_N_PERMANENT: self.error_kinds[schema.ERROR_PERMANENT],
+            schema.COL_ERROR_RATE: result.error_fraction if result.inputs else None,
+            schema.COL_N_PRED_POS: self.n_pred_pos, schema.COL_POS_RATE: self.n_pred_pos / scored if scored else None,
+            schema.COL_N_SLIDES: called[0] if called else None, schema.COL_N_SLIDES_POS: called[1] if called else None,
+        }
 
     def _field_sheet(self, fields_table: pa.Table, parts: list[str], truth: dict | None = None) -> list[str]:
         """The run's ``plots/fields_overlay.png`` (``malaria_ray.overlay``). The run is committed by

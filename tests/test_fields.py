@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from malaria_ray import detect, fields, outputs, schema, sources
+from malaria_ray import detect, fields, nightpage, outputs, schema, sources
 from malaria_ray.config import ConfigError, ScoreConfig
 from malaria_ray.preprocess import DecodeError, decode_image
 from malaria_ray.synth_fields import make_field
@@ -164,6 +164,19 @@ def test_score_fields_cells_fields_table_roll_ups_and_rescore_on_detector_change
     manifest = json.loads((out / "runs" / cfg.run_id / "manifest.json").read_text())
     assert manifest["entries"] == 7 and manifest["detector"]["key"] == detect.DetectParams().key()
     assert "entries                    7" in score.summary(first).replace(",", "")
+    night = pd.read_parquet(out / outputs.METRICS_FILE).iloc[0]  # a --fields night: photographs and cells, both
+    assert night[schema.COL_CELLS] == schema.CELLS_FIELDS and night[schema.COL_N_FIELDS] == 3
+    assert night[schema.COL_N_SCORED] == sum(expected.values()) and night[schema.COL_N_PERMANENT] == 3
+    assert night[schema.COL_ERROR_RATE] == 0.5 and 0 <= night[schema.COL_N_PRED_POS] <= night[schema.COL_N_SCORED]
+    assert pd.isna(night[schema.COL_N_SLIDES])  # no false-positive rate for cells found in fields: no slide calls
+    pos, neg = nightpage.disputed(str(out), cfg.run_id, n=2)  # a field's cell is cut from its photograph by its box
+    assert len(pos) + len(neg) >= 2
+    cell = (pos + neg)[0]
+    cut = Image.open(io.BytesIO(nightpage.cell_png(cell, {})))
+    x, y, w, h, pad = (*(cell[c] for c in fields.BOX_COLUMNS), nightpage.CELL_PAD)
+    want = Image.new("RGB", (min(x + w + pad, W) - max(x - pad, 0), min(y + h + pad, H) - max(y - pad, 0)))
+    want.thumbnail((nightpage.THUMB, nightpage.THUMB))
+    assert cut.size == want.size and np.asarray(cut).std() > 5  # the cell, not a blank
 
     preds = pd.read_parquet(out / "predictions")
     assert list(preds.columns) == [*schema.PREDICTIONS_SCHEMA.names, outputs.PARTITION_KEY]  # the partition's column
@@ -194,6 +207,8 @@ def test_score_fields_cells_fields_table_roll_ups_and_rescore_on_detector_change
     # The next night, unchanged: nothing is read again.
     again = score.score_archive(ScoreConfig(**{**cfg.__dict__, "run_id": "20260102T000000Z-b", "annotations": None}))
     assert again.unchanged == 6 and again.counts[schema.COUNT_SCORED] == 0
+    quiet = pd.read_parquet(out / outputs.METRICS_FILE).iloc[-1]  # nothing new: no rate to compare, not 0
+    assert quiet[schema.COL_N_SCORED] == 0 and pd.isna(quiet[schema.COL_POS_RATE]) and pd.isna(quiet[schema.COL_ERROR_RATE])
     assert len(pd.read_parquet(out / "predictions")) == len(preds)
     # A detector change rescores every field; the tables count each field once, from the newest run.
     other = ScoreConfig(**{**cfg.__dict__, "run_id": "20260103T000000Z-c", "cell_diameter": 44.0, "annotations": None})

@@ -203,6 +203,13 @@ def test_a_scoring_run_commits_part_by_part_and_finishes_once(tmp_path):
     assert m["counts"][schema.STATUS_NON_IMAGE] == 1 + 3 and m["counts"][schema.STATUS_HIDDEN] == 1
     assert m["entries"] == 15 + 4 + 1 and m["units"]["image"] == 9
     assert result.error_fraction == 0.2 and result.metrics[schema.COL_N_ERRORS] == 3
+    night = result.metrics  # the night columns of its metrics row
+    assert night[schema.COL_SECONDS] == 1.0 and night[schema.COL_IMAGES_PER_S] == 15.0
+    assert night[schema.COL_STARTED_AT] < night[schema.COL_FINISHED_AT] and night[schema.COL_CELLS] == schema.CELLS_CROPS
+    assert (night[schema.COL_N_SCORED], night[schema.COL_N_FIELDS], night[schema.COL_ERROR_RATE]) == (12, None, 0.2)
+    assert (night[schema.COL_N_TRANSIENT], night[schema.COL_N_PERMANENT]) == (0, 0)  # the test rows carry no kind
+    assert (night[schema.COL_N_PRED_POS], night[schema.COL_POS_RATE]) == (0, 0.0)
+    assert (night[schema.COL_N_SLIDES], night[schema.COL_N_SLIDES_POS]) == (1, 0)  # slide C1P1thinF, no cell called
     assert manifests.finished_runs(root) == [run_id]
     assert manifests.rebuild_metrics(root).column(schema.COL_RUN_ID).to_pylist() == [run_id]
     slides = outputs.rebuild_slides(root, "m", 0.1)
