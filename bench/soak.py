@@ -284,6 +284,8 @@ def soak(nights: int, kills: int, fault_rate: float, work: pathlib.Path, seed: i
             night = run_night(n, args, model, proxy.url, moto_url, kill, work)
             night["listed"] = listed
             done.append(night)
+            progress = {k: night[k] for k in ("night", "killed", "rc", "seconds", "listed")}
+            print(json.dumps({**progress, "faults": proxy.figures()["faults_by_kind"]}), file=sys.stderr, flush=True)
             pending -= night["killed"]
             if not night["killed"] and night["rc"] != 0:
                 raise RuntimeError(f"night {n} exited {night['rc']}:\n{night['log_tail']}")
