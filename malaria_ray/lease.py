@@ -195,7 +195,17 @@ class Lease:
                            "renewed_at": now, "expires_at": now + self.seconds}).encode()
 
     def _put(self, token) -> None:
-        self._token = self._store.put(self._record(), token)
+        record = self._record()
+        try:
+            self._token = self._store.put(record, token)
+        except LeaseConflict:
+            # The store applied this very write and only its answer was lost (a connection reset
+            # after the PUT): the client's retry then fails its own condition. The record's bytes
+            # (with their renewal instant) are this write's alone, so finding them is proof.
+            data, current = self._store.read()
+            if data != record:
+                raise
+            self._token = current
         self._renewed = time.monotonic()
 
     def _refuse_if_held(self, held: dict | None) -> None:

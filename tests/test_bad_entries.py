@@ -2,7 +2,7 @@
 
 Real files, links, pipes and sockets; a real unreadable folder (listed by a process without the
 capability that lets root read anything); real S3 protocol: moto behind a small proxy that answers
-503 to chosen GETs, and a server that accepts and never answers. No Ray here: the listing and the
+503 to chosen GETs (tests/faultproxy.py), and a server that accepts and never answers. No Ray here: the listing and the
 readers run as a read task runs them, each test in about a second; the one night end to end is in
 tests/test_score.py.
 """
@@ -28,6 +28,7 @@ import pytest
 from malaria_ray import corpus, listing, outputs, reads, schema, sources
 from malaria_ray.config import CorpusError
 from malaria_ray.writer import PredictionWriter
+from faultproxy import FaultProxy, _Listener
 
 CELLS = pathlib.Path(__file__).resolve().parent / "fixtures" / "nih_cells"
 FAST = sources.Limits(read_timeout_s=0.5, read_attempts=2)  # a stalled read costs ~1.5 s, not minutes
@@ -215,32 +216,6 @@ def test_archives_read_through_the_bounded_reader(tmp_path):
 
 
 # ---------------------------------------------------------------- S3: a stalled server, a flaky proxy
-class _Listener:
-    """A TCP listener on 127.0.0.1 (``url``); a thread hands each accepted connection to
-    ``_on_connection`` until ``close``."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self._on_connection(conn)
-
-    def _on_connection(self, conn: socket.socket) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 class StalledServer(_Listener):
     """Accepts connections and never answers: a stalled object store."""
 
@@ -255,52 +230,6 @@ class StalledServer(_Listener):
         super().close()
         for c in self.held:
             c.close()
-
-
-class FlakyProxy(_Listener):
-    """An HTTP proxy in front of the S3 server: one request per connection, forwarded as is,
-    except GETs of a key holding ``fail_key`` while ``fail_left`` > 0, answered 503 SlowDown.
-    ``gets``: the target of every GET it saw (reads, and listings)."""
-
-    def __init__(self, upstream: str, fail_key: str = "", fail_left: int = 0) -> None:
-        self.upstream = upstream.split("//", 1)[1].split(":")
-        self.fail_key, self.fail_left, self.failed, self.gets = fail_key, fail_left, 0, []
-        super().__init__()
-
-    def _on_connection(self, conn: socket.socket) -> None:
-        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            head, body = data.split(b"\r\n\r\n", 1)
-            lines = head.split(b"\r\n")
-            length = next((int(v) for k, _, v in (h.partition(b":") for h in lines[1:])
-                           if k.strip().lower() == b"content-length"), 0)
-            while len(body) < length:
-                body += conn.recv(65536)
-            method, target = lines[0].split(b" ")[:2]
-            if method == b"GET":
-                self.gets.append(target.decode())
-            if method == b"GET" and self.fail_key and self.fail_key.encode() in target:
-                if self.fail_left > 0:
-                    self.fail_left -= 1
-                    self.failed += 1
-                    msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                    conn.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
-                                 b"Content-Length: " + str(len(msg)).encode() + b"\r\n\r\n" + msg)
-                    return
-            kept = [h for h in lines[1:] if not h.lower().startswith(b"connection:")]
-            request = b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n" + body
-            with socket.create_connection((self.upstream[0], int(self.upstream[1]))) as up:
-                up.sendall(request)
-                while chunk := up.recv(65536):
-                    conn.sendall(chunk)
 
 
 @pytest.fixture
@@ -335,7 +264,7 @@ def test_a_stalled_s3_get_ends_as_a_transient_error_row(cells_bucket, monkeypatc
 
 def test_a_503_is_retried_in_the_run_with_a_bound(cells_bucket, moto_s3, monkeypatch):
     units = sources.list_units("s3://flaky/night")
-    proxy = FlakyProxy(moto_s3, fail_key="flaky.png", fail_left=1)  # fails once, then answers
+    proxy = FaultProxy(moto_s3, fail_key="flaky.png", fail_left=1)  # fails once, then answers
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     try:
         rows = within_test_time(lambda: expand_all(units, sources.Limits(read_attempts=3)))

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from malaria_ray import cli, schema
-from test_bad_entries import FlakyProxy, cells, odd_night, within_test_time
+from faultproxy import FaultProxy
+from test_bad_entries import cells, odd_night, within_test_time
 
 pytestmark = [pytest.mark.ray, pytest.mark.tf]
 
@@ -59,7 +60,7 @@ def test_next_night_reads_a_transient_failure_again_not_a_permanent_one(ray_sess
     for key, body in (("flaky.png", png), ("steady.png", cells("Parasitized", 1)[0].read_bytes()),
                       ("corrupt.png", png[:60])):
         s3.put_object(Bucket="nightly-in", Key=f"night/Uninfected/{key}", Body=body)
-    proxy = FlakyProxy(moto_s3, fail_key="flaky.png", fail_left=10**6)
+    proxy = FaultProxy(moto_s3, fail_key="flaky.png", fail_left=10**6)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the driver's and (through runtime_env) the workers'
     out = tmp_path / "out"
     args = ["score", "--input", "s3://nightly-in/night", "--model", str(score_model), "--output", str(out),
