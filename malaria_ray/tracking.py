@@ -285,11 +285,19 @@ def resolve(model: str, uri: str) -> Registered:
 def download(uri: str, dest: str, tracking_uri: str | None = None) -> str:
     """The registered artifact ``uri`` (``models:/NAME/VERSION[/file]``) downloaded into the local
     folder ``dest``; its local path. The tracking store: ``tracking_uri``, else MLFLOW_TRACKING_URI
-    (how scoring's model actors receive it). Raises ModelError."""
+    (how scoring's model actors receive it). The version's location is looked up with a client of
+    that store (MLflow's own ``models:/`` download reads the process-wide registry URI instead).
+    Raises ModelError."""
     from malaria_ray.model import ModelError
 
     mlflow = _mlflow("--model models:/...")
+    m = re.match(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)(?:/(?P<path>.*))?$", uri)
+    if m is None:
+        raise ModelError(f"{uri}: not a registered model version (models:/NAME/VERSION)")
+    store = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest, tracking_uri=tracking_uri)
+        base = client(store, "--model models:/...").get_model_version_download_uri(m.group("name"), m.group("version"))
+        target = f"{base.rstrip('/')}/{m.group('path')}" if m.group("path") else base
+        return mlflow.artifacts.download_artifacts(artifact_uri=target, dst_path=dest, tracking_uri=store)
     except Exception as exc:
         raise ModelError(f"cannot download {uri} from the MLflow registry: {message(exc)}") from exc
