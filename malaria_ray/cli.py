@@ -37,8 +37,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from malaria_ray.model import ModelError
     from malaria_ray.lease import LeaseHeld
     from malaria_ray.storage import StorageError
+    from malaria_ray.tracking import RegistryError
 
-    return (ConfigError, CorpusError, ModelError, StorageError, FileExistsError, LeaseHeld)
+    return (ConfigError, CorpusError, ModelError, RegistryError, StorageError, FileExistsError, LeaseHeld)
 
 
 def _default(cls, name: str) -> Any:

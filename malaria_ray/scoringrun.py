@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from malaria_ray import fieldeval, logs, manifests, metrics, outputs, sources, storage
+from malaria_ray import fieldeval, logs, manifests, metrics, outputs, sources, storage, tracking
 from malaria_ray import schema
 from malaria_ray.config import CorpusError, ScoreConfig
 from malaria_ray.lease import Lease
@@ -255,7 +255,7 @@ def summary(result: RunResult) -> str:
     reg = result.registered
     lines = [
         f"malaria-ray score: run {result.run_id} committed (model {result.model_id}"
-        + (f": {reg['name']} version {reg['version']}{' @' + reg['alias'] if reg['alias'] else ''}" if reg else "") + ")",
+        + (f": {tracking.describe(reg)}" if reg else "") + ")",
         *scored,
         f"  error rows        {c.get(ERRORS, 0):>10,}  ({result.transient:,} transient: read again next night)",
         f"  already scored    {c.get(schema.STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored; "

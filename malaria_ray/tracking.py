@@ -20,6 +20,7 @@ a command asks for it. Pure otherwise: imports neither Ray nor TF.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterator
 
 from malaria_ray import logs, storage
-from malaria_ray.config import ConfigError
+from malaria_ray.config import ConfigError, TrainConfig
 from malaria_ray.schema import CONTRACT_FILE, H5_FILE, MODEL_FILE
 
 log = logs.get("mlflow")
@@ -41,7 +42,12 @@ RECORD_FILE = "mlflow.json"  # in the run directory: its MLflow run and register
 RUN_FILES = ("config.json", "model_card.md", "metrics.parquet", "patients.parquet", "history.parquet")
 CHECK_RETRIES = 1  # the start-up check: a server that is down fails in seconds, not after MLflow's ~2 min of retries
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
-_MODEL_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+_MODEL_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<number>\d+))/?$")
+
+
+class RegistryError(RuntimeError):
+    """A registered model the registry cannot give (no such model, version or alias; a failed
+    download); the message is shown to the user as is."""
 
 
 def is_registered(uri: str | None) -> bool:
@@ -116,6 +122,31 @@ def check_tracking(uri: str, experiment: str) -> str:
         raise
     except Exception as exc:
         raise ConfigError(f"--mlflow-uri {storage.redact(uri)}: cannot use the tracking store: {message(exc)}") from exc
+
+
+def check_train(cfg: TrainConfig) -> TrainConfig:
+    """``train --mlflow-uri``: ``cfg`` with the URI made absolute, once the store answered (``cfg``
+    as it is without one). A store that cannot be used (MLflow not installed, server down, refused)
+    fails here in one line, before hours of training whose tracking would then be lost."""
+    if not cfg.mlflow_uri:
+        return cfg
+    cfg = dataclasses.replace(cfg, mlflow_uri=normalize_uri(cfg.mlflow_uri))
+    check_tracking(cfg.mlflow_uri, cfg.mlflow_experiment)
+    return cfg
+
+
+def log_train(cfg: TrainConfig, started_at: float) -> str:
+    """Log the finished run directory to ``--mlflow-uri`` (``log_training_run``); the line the
+    training summary prints. The run is finished on disk by now: a store that fails here is a
+    warning, and the run directory can still be scored by its URI."""
+    try:
+        return log_training_run(cfg.mlflow_uri, cfg.mlflow_experiment, cfg.registered_model, cfg.output,
+                                started_at).line()
+    except Exception as exc:
+        line = (f"the run in {cfg.output} is finished, but logging it to MLflow {storage.redact(cfg.mlflow_uri)} "
+                f"failed: {type(exc).__name__}: {message(exc)}")
+        log.warning(line)
+        return "NOT logged: " + line
 
 
 def _flat_params(config: dict) -> dict[str, str]:
@@ -245,9 +276,12 @@ class Registered:
     def pinned(self) -> str:
         return f"{SCHEME}{self.name}/{self.version}"
 
+    def describe(self) -> str:
+        return describe(self.record())
+
     def record(self) -> dict:
         """What a scoring run's manifest records (credentials redacted)."""
-        return {"name": self.name, "version": self.version, "alias": self.alias, "mlflow_run_id": self.run_id,
+        return {"name": self.name, "model_version": self.version, "alias": self.alias, "mlflow_run_id": self.run_id,
                 "source": storage.redact(self.source), "tracking_uri": storage.redact(self.tracking_uri)}
 
 
@@ -264,9 +298,7 @@ def tracking_uri_for(uri: str | None) -> str:
 
 def resolve(model: str, uri: str) -> Registered:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` as one version; raises ConfigError for a
-    malformed URI and ModelError (one line) for a model, version or alias the registry does not have."""
-    from malaria_ray.model import ModelError
-
+    malformed URI and RegistryError (one line) for a model, version or alias the registry does not have."""
     m = _MODEL_RE.match(model)
     if m is None:
         raise ConfigError(f"--model {model}: a registered model is models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -276,9 +308,9 @@ def resolve(model: str, uri: str) -> Registered:
             if m.group("alias"):
                 mv = c.get_model_version_by_alias(m.group("name"), m.group("alias"))
             else:
-                mv = c.get_model_version(m.group("name"), m.group("version"))
+                mv = c.get_model_version(m.group("name"), m.group("number"))
     except Exception as exc:
-        raise ModelError(f"--model {model} in {storage.redact(uri)}: {message(exc)}") from exc
+        raise RegistryError(f"--model {model} in {storage.redact(uri)}: {message(exc)}") from exc
     return Registered(mv.name, str(mv.version), m.group("alias"), mv.run_id, mv.source, uri)
 
 
@@ -287,17 +319,20 @@ def download(uri: str, dest: str, tracking_uri: str | None = None) -> str:
     folder ``dest``; its local path. The tracking store: ``tracking_uri``, else MLFLOW_TRACKING_URI
     (how scoring's model actors receive it). The version's location is looked up with a client of
     that store (MLflow's own ``models:/`` download reads the process-wide registry URI instead).
-    Raises ModelError."""
-    from malaria_ray.model import ModelError
-
+    Raises RegistryError."""
     mlflow = _mlflow("--model models:/...")
-    m = re.match(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)(?:/(?P<path>.*))?$", uri)
+    m = re.match(r"^models:/(?P<name>[^/@]+)/(?P<number>\d+)(?:/(?P<path>.*))?$", uri)
     if m is None:
-        raise ModelError(f"{uri}: not a registered model version (models:/NAME/VERSION)")
+        raise RegistryError(f"{uri}: not a registered model version (models:/NAME/VERSION)")
     store = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        base = client(store, "--model models:/...").get_model_version_download_uri(m.group("name"), m.group("version"))
+        base = client(store, "--model models:/...").get_model_version_download_uri(m.group("name"), m.group("number"))
         target = f"{base.rstrip('/')}/{m.group('path')}" if m.group("path") else base
         return mlflow.artifacts.download_artifacts(artifact_uri=target, dst_path=dest, tracking_uri=store)
     except Exception as exc:
-        raise ModelError(f"cannot download {uri} from the MLflow registry: {message(exc)}") from exc
+        raise RegistryError(f"cannot download {uri} from the MLflow registry: {message(exc)}") from exc
+
+
+def describe(record: dict) -> str:
+    """``NAME version N @ALIAS`` of a ``Registered.record`` (a scoring run's summary line)."""
+    return f"{record['name']} version {record['model_version']}" + (f" @{record['alias']}" if record.get("alias") else "")

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from malaria_ray import checkpoint, config, corpus, faults, ingest, logs, resources, storage, trainrun
+from malaria_ray import checkpoint, config, corpus, faults, ingest, logs, resources, storage, tracking, trainrun
 from malaria_ray.config import CorpusError, TrainConfig
 from malaria_ray.schema import (
     CLASS_NAMES,
@@ -253,37 +253,9 @@ def plan_run(cfg: TrainConfig, resume: bool = False) -> Plan:
         from malaria_ray.model import check_init
 
         check_init(cfg.init_from, cfg.image_size)
-    cfg = _check_tracking(cfg)  # before --overwrite removes anything
+    cfg = tracking.check_train(cfg)  # --mlflow-uri: an unusable store fails now, before --overwrite removes anything
     _prepare_output(cfg)
     return _plan(cfg)
-
-
-def _check_tracking(cfg: TrainConfig) -> TrainConfig:
-    """``--mlflow-uri``: a store that cannot be used (MLflow not installed, server down, refused)
-    fails here in one line, before hours of training whose tracking would then be lost."""
-    if not cfg.mlflow_uri:
-        return cfg
-    from malaria_ray import tracking
-
-    cfg = dataclasses.replace(cfg, mlflow_uri=tracking.normalize_uri(cfg.mlflow_uri))
-    tracking.check_tracking(cfg.mlflow_uri, cfg.mlflow_experiment)
-    return cfg
-
-
-def log_to_mlflow(cfg: TrainConfig, started_at: float) -> str:
-    """Log the finished run directory to ``--mlflow-uri`` (``tracking.log_training_run``); the
-    line the summary prints. The run is finished on disk by now: a store that fails here is a
-    warning, and the run directory can still be scored by its URI."""
-    from malaria_ray import tracking
-
-    try:
-        return tracking.log_training_run(cfg.mlflow_uri, cfg.mlflow_experiment, cfg.registered_model, cfg.output,
-                                         started_at).line()
-    except Exception as exc:
-        line = (f"the run in {cfg.output} is finished, but logging it to MLflow {storage.redact(cfg.mlflow_uri)} "
-                f"failed: {type(exc).__name__}: {tracking.message(exc)}")
-        log.warning(line)
-        return "NOT logged: " + line
 
 
 def _plan(cfg: TrainConfig) -> Plan:
@@ -323,7 +295,7 @@ def plan_resume(run_dir: str) -> Plan:
         log.info("the run's --weights URL carried credentials that were not saved: resuming from its checkpoint")
         cfg = dataclasses.replace(cfg, weights="none", weights_sha256=None)
     storage.check_writable(run_dir)
-    cfg = _check_tracking(cfg)
+    cfg = tracking.check_train(cfg)
     plan = _plan(cfg)
     log.info(f"resuming {run_dir} (Ray Train run {saved['run_name']}) with its saved config and split")
     return dataclasses.replace(plan, run_name=saved["run_name"], resumed=True)
@@ -408,8 +380,7 @@ def fit(plan: Plan) -> dict[str, Any]:
                                         "n_val": n_val, "steps_per_epoch": steps, "streamed": stream, "class_weights": weights,
                                         "ray_version": ray.__version__},
                                  before_finish=(lambda: remove_decoded(cfg)) if stream else None)
-    if cfg.mlflow_uri:
-        summary["mlflow"] = log_to_mlflow(cfg, started_at)
+    summary["mlflow"] = tracking.log_train(cfg, started_at) if cfg.mlflow_uri else None
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     trainrun.print_summary(summary)
     return summary

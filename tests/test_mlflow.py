@@ -113,7 +113,7 @@ def test_score_follows_the_alias(trained):
     first_id = json.loads((work / "run" / "model.json").read_text())["model_id"]
     c.set_registered_model_alias(NAME, "champion", "1")
     manifest, rows, out = _score(work, url)
-    assert manifest["registered_model"]["version"] == "1" and manifest["registered_model"]["alias"] == "champion"
+    assert manifest["registered_model"]["model_version"] == "1" and manifest["registered_model"]["alias"] == "champion"
     assert manifest["registered_model"]["mlflow_run_id"] == c.get_model_version(NAME, "1").run_id
     assert manifest["model"] == f"models:/{NAME}@champion" and manifest["model_id"] == first_id
     assert len(rows) == 64 and set(rows["model_id"]) == {first_id}
@@ -126,14 +126,14 @@ def test_score_follows_the_alias(trained):
     other_id = r.stdout.split()[-1]
     c.set_registered_model_alias(NAME, "champion", _register(c, work / "other"))
     manifest, rows, _ = _score(work, url, "--skip-scored")
-    assert manifest["registered_model"]["version"] == "2" and manifest["model_id"] == other_id != first_id
+    assert manifest["registered_model"]["model_version"] == "2" and manifest["model_id"] == other_id != first_id
     assert len(rows) == 64 and set(rows["model_id"]) == {other_id}
 
     # version 3 registers the first run's model again: the same model_id, so nothing is rescored
     version = _register(c, source=c.get_model_version(NAME, "1").source)
     c.set_registered_model_alias(NAME, "champion", version)
     manifest, rows, out = _score(work, url, "--skip-scored")
-    assert manifest["registered_model"]["version"] == "3" and manifest["model_id"] == first_id
+    assert manifest["registered_model"]["model_version"] == "3" and manifest["model_id"] == first_id
     assert len(rows) == 0 and manifest["counts"]["already_scored"] == 64, manifest["counts"]
 
 
@@ -170,11 +170,10 @@ def test_train_refuses_an_unreachable_tracking_server_before_it_starts(tmp_path,
 
 def test_a_store_that_fails_after_training_is_a_warning(tmp_path):
     """The run directory is finished when MLflow is called: a server gone by then costs a warning."""
-    from malaria_ray import train
     from malaria_ray.config import TrainConfig
 
     cfg = TrainConfig(data=str(tmp_path), output=str(tmp_path / "run"), mlflow_uri=_closed_port_url())
-    line = train.log_to_mlflow(cfg, 0.0)
+    line = tracking.log_train(cfg, 0.0)
     assert line.startswith(f"NOT logged: the run in {cfg.output} is finished, but logging it to MLflow"), line
 
 
