@@ -112,9 +112,10 @@ def _artifact_location(uri: str) -> str | None:
 
 def check_tracking(uri: str, experiment: str) -> str:
     """Before training starts: the store answers and the experiment exists (created if not);
-    its id. Raises ConfigError with one line when the store cannot be used."""
-    c = client(uri)
+    its id. Raises ConfigError with one line when the store cannot be used (MLflow 3's file
+    store, refused unless MLFLOW_ALLOW_FILE_STORE=true, among them)."""
     try:
+        c = client(uri)
         with _quick():
             found = c.get_experiment_by_name(experiment)
             return found.experiment_id if found else c.create_experiment(experiment, _artifact_location(uri))
@@ -302,13 +303,15 @@ def resolve(model: str, uri: str) -> Registered:
     m = _MODEL_RE.match(model)
     if m is None:
         raise ConfigError(f"--model {model}: a registered model is models:/NAME@ALIAS or models:/NAME/VERSION")
-    c = client(uri, "--model models:/...")
     try:
+        c = client(uri, "--model models:/...")
         with _quick():
             if m.group("alias"):
                 mv = c.get_model_version_by_alias(m.group("name"), m.group("alias"))
             else:
                 mv = c.get_model_version(m.group("name"), m.group("number"))
+    except ConfigError:
+        raise
     except Exception as exc:
         raise RegistryError(f"--model {model} in {storage.redact(uri)}: {message(exc)}") from exc
     return Registered(mv.name, str(mv.version), m.group("alias"), mv.run_id, mv.source, uri)
@@ -329,6 +332,8 @@ def download(uri: str, dest: str, tracking_uri: str | None = None) -> str:
         base = client(store, "--model models:/...").get_model_version_download_uri(m.group("name"), m.group("number"))
         target = f"{base.rstrip('/')}/{m.group('path')}" if m.group("path") else base
         return mlflow.artifacts.download_artifacts(artifact_uri=target, dst_path=dest, tracking_uri=store)
+    except ConfigError:
+        raise
     except Exception as exc:
         raise RegistryError(f"cannot download {uri} from the MLflow registry: {message(exc)}") from exc
 

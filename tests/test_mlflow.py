@@ -160,12 +160,15 @@ def _closed_port_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
-def test_train_refuses_an_unreachable_tracking_server_before_it_starts(tmp_path, capsys):
-    url = _closed_port_url()
-    code = cli.main(["train", "--data", str(tmp_path), "--output", str(tmp_path / "run"), "--mlflow-uri", url])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith(f"malaria-ray: error: --mlflow-uri {url}: cannot use"), err
-    assert not (tmp_path / "run").exists()
+def test_train_refuses_an_unusable_tracking_store_before_it_starts(tmp_path, capsys, monkeypatch):
+    """A server that is down, and MLflow 3's file store (refused unless MLFLOW_ALLOW_FILE_STORE)."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri, shown in ((_closed_port_url(), None), (str(tmp_path / "mlruns"), f"file://{tmp_path / 'mlruns'}")):
+        code = cli.main(["train", "--data", str(tmp_path), "--output", str(tmp_path / "run"), "--mlflow-uri", uri])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"malaria-ray: error: --mlflow-uri {shown or uri}: cannot use the tracking store"), err
+        assert not (tmp_path / "run").exists()
 
 
 def test_a_store_that_fails_after_training_is_a_warning(tmp_path):
