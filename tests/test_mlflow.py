@@ -83,14 +83,17 @@ def test_train_logs_the_run_and_registers_its_model(trained):
     assert float(mv.tags["contract.threshold"]) == pytest.approx(contract["threshold"])
 
 
-def _register(c: MlflowClient, model_dir: pathlib.Path | None = None, source: str | None = None) -> str:
-    """A new version of NAME: ``model_dir`` logged as a run's model/ folder, or an existing ``source``."""
-    if source is None:
+def _register(c: MlflowClient, model_dir: pathlib.Path | None = None, of_version: str | None = None) -> str:
+    """A new version of NAME: ``model_dir`` logged as a new run's model/ folder, or the model of
+    version ``of_version`` again (the server wants the run that holds a source)."""
+    if of_version is None:
         r = c.create_run(c.get_experiment_by_name("cells-test").experiment_id)
         c.log_artifacts(r.info.run_id, str(model_dir), "model")
         c.set_terminated(r.info.run_id)
-        source = r.info.artifact_uri + "/model"
-    return c.create_model_version(NAME, source).version
+        source, run_id = r.info.artifact_uri + "/model", r.info.run_id
+    else:
+        source, run_id = c.get_model_version(NAME, of_version).source, c.get_model_version(NAME, of_version).run_id
+    return c.create_model_version(NAME, source, run_id=run_id).version
 
 
 def _score(work: pathlib.Path, url: str, *flags: str) -> tuple[dict, pd.DataFrame, str]:
@@ -130,7 +133,7 @@ def test_score_follows_the_alias(trained):
     assert len(rows) == 64 and set(rows["model_id"]) == {other_id}
 
     # version 3 registers the first run's model again: the same model_id, so nothing is rescored
-    version = _register(c, source=c.get_model_version(NAME, "1").source)
+    version = _register(c, of_version="1")
     c.set_registered_model_alias(NAME, "champion", version)
     manifest, rows, out = _score(work, url, "--skip-scored")
     assert manifest["registered_model"]["model_version"] == "3" and manifest["model_id"] == first_id
