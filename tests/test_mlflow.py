@@ -151,8 +151,8 @@ def test_offline_sqlite_store_keeps_artifacts_beside_it(trained, tmp_path):
     logged = tracking.log_training_run(uri, "offline", NAME, str(run_dir))
     assert logged.version == "1" and json.loads((run_dir / tracking.RECORD_FILE).read_text())["run_id"] == logged.run_id
     source = MlflowClient(uri, uri).get_model_version(NAME, "1").source
-    assert source.startswith(str(tmp_path / "store" / "mlartifacts")), source
-    assert (pathlib.Path(source) / "model.keras").read_bytes() == (run_dir / "model.keras").read_bytes()
+    assert source.startswith(f"file://{tmp_path / 'store' / 'mlartifacts'}/"), source
+    assert (pathlib.Path(source[len("file://"):]) / "model.keras").read_bytes() == (run_dir / "model.keras").read_bytes()
     reg = tracking.resolve(f"models:/{NAME}/1", uri)
     assert (reg.name, reg.version, reg.alias, reg.run_id) == (NAME, "1", None, logged.run_id)
 
