@@ -29,7 +29,8 @@ ENV TF_CPP_MIN_LOG_LEVEL=2 \
 USER ray
 
 # pyproject.toml's runtime dependencies, pins exactly as there, minus Ray (the base image has it)
-# and with TensorFlow's CUDA extra (pyproject's `gpu` extra). A layer of its own: a code change
+# and with TensorFlow's CUDA extra (pyproject's `gpu` extra), plus MLflow's client (the `mlflow`
+# extra: the RayJobs name the model as models:/malaria-ray@champion). A layer of its own: a code change
 # rebuilds only the small layers below, not the CUDA wheels.
 RUN pip install --no-cache-dir \
       "tensorflow[and-cuda]==2.21.0" \
@@ -42,7 +43,8 @@ RUN pip install --no-cache-dir \
       "fsspec>=2024.6" \
       "s3fs>=2024.6" \
       "matplotlib>=3.8,<4" \
-      "scikit-image>=0.22,<0.27"
+      "scikit-image>=0.22,<0.27" \
+      "mlflow-skinny>=3.5,<4"
 
 # The ImageNet weights `--weights imagenet` loads (malaria_ray.model.IMAGENET_URL; a test keeps them
 # equal), put into the Keras cache (/home/ray/.keras/models) at build time: the build has egress, GPU

@@ -37,8 +37,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from malaria_ray.model import ModelError
     from malaria_ray.lease import LeaseHeld
     from malaria_ray.storage import StorageError
+    from malaria_ray.tracking import RegistryError
 
-    return (ConfigError, CorpusError, ModelError, StorageError, FileExistsError, LeaseHeld)
+    return (ConfigError, CorpusError, ModelError, RegistryError, StorageError, FileExistsError, LeaseHeld)
 
 
 def _default(cls, name: str) -> Any:
@@ -108,6 +109,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
           "stain-like colour jitter", choices=AUGMENT_POLICIES)
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="train without augmentation (neither policy)")
+    _flag(p, T, "mlflow_uri", "MLflow tracking store (http(s):// server, or sqlite:///PATH.db offline): the finished run's "
+          "config, per-epoch metrics, operating point, patient-level evidence and artifacts are logged there and its "
+          "model registered (needs malaria-ray[mlflow]; an unreachable store fails at the start)")
+    _flag(p, T, "mlflow_experiment", "MLflow experiment of the run (with --mlflow-uri)")
+    _flag(p, T, "registered_model", "registered model the run's model becomes a new version of (with --mlflow-uri)")
     p.add_argument("--recipe", choices=sorted(RECIPES), help="a named preset of the flags above (explicit flags "
                    + "still win): " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()))
     p.add_argument("--smoke", action="store_true", help=f"tiny preset for a quick check: {SMOKE_TRAIN}")
@@ -116,7 +122,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def add_score_args(p: argparse.ArgumentParser) -> None:
     S = ScoreConfig
     _flag(p, S, "input", "images to score: folder/prefix of images, tar, zip or Parquet (local or s3://)", required=True)
-    _flag(p, S, "model", "trained model: a run directory or a model.keras URI", required=True)
+    _flag(p, S, "model", "trained model: a run directory, a model.keras URI, or a registered model "
+          "models:/NAME@ALIAS or models:/NAME/VERSION (MLflow: --mlflow-uri)", required=True)
     _flag(p, S, "output", "output root shared by nightly runs (local or s3://)", required=True)
     _flag(p, S, "batch_size", "images per model call and per decode task", type=int)
     _flag(p, S, "actors", "model actors: a pool of exactly this many (default: 1 on CPU; with --gpus-per-actor, "
@@ -162,6 +169,8 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     _flag(p, S, "max_field_megapixels", "with --fields: a larger photograph is an error row, not detected", type=float)
     _flag(p, S, "annotations", "with --fields: the fields' annotated boxes (IML-Malaria JSON or COCO): the run is "
           "measured against them (detection, cells, fields, blocks of fields) in runs/<run_id>/field_eval.*")
+    _flag(p, S, "mlflow_uri", "MLflow tracking store holding the registry of a --model models:/... "
+          "(default: $MLFLOW_TRACKING_URI; needs malaria-ray[mlflow] on the driver and the scoring nodes)")
 
 
 def config_from_args(cls, args: argparse.Namespace, preset: dict[str, Any] | None = None):

@@ -90,6 +90,9 @@ class TrainConfig(_Serialized):
     stream: str = "auto"  # decode once into Parquet shards and stream them (train.should_stream)
     recipe: str | None = None  # the --recipe preset the run started from, if any
     target_sensitivity: float = 0.97  # the operating point: threshold chosen on validation for this
+    mlflow_uri: str | None = None  # log the finished run to this MLflow tracking store and register its model
+    mlflow_experiment: str = "malaria-ray"
+    registered_model: str = "malaria-ray"  # the registry name each run's model becomes a new version of
 
     def __post_init__(self) -> None:
         if self.batch_size_per_worker is not None:
@@ -168,6 +171,10 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError(f"--bn-recal-batches must be >= 0, got {cfg.bn_recal_batches}")
     if cfg.max_images is not None and cfg.max_images < 4:
         raise ConfigError(f"--max-images must be >= 4, got {cfg.max_images}")
+    if not cfg.mlflow_uri and (cfg.mlflow_experiment != "malaria-ray" or cfg.registered_model != "malaria-ray"):
+        raise ConfigError("--mlflow-experiment and --registered-model apply to runs logged to MLflow: add --mlflow-uri")
+    if not cfg.mlflow_experiment or not cfg.registered_model:
+        raise ConfigError("--mlflow-experiment and --registered-model must not be empty")
 
 
 # Presets a developer can run in a minute on a laptop; the CLI's --smoke applies SMOKE_TRAIN.
@@ -228,6 +235,7 @@ class ScoreConfig(_Serialized):
     cell_diameter: float | None = None  # px; None: estimated per field (score --fields)
     max_field_megapixels: float = 25.0  # a larger field photograph is an error row (detection time grows with pixels)
     annotations: str | None = None  # IML-Malaria or COCO JSON: measure a --fields run against its boxes
+    mlflow_uri: str | None = None  # the registry of a --model models:/NAME@ALIAS (default: MLFLOW_TRACKING_URI)
 
     def __post_init__(self) -> None:
         for name in ("input", "model", "output"):

@@ -119,7 +119,15 @@ def _imagenet_path() -> str:
 def _fetched(uri: str) -> Iterator[str]:
     """A local path for ``uri`` (local, file://, s3://, http(s)://) while the block runs. A remote
     file is copied into a temp dir that is removed on the way out: every scoring actor loads the
-    model, and on a long-lived cluster a copy left per actor start fills the disk."""
+    model, and on a long-lived cluster a copy left per actor start fills the disk. A registered
+    model's file (``models:/NAME/VERSION/model.keras``) comes from the MLflow registry that
+    MLFLOW_TRACKING_URI names (``malaria_ray.tracking``), into such a temp dir too."""
+    from malaria_ray import tracking
+
+    if tracking.is_registered(uri):
+        with tempfile.TemporaryDirectory(prefix="malaria-ray-fetch-") as tmp:
+            yield tracking.download(uri, tmp)
+        return
     if not storage.is_remote(uri):
         path = storage.local_path(uri)
         if not os.path.exists(path):
@@ -326,8 +334,10 @@ def load_model(uri: str):
     """
     import keras
 
+    from malaria_ray.tracking import is_registered
+
     uri = artifact_uri(uri)
-    if not storage.is_remote(uri) and not os.path.exists(storage.local_path(uri)):
+    if not storage.is_remote(uri) and not is_registered(uri) and not os.path.exists(storage.local_path(uri)):
         raise ModelError(f"model {uri} does not exist")
     with _fetched(uri) as path:  # Keras holds the whole model in memory once loaded: the copy can go
         try:

@@ -17,13 +17,14 @@ import os
 import re
 import secrets
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from malaria_ray import backends, corpus, faults, fieldeval, fields, ingest, logs, manifests, metrics, outputs, resources, sources
-from malaria_ray import storage, telemetry
+from malaria_ray import storage, telemetry, tracking
 from malaria_ray import schema
 from malaria_ray.config import DEFAULT_THRESHOLD, ConfigError, CorpusError, ScoreConfig
 from malaria_ray.model import ModelError, check_contract, inspect_artifact, read_contract, resize_of
@@ -162,6 +163,8 @@ def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Units, che
     import ray
 
     env = storage.worker_env()
+    if checked.registered is not None:  # the model actors download the registered version themselves
+        env["MLFLOW_TRACKING_URI"] = checked.registered.tracking_uri
     remote_env = {"runtime_env": {"env_vars": env}} if env else {}
     model_info = checked.model_info
     if model_info is None:  # a legacy .h5 only Keras can read: inspect it in a throwaway worker
@@ -183,12 +186,14 @@ def _score_leased(cfg: ScoreConfig, run: ScoringRun, listing: sources.Units, che
     # Runs that were killed before they finished: with --skip-scored this run completes them.
     unfinished = manifests.unfinished_runs(cfg.output) if cfg.skip_scored else []
 
-    ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run.run_id, remote_env, known, checked.resize)
+    ds = build_pipeline(cfg, listing, size, skip_ids, model_id, run.run_id, remote_env, known, checked.resize,
+                        checked.model_uri(cfg))
     if cfg.gpus_per_actor:
         resources.require_visible_gpu("--gpus-per-actor", backends.with_backend(remote_env, cfg.backend)["runtime_env"],
                                       cfg.backend)
     run.begin(cfg, model_id, size, listing, len(known) if known is not None else 0, unfinished, unchanged,
-              detector=None if detector is None else {"key": key, "params": detector})
+              detector=None if detector is None else {"key": key, "params": detector},
+              registered=checked.registered.record() if checked.registered is not None else None)
     started = time.perf_counter()
     failure: str | None = None
     try:
@@ -232,10 +237,11 @@ def model_failure(batch) -> str | None:
 
 def build_pipeline(cfg: ScoreConfig, listing: sources.Units, size: int, skip_ids: np.ndarray, model_id: str,
                    run_id: str, remote_args: dict, known: corpus.Identities | None = None,
-                   resize: str = schema.RESIZE_DEFAULT):
+                   resize: str = schema.RESIZE_DEFAULT, model_uri: str | None = None):
     """The Ray Data pipeline, not yet executed: units -> rows -> decoded pixels -> model rows.
     ``known``: the ``--manifest`` identities, applied where each image's identity is decided;
-    ``resize``: the model contract's resize method."""
+    ``resize``: the model contract's resize method; ``model_uri``: what the model actors load
+    (default ``cfg.model``; a registered model's pinned version)."""
     import ray
 
     cluster = ray.cluster_resources()
@@ -276,7 +282,7 @@ def build_pipeline(cfg: ScoreConfig, listing: sources.Units, size: int, skip_ids
     return ds.map_batches(
         Scorer, batch_size=cfg.batch_size, batch_format="pyarrow",
         compute=pool.strategy(),
-        fn_constructor_kwargs={"model_uri": cfg.model, "model_id": model_id, "threshold": cfg.threshold,
+        fn_constructor_kwargs={"model_uri": model_uri or cfg.model, "model_id": model_id, "threshold": cfg.threshold,
                                "run_id": run_id, "fault": faults.armed(),
                                "pad_to": cfg.batch_size if cfg.gpus_per_actor else None, "precision": cfg.precision,
                                "backend": cfg.backend, "batch_size": cfg.batch_size,
@@ -324,6 +330,12 @@ class Preflight:
     contract: dict
     resize: str
     truth: dict | None = None  # --annotations, parsed (``fieldeval.load_truth``)
+    registered: tracking.Registered | None = None  # --model models:/...: the one version this run scores
+
+    def model_uri(self, cfg: ScoreConfig) -> str:
+        """What the model actors load: a registered model's version (never its alias, which may
+        move while the run goes on), else ``--model`` as given."""
+        return self.registered.pinned if self.registered is not None else cfg.model
 
 
 def preflight(cfg: ScoreConfig) -> Preflight:
@@ -347,12 +359,22 @@ def preflight(cfg: ScoreConfig) -> Preflight:
         raise CorpusError(f"cannot list input {cfg.input}: {type(exc).__name__}: {exc}") from exc
     if not found:
         raise CorpusError(f"input {cfg.input} does not exist")
-    contract = read_contract(cfg.model)
-    # inspect_artifact: None for a legacy .h5, which is checked inside Ray
-    artifact = inspect_artifact(cfg.model)
+    registered = None
+    if tracking.is_registered(cfg.model):  # one version, read here from a copy that is then removed
+        registered = tracking.resolve(cfg.model, tracking.tracking_uri_for(cfg.mlflow_uri))
+        log.info(f"{cfg.model} is {registered.name} version {registered.version} (MLflow run {registered.run_id})")
+        with tempfile.TemporaryDirectory(prefix="malaria-ray-registered-") as tmp:
+            local = tracking.download(registered.pinned, tmp, registered.tracking_uri)
+            contract, artifact = read_contract(local), inspect_artifact(local)
+    elif cfg.mlflow_uri:
+        raise ConfigError("--mlflow-uri applies to a registered --model models:/NAME@ALIAS or models:/NAME/VERSION")
+    else:
+        contract = read_contract(cfg.model)
+        # inspect_artifact: None for a legacy .h5, which is checked inside Ray
+        artifact = inspect_artifact(cfg.model)
     check_contract(contract, artifact[schema.KEY_IMAGE_SIZE] if artifact else None)
     truth = fieldeval.load_truth(cfg.annotations) if cfg.annotations else None
-    return Preflight(artifact, contract, resize_of(contract), truth)
+    return Preflight(artifact, contract, resize_of(contract), truth, registered)
 
 
 EXIT_TOO_MANY_ERRORS = 3

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from malaria_ray import fieldeval, logs, manifests, metrics, outputs, sources, storage
+from malaria_ray import fieldeval, logs, manifests, metrics, outputs, sources, storage, tracking
 from malaria_ray import schema
 from malaria_ray.config import CorpusError, ScoreConfig
 from malaria_ray.lease import Lease
@@ -58,6 +58,7 @@ class RunResult:
     fields: bool = False  # a ``--fields`` run: ``scored`` counts cells, ``fields_scored`` the photographs
     evaluation: dict | None = None  # --annotations: the run measured against them (``fieldeval``)
     overlay: list[str] = field(default_factory=list)  # the fields on its plots/fields_overlay.png, in sheet order
+    registered: dict | None = None  # --model models:/...: the registered version scored (``tracking.Registered.record``)
 
     @property
     def rows(self) -> int:
@@ -114,11 +115,13 @@ class ScoringRun:
         self.lease.release()
 
     def begin(self, cfg: ScoreConfig, model_id: str, image_size: int, listing: sources.Units,
-              identity_rows: int, unfinished: list[str], unchanged: int, detector: dict | None = None) -> None:
+              identity_rows: int, unfinished: list[str], unchanged: int, detector: dict | None = None,
+              registered: dict | None = None) -> None:
         """Write the run's config and its manifest (``finished: false``); open the part writer.
         ``unfinished``: earlier killed runs this one completes; ``unchanged``: listed loose files
         left out because this model already scored them as they are; ``detector``: a ``--fields``
-        run's cell detector (its key and parameters, recorded in the manifest)."""
+        run's cell detector (its key and parameters, recorded in the manifest); ``registered``: the
+        registered model version a ``models:/`` run scores (name, version, alias, MLflow run)."""
         self.cfg, self.model_id, self.unfinished, self.unchanged = cfg, model_id, unfinished, unchanged
         started = dt.datetime.now(dt.timezone.utc)  # its UTC date is the partition of all the run's parts
         storage.write_text(storage.join(outputs.run_uri(self.root, self.run_id), "config.json"),
@@ -130,7 +133,7 @@ class ScoringRun:
             "rows_committed": 0, "completes": unfinished, "started_at": started.isoformat(),
             "partition": outputs.partition_name(outputs.scored_date(started)),
             "units": {k: listing.count(k) for k in sources.UNIT_KINDS}, "fields": cfg.fields, "detector": detector,
-            "backend": cfg.backend, "precision": cfg.precision,
+            "backend": cfg.backend, "precision": cfg.precision, "registered_model": registered,
             "commit": "rows are committed part by part: every file listed in `parts` is whole and final"}
         self._write_manifest()
         self.counts = {SCORED: 0, ERRORS: 0, schema.STATUS_NON_IMAGE: len(listing.skipped), schema.STATUS_EMPTY: 0,
@@ -205,7 +208,8 @@ class ScoringRun:
                            self.counts, {schema.COL_RUN_ID: self.run_id, schema.COL_MODEL_ID: self.model_id, **acc.row()},
                            acc.confusion() if acc.metrics_known else None, self.examples[:ERROR_EXAMPLES],
                            completes=self.unfinished, unchanged=self.unchanged,
-                           transient=self.error_kinds[schema.ERROR_TRANSIENT], fields=self.cfg.fields)
+                           transient=self.error_kinds[schema.ERROR_TRANSIENT], fields=self.cfg.fields,
+                           registered=self.manifest.get("registered_model"))
         result.metrics.update(self._night(result, fp_rate))
         manifests.write_run_metrics(self.root, self.run_id, result.metrics)
         if result.confusion is not None:
@@ -282,8 +286,10 @@ def summary(result: RunResult) -> str:
         fields_rate = result.inputs / result.seconds if result.seconds > 0 else float("nan")
         scored = [f"  fields scored     {c.get(schema.COUNT_FIELDS, 0):>10,}  ({fields_rate:,.2f} fields/s; fields.parquet "
                   "has one row per field)", f"  cells scored      {c.get(SCORED, 0):>10,}  (red cells found in them)"]
+    reg = result.registered
     lines = [
-        f"malaria-ray score: run {result.run_id} committed (model {result.model_id})",
+        f"malaria-ray score: run {result.run_id} committed (model {result.model_id}"
+        + (f": {tracking.describe(reg)}" if reg else "") + ")",
         *scored,
         f"  error rows        {c.get(ERRORS, 0):>10,}  ({result.transient:,} transient: read again next night)",
         f"  already scored    {c.get(schema.STATUS_ALREADY, 0):>10,}  (skipped: --skip-scored; "

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from malaria_ray import checkpoint, config, corpus, faults, ingest, logs, resources, storage, trainrun
+from malaria_ray import checkpoint, config, corpus, faults, ingest, logs, resources, storage, tracking, trainrun
 from malaria_ray.config import CorpusError, TrainConfig
 from malaria_ray.schema import (
     CLASS_NAMES,
@@ -256,6 +256,7 @@ def plan_run(cfg: TrainConfig, resume: bool = False) -> Plan:
         from malaria_ray.model import check_init
 
         check_init(cfg.init_from, cfg.image_size)
+    cfg = tracking.check_train(cfg)  # --mlflow-uri: an unusable store fails now, before --overwrite removes anything
     _prepare_output(cfg)
     return _plan(cfg)
 
@@ -297,6 +298,7 @@ def plan_resume(run_dir: str) -> Plan:
         log.info("the run's --weights URL carried credentials that were not saved: resuming from its checkpoint")
         cfg = dataclasses.replace(cfg, weights="none", weights_sha256=None)
     storage.check_writable(run_dir)
+    cfg = tracking.check_train(cfg)
     plan = _plan(cfg)
     log.info(f"resuming {run_dir} (Ray Train run {saved['run_name']}) with its saved config and split")
     return dataclasses.replace(plan, run_name=saved["run_name"], resumed=True)
@@ -315,7 +317,7 @@ def fit(plan: Plan) -> dict[str, Any]:
     from malaria_ray import worker
     from malaria_ray.worker import train_loop_per_worker
 
-    t_start = time.perf_counter()
+    t_start, started_at = time.perf_counter(), time.time()
     cfg, listing, val_mask = plan.cfg, plan.listing, plan.val_mask
 
     cluster = ray.cluster_resources()
@@ -381,6 +383,7 @@ def fit(plan: Plan) -> dict[str, Any]:
                                         "n_val": n_val, "steps_per_epoch": steps, "streamed": stream, "class_weights": weights,
                                         "ray_version": ray.__version__},
                                  before_finish=(lambda: remove_decoded(cfg)) if stream else None)
+    summary["mlflow"] = tracking.log_train(cfg, started_at) if cfg.mlflow_uri else None
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     trainrun.print_summary(summary)
     return summary

@@ -191,7 +191,8 @@ def print_summary(s: dict[str, Any]) -> None:
           f"   accuracy {_ci(s, 'accuracy')}  sensitivity {_ci(s, 'sensitivity')}\n"
           f"   specificity {_ci(s, 'specificity')}  ROC AUC {_ci(s, 'roc_auc')}\n"
           f"   (95% intervals: bootstrap over patients)\n"
-          f"   confusion (rows true P/U, cols pred P/U): [[{s['tp']} {s['fn']}] [{s['fp']} {s['tn']}]]", flush=True)
+          f"   confusion (rows true P/U, cols pred P/U): [[{s['tp']} {s['fn']}] [{s['fp']} {s['tn']}]]"
+          + (f"\n   mlflow          {s['mlflow']}" if s.get("mlflow") else ""), flush=True)
 
 
 def _ci(s: dict[str, Any], k: str) -> str:

@@ -119,9 +119,9 @@ def score_model(tmp_path_factory) -> pathlib.Path:
     return dest
 
 
-def serve_on_free_port(argv, what: str):
-    """Start the server ``argv(port)`` on a free port of 127.0.0.1 and wait (10 s at most) until
-    it answers HTTP; returns (its process, its URL)."""
+def serve_on_free_port(argv, what: str, wait_s: float = 10.0, path: str = ""):
+    """Start the server ``argv(port)`` on a free port of 127.0.0.1 and wait (``wait_s`` at most)
+    until it answers HTTP at ``path``; returns (its process, its URL)."""
     import socket
     import subprocess
     import time
@@ -132,9 +132,9 @@ def serve_on_free_port(argv, what: str):
         port = s.getsockname()[1]
     proc = subprocess.Popen(argv(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
+    for _ in range(int(wait_s * 10)):
         try:
-            urllib.request.urlopen(url, timeout=1)
+            urllib.request.urlopen(url + path, timeout=1)
             break
         except Exception:
             if proc.poll() is not None:

@@ -54,10 +54,11 @@ GPU_NODE_LABEL = {"nvidia.com/gpu.present": "true"}
 
 
 def _expected_pip() -> list[str]:
-    """The runtime deps every job env needs: pyproject's, minus ray, with TF's CUDA extra."""
+    """The runtime deps every job env needs: pyproject's, minus ray, with TF's CUDA extra and
+    MLflow's client (the RayJobs name a registered model: models:/NAME@ALIAS)."""
     deps = [d for d in PYPROJECT["project"]["dependencies"] if not d.startswith("ray[")]
     (gpu_tf,) = PYPROJECT["project"]["optional-dependencies"]["gpu"]
-    return [gpu_tf if d.startswith("tensorflow==") else d for d in deps]
+    return [gpu_tf if d.startswith("tensorflow==") else d for d in deps] + PYPROJECT["project"]["optional-dependencies"]["mlflow"]
 
 
 def _dockerfile() -> list[tuple[str, str]]:

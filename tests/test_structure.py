@@ -11,7 +11,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "malaria_ray"
 PURE = ("config", "schema", "storage", "sources", "corpus", "preprocess", "ingest", "metrics", "outputs", "writer",
         "manifests", "lease", "scoringrun", "checkpoint", "logs", "faults", "resources", "trainrun", "train", "score",
         "cli", "runtime", "model", "detect", "segment", "annotations", "synth_fields", "overlay", "listing", "reads",
-        "backends", "nights", "nightpage")
+        "backends", "nights", "nightpage", "tracking")
 
 
 def _imports(module: pathlib.Path, top_level_only: bool) -> set[str]:
