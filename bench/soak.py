@@ -19,7 +19,8 @@ every readable image has exactly one current prediction (its uri with its curren
 no (uri, image id) is scored twice; error rows are permanent ones for the corrupted files only, or
 transient ones read again later; each finished night's manifest counts every entry of its listing;
 a killed night's manifest says which night completed it; metrics.parquet has one row per finished
-night, with that night's counts; the lease is released. tests/test_soak.py runs a short soak.
+night, with that night's counts; `malaria-ray report` draws the same nights with the same counts; the
+lease is released. tests/test_soak.py runs a short soak.
 """
 
 from __future__ import annotations
@@ -50,11 +51,33 @@ IN_BUCKET, OUT_BUCKET, PREFIX = "soak-in", "soak-out", "archive"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def report_trend_hook(root: str, nights: list[dict]) -> str | None:
-    """TODO(report): check `malaria-ray report`'s night-over-night trend (another change adds it and
-    the night-over-night columns of metrics.parquet) against ``nights``; returns a problem or None.
-    Until it lands, the metrics rows are checked against the manifests in ``check``."""
-    return None
+def report_trend(root: str, nights: list[dict], env: dict, work: pathlib.Path) -> list[str]:
+    """`malaria-ray report` run as a user runs it on the soak's root: it must exit 0 and write the
+    page, and the trend it draws (``nights.load``: metrics.parquet completed from the manifests) must
+    hold each finished night once, in order, with that night's manifest counts; problems found."""
+    from malaria_ray import manifests, nights as nt, schema
+
+    page = work / "report.html"
+    r = subprocess.run([str(BIN / "malaria-ray"), "report", root, "--out", str(page)], cwd=work, env=env,
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 or not page.exists():
+        return [f"malaria-ray report exited {r.returncode}: {r.stderr[-1500:]}"]
+    problems, text = [], page.read_text()
+    finished = [x["run_id"] for x in nights if not x["killed"]]
+    rows = nt.load(root)
+    if [row[schema.COL_RUN_ID] for row in rows] != finished:
+        return [f"the report's nights {[row[schema.COL_RUN_ID] for row in rows]} != finished nights {finished}"]
+    for row in rows[-30:]:
+        m = manifests.read_manifest(root, row[schema.COL_RUN_ID]) or {}
+        c, kinds = m.get("counts", {}), m.get("error_kinds", {})
+        want = (c.get(schema.COUNT_SCORED, 0), kinds.get(schema.ERROR_TRANSIENT, 0), kinds.get(schema.ERROR_PERMANENT, 0))
+        got = (row[schema.COL_N_SCORED], row[schema.COL_N_TRANSIENT], row[schema.COL_N_PERMANENT])
+        if got != want:
+            problems.append(f"night {row[schema.COL_RUN_ID]}: the report's trend says scored, transient, permanent "
+                            f"{got}; its manifest {want}")
+        if row[schema.COL_RUN_ID] not in text:
+            problems.append(f"night {row[schema.COL_RUN_ID]} is missing from the report page")
+    return problems
 
 
 class Archive:
@@ -130,6 +153,14 @@ def _group_gone(pgid: int, seconds: float) -> bool:
     return False
 
 
+def command_env(endpoint_url: str) -> dict:
+    """A fresh environment for the documented commands (no RAY_*), with the store at ``endpoint_url``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "MALARIA_RAY_FAULT"}
+    env.update(CREDENTIALS, AWS_ENDPOINT_URL=endpoint_url, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))  # this checkout's code
+    return env
+
+
 def run_night(n: int, args, model: str, proxy_url: str, moto_url: str, kill: bool, work: pathlib.Path) -> dict:
     """One night: the documented command in a subprocess (its own local Ray); with ``kill``, SIGKILL
     the driver once the night's first part is published. Returns what happened."""
@@ -140,9 +171,7 @@ def run_night(n: int, args, model: str, proxy_url: str, moto_url: str, kill: boo
     cmd = [str(BIN / "malaria-ray"), "score", "--input", f"s3://{IN_BUCKET}/{PREFIX}", "--model", model,
            "--output", root, "--skip-scored", "--run-id", run_id, "--batch-size", "8", "--commit-every-rows", "8",
            "--read-attempts", "4", "--read-timeout-s", str(args.read_timeout_s), "--max-error-fraction", "0.9"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "MALARIA_RAY_FAULT"}
-    env.update(CREDENTIALS, AWS_ENDPOINT_URL=proxy_url, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))  # this checkout's code
+    env = command_env(proxy_url)
     log_path = work / f"night{n:02d}.log"
     started = time.monotonic()
     with open(log_path, "w") as log:
@@ -164,7 +193,10 @@ def run_night(n: int, args, model: str, proxy_url: str, moto_url: str, kill: boo
             time.sleep(0.1)
         rc = proc.wait()
     finally:
-        if not _group_gone(proc.pid, 90):
+        # A killed driver's local Ray (its process group) exits by itself after about a minute;
+        # tests/test_commands.py checks that. Here the next night needs the machine, so the group
+        # gets 5 s and is then ended: the night was lost either way.
+        if not _group_gone(proc.pid, 5 if killed else 90):
             os.killpg(proc.pid, signal.SIGKILL)  # our own night's leftovers only
             _group_gone(proc.pid, 30)
         deadline = time.monotonic() + 90
@@ -175,7 +207,8 @@ def run_night(n: int, args, model: str, proxy_url: str, moto_url: str, kill: boo
             "log_tail": "" if killed or rc == 0 else text[-3000:]}
 
 
-def check(root: str, archive: Archive, nights: list[dict], model_id: str) -> tuple[dict, list[str]]:
+def check(root: str, archive: Archive, nights: list[dict], model_id: str, moto_url: str,
+          work: pathlib.Path) -> tuple[dict, list[str]]:
     """The end-of-soak checks (module docstring), from the outputs only; (figures, problems)."""
     import pandas as pd
     import pyarrow.parquet as pq
@@ -239,9 +272,7 @@ def check(root: str, archive: Archive, nights: list[dict], model_id: str) -> tup
                 problems.append(f"night {night['night']}: metrics row {row} does not match its manifest's counts {c}")
     if storage.exists(storage.join(root, LEASE_FILE)):
         problems.append("the lease was left held")
-    trend = report_trend_hook(root, nights)
-    if trend:
-        problems.append(trend)
+    problems += report_trend(root, nights, command_env(moto_url), work)  # read in the morning, faults over
     figures = {"rows": len(df), "rows_scored": len(ok), "rows_lost": len(lost), "duplicates": duplicates,
                "permanent_error_rows": len(permanent), "transient_error_rows": len(transient),
                "images_current": len(archive.current) - len(archive.corrupt), "removed": len(archive.removed),
@@ -290,7 +321,7 @@ def soak(nights: int, kills: int, fault_rate: float, work: pathlib.Path, seed: i
             if not night["killed"] and night["rc"] != 0:
                 raise RuntimeError(f"night {n} exited {night['rc']}:\n{night['log_tail']}")
         with endpoint(moto_url):
-            figures, problems = check(f"s3://{OUT_BUCKET}/nightly", archive, done, model_id)
+            figures, problems = check(f"s3://{OUT_BUCKET}/nightly", archive, done, model_id, moto_url, work)
     finally:
         proxy.close()
         moto.terminate()
