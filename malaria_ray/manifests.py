@@ -64,7 +64,7 @@ def finished_runs(root: str) -> list[str]:
     """Runs whose manifest says they finished (a night with nothing new to score publishes no
     predictions file, and still finished), oldest name first."""
     fs, path = storage.filesystem(storage.join(root, RUNS_DIR))
-    fs.invalidate_cache(path)
+    storage.forget_listings(fs, path)  # each run's folder too: other runs write there
     if not fs.exists(path):
         return []
     return [run_id for run_id in sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))

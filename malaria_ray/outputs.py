@@ -137,7 +137,7 @@ def list_parts(root: str) -> tuple[list[tuple[str, int, str]], list[tuple[str, i
     part. One recursive listing (on S3, one paginated LIST for a year of nights). Files under
     ``_``/``.`` folders are skipped, as every reader skips them; other files are named and left out."""
     fs, path = storage.filesystem(predictions_uri(root))
-    fs.invalidate_cache(path)  # other runs write here: never trust a cached listing
+    storage.forget_listings(fs, path)  # other runs write here, partitions included: never trust a cached listing
     if not fs.exists(path):
         return [], []
     base, parts, flat = path.rstrip("/") + "/", [], []

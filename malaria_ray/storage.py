@@ -79,6 +79,19 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def forget_listings(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Drop the cached listings of ``path``, its parents and every folder beneath it: other processes
+    write there. fsspec's ``invalidate_cache`` forgets a path and its parents only, and s3fs answers
+    ``open`` of a file from its folder's cached listing: a part another process published into a
+    partition this process had listed was then "not found" although a fresh listing named it."""
+    fs.invalidate_cache(path)
+    cache = getattr(fs, "dircache", None)
+    if cache:
+        below = path.rstrip("/") + "/"
+        for key in [k for k in list(cache) if k.startswith(below)]:
+            cache.pop(key, None)
+
+
 def read_filesystem(uri: str, timeout_s: float) -> tuple[fsspec.AbstractFileSystem, str]:
     """``filesystem`` for reading inputs under a time limit: on S3 the client waits at most
     ``timeout_s`` to connect and for each answer, and neither botocore nor s3fs retries on its own,

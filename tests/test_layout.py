@@ -203,6 +203,29 @@ def test_a_root_on_s3_is_migrated_and_scored_into_partitions(moto_s3, tmp_path):
     assert w.parts == [f"{root}/predictions/scored_date=2025-01-05/20250105T010000Z-cccccc.part00001.parquet"]
 
 
+def test_a_part_another_process_publishes_into_a_listed_partition_opens(moto_s3):
+    """A long-lived reader (the report, a soak's checks, a driver) lists the parts, another process
+    publishes one more into the same partition, and the reader lists and opens them all: no cached
+    folder listing of a partition hides the new part (s3fs answered "not found" before)."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="relist")
+    root = "s3://relist/root"
+    for n, run in enumerate(("20250105T010000Z-a", "20250105T020000Z-b")):
+        if n:  # another process's publish: straight to the store, past this process's filesystem object
+            s3.put_object(Bucket="relist", Key=f"root/predictions/scored_date=2025-01-05/{run}.part00001.parquet",
+                          Body=storage.table_bytes(prediction_table(run, 2)))
+        else:
+            w = PredictionWriter(root, run, scored_date="2025-01-05")
+            w.write(prediction_table(run, 2))
+            w.close()
+            w.commit()
+        listed = outputs.committed_files(root)
+        assert len(listed) == n + 1
+        assert outputs.run_table(root, run, ["run_id"]).num_rows == 2  # opens the part just listed
+
+
 def test_every_parquet_file_of_a_scoring_run_has_the_codec_and_schema_version(tmp_path):
     """A run's parts share the partition of its start date (also recorded in its manifest), and
     every Parquet file under the root is zstd with the schema version."""
