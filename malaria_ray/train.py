@@ -23,11 +23,8 @@ import pyarrow.compute as pc
 
 from malaria_ray import checkpoint, config, corpus, faults, ingest, logs, resources, storage, tracking, trainrun
 from malaria_ray.config import CorpusError, TrainConfig
-from malaria_ray.schema import (
-    CLASS_NAMES,
-    COL_ERROR, COL_IMAGE_ID, COL_KIND, COL_LABEL, COL_PIXELS, COL_STATUS, COL_TRAIN_IMAGE, COL_TRAIN_LABEL, COL_URI,
-    STATUS_ERROR, STATUS_OK, split_member_uri,
-)
+from malaria_ray.schema import (CLASS_NAMES, COL_ERROR, COL_IMAGE_ID, COL_KIND, COL_LABEL, COL_PIXELS, COL_STATUS,
+                                COL_TRAIN_IMAGE, COL_TRAIN_LABEL, COL_URI, STATUS_ERROR, STATUS_OK, split_member_uri)
 
 DECODE_BATCH = 64
 TRAIN_COLUMNS = [COL_URI, COL_IMAGE_ID, COL_TRAIN_IMAGE, COL_TRAIN_LABEL]
@@ -197,9 +194,8 @@ def stream_datasets(listing: corpus.Listing, val_mask: np.ndarray, cfg: TrainCon
 
 
 def _string_errors(table: pa.Table) -> pa.Table:
-    """The error column typed as strings, also in a block without errors (all-null would be
-    written as another type, and the shards' schemas would not merge); the project's schema
-    version in the metadata, which Ray's writer keeps (``storage.versioned``)."""
+    """The error column as strings in every block (all-null would be another type: the shards' schemas
+    would not merge), and the schema version in the metadata, which Ray's writer keeps."""
     i = table.schema.get_field_index(COL_ERROR)
     table = table.set_column(i, COL_ERROR, table.column(i).cast(pa.string()))
     return table.replace_schema_metadata(storage.versioned(table.schema).metadata)
