@@ -26,7 +26,6 @@ lease is released. tests/test_soak.py runs a short soak.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -43,7 +42,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 from faultproxy import FaultProxy  # noqa: E402 - tests/ on the path first
-from test_commands import _ray_processes  # noqa: E402
+from test_commands import _ray_processes, fresh_env  # noqa: E402
 
 CELLS = REPO / "tests" / "fixtures" / "nih_cells"
 BIN = pathlib.Path(sys.executable).parent
@@ -127,19 +126,11 @@ class Archive:
         self.corrupt.add(key)
 
 
-@contextlib.contextmanager
 def endpoint(url: str):
     """This process's S3 endpoint set to ``url`` (the checks read past the proxy)."""
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", *CREDENTIALS)}
-    os.environ.update({"AWS_ENDPOINT_URL": url, **CREDENTIALS})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    from malaria_ray import storage
+
+    return storage.environ({"AWS_ENDPOINT_URL": url, **CREDENTIALS})
 
 
 def _group_gone(pgid: int, seconds: float) -> bool:
@@ -155,8 +146,8 @@ def _group_gone(pgid: int, seconds: float) -> bool:
 
 def command_env(endpoint_url: str) -> dict:
     """A fresh environment for the documented commands (no RAY_*), with the store at ``endpoint_url``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "MALARIA_RAY_FAULT"}
-    env.update(CREDENTIALS, AWS_ENDPOINT_URL=endpoint_url, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    env = fresh_env()
+    env.update(CREDENTIALS, AWS_ENDPOINT_URL=endpoint_url,
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))  # this checkout's code
     return env
 

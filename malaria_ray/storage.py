@@ -8,12 +8,13 @@ in the repo or writes them anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import posixpath
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 
@@ -35,6 +36,22 @@ def s3_options() -> dict[str, Any]:
 # Never credentials: Ray writes runtime envs into its logs and the dashboard, so keys reach
 # workers only through the nodes' own environment or instance roles.
 WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """This process's environment with ``values`` set while the block runs, then each variable as it
+    was (unset again where it was unset)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def worker_env(extra: tuple[str, ...] = ()) -> dict[str, str]:

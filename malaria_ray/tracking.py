@@ -19,7 +19,6 @@ a command asks for it. Pure otherwise: imports neither Ray nor TF.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -28,7 +27,6 @@ import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 from malaria_ray import logs, storage
 from malaria_ray.config import ConfigError, TrainConfig
@@ -82,19 +80,9 @@ def message(exc: Exception) -> str:
     return storage.redact(text.strip().splitlines()[0])[:400]
 
 
-@contextlib.contextmanager
-def _quick() -> Iterator[None]:
+def _quick():
     """MLflow's HTTP client with few retries, for a check whose failure should come in seconds."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(CHECK_RETRIES), "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return storage.environ({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(CHECK_RETRIES), "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
 
 
 def client(uri: str, what: str = "--mlflow-uri"):

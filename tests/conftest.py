@@ -152,17 +152,13 @@ def moto_s3():
     """
     import sys
 
+    from malaria_ray import storage
+
     exe = pathlib.Path(sys.executable).with_name("moto_server")
     proc, url = serve_on_free_port(lambda port: [str(exe), "-H", "127.0.0.1", "-p", str(port)], "moto_server")
     env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield url
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with storage.environ(env):
+        yield url
     proc.terminate()
     proc.wait(timeout=10)

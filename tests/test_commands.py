@@ -31,12 +31,17 @@ def _ray_processes() -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line and "<defunct>" not in line]
 
 
-def run(*cmd: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
-    """``cmd`` in a fresh environment (no RAY_* variables); asserts no Ray before or after."""
-    assert not _ray_processes(), f"a Ray instance is already running: {_ray_processes()}"
+def fresh_env() -> dict[str, str]:
+    """A user's shell: no RAY_* variables and no armed fault, this venv's commands first on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "MALARIA_RAY_FAULT"}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    r = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return env
+
+
+def run(*cmd: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
+    """``cmd`` in a fresh environment (``fresh_env``); asserts no Ray before or after."""
+    assert not _ray_processes(), f"a Ray instance is already running: {_ray_processes()}"
+    r = subprocess.run(list(cmd), cwd=cwd, env=fresh_env(), capture_output=True, text=True, timeout=600)
     assert not _ray_processes(), f"the command left Ray running: {_ray_processes()}"
     return r
 
@@ -183,10 +188,8 @@ def test_train_resumes_after_its_driver_is_killed(small_corpus, tmp_path):
     args = ["malaria-ray", "train", "--data", str(small_corpus), "--output", "run", *TRAIN_FLAGS]
     args[args.index("--epochs") + 1] = "8"
     assert not _ray_processes()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, cwd=tmp_path, env=fresh_env(), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 480
     while True:
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -249,10 +252,8 @@ def test_a_killed_scoring_night_keeps_what_it_scored(night, score_model, tmp_pat
     args = ["malaria-ray", "score", "--input", str(night), "--model", str(score_model), "--output", "out",
             "--skip-scored", "--commit-every-rows", "100", "--batch-size", "8"]
     assert not _ray_processes()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(args, cwd=tmp_path, env=fresh_env(), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     preds = tmp_path / "out" / "predictions"
     deadline = time.monotonic() + 300

@@ -151,15 +151,13 @@ def test_malaria_ray_score_serves_metrics_on_the_given_port(sample_dir, score_mo
     """``malaria-ray score --metrics-export-port P``: while the command runs, its local Ray serves
     Prometheus text on P, Ray's own metrics and the run's (exported every second here, through
     Ray's ``RAY_metrics_report_interval_ms``; 10 s by default); at the end no Ray is left."""
-    from test_commands import BIN, _ray_processes
+    from test_commands import _ray_processes, fresh_env
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     assert not _ray_processes(), f"a Ray instance is already running: {_ray_processes()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "MALARIA_RAY_FAULT"}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_metrics_report_interval_ms"] = "1000"
+    env = {**fresh_env(), "RAY_metrics_report_interval_ms": "1000"}
     proc = subprocess.Popen(["malaria-ray", "score", "--input", str(sample_dir), "--model", str(score_model),
                              "--output", "out", "--metrics-export-port", str(port)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
